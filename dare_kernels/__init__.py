@@ -1,0 +1,39 @@
+"""dare_kernels: fused kernels for DARE text-to-video diffusion.
+
+Public API:
+    sra_attention      cross-attention with a per-text-token bias γ·log w and a head-averaged map (SPEC §1)
+    info               which backends are usable here, and why not
+"""
+
+from __future__ import annotations
+
+from . import _ext
+from .sra import sra_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["sra_attention", "info", "__version__"]
+
+
+def info() -> dict:
+    """Versions and backend availability: {"version", "torch", "extension", "build", "backends": {name: (ok, why)}}."""
+    import torch
+
+    ext_ok = _ext.EXT is not None
+    backends = {
+        "reference": (True, "always available (PyTorch ops)"),
+        "cpu": (ext_ok, "fused C++ kernels in dare_kernels._C" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}"),
+    }
+    if _ext.has_cuda_kernels():
+        backends["cuda"] = (torch.cuda.is_available(),
+                            "CUDA kernels built" + ("" if torch.cuda.is_available() else ", but no CUDA device"))
+    else:
+        backends["cuda"] = (False, "extension built without CUDA kernels" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}")
+    backends["triton"] = _ext.triton_status()
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "extension": "loaded" if ext_ok else f"not loaded: {_ext.EXT_ERROR}",
+        "build": _ext.build_info(),
+        "backends": backends,
+    }

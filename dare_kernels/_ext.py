@@ -1,0 +1,65 @@
+"""Loading the compiled extension ``dare_kernels._C`` and telling which backends are usable.
+
+Importing the package never fails because of the extension: when it is missing or broken,
+``EXT`` is None, ``EXT_ERROR`` says why, and every op falls back to the reference backend
+with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+EXT = None
+EXT_ERROR: str | None = None
+
+if os.environ.get("DARE_KERNELS_DISABLE_EXT", "0") == "1":
+    EXT_ERROR = "disabled by DARE_KERNELS_DISABLE_EXT=1"
+else:
+    try:
+        EXT = importlib.import_module("dare_kernels._C")
+    except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+        EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What the compiled extension was built with (empty when it is not loaded)."""
+    if EXT is None:
+        return {}
+    return dict(EXT.build_info())
+
+
+def has_cpu_kernels() -> bool:
+    return EXT is not None
+
+
+def has_cuda_kernels() -> bool:
+    return EXT is not None and bool(build_info().get("with_cuda", False))
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable, reason). Triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "TRITON_INTERPRET=1 (CPU interpreter)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a RuntimeWarning once per process for ``key``."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

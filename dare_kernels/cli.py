@@ -1,0 +1,42 @@
+"""The ``dare-kernels`` command line (also ``python -m dare_kernels``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"dare_kernels {data['version']}  (torch {data['torch']})")
+    print(f"extension: {data['extension']}")
+    for k, v in data["build"].items():
+        print(f"  {k}: {v}")
+    print("backends:")
+    for name, (ok, why) in data["backends"].items():
+        print(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dare-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="which backends are available here, and why not")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

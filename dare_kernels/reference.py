@@ -1,0 +1,85 @@
+"""SPEC.md written in plain PyTorch: the oracle for every test and the ``backend="reference"`` path.
+
+Every function here is differentiable by autograd and exact in float64 when given float64
+inputs. Nothing here is fast; everything here is meant to be obviously right.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["sra_attention_ref", "expand_token_weight"]
+
+
+def expand_token_weight(token_weight: torch.Tensor, B: int, H: int, M: int) -> torch.Tensor:
+    """View a token weight of shape [M], [B, M] or [B, H, M] as [B, H, M] (no copy)."""
+    if token_weight.dim() == 1:
+        return token_weight.view(1, 1, M).expand(B, H, M)
+    if token_weight.dim() == 2:
+        return token_weight.view(B, 1, M).expand(B, H, M)
+    return token_weight
+
+
+def sra_attention_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    token_weight: torch.Tensor | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    strength: float = 1.0,
+    scale: float | None = None,
+    return_attn_map: bool = False,
+    attn_map_keys: tuple[int, int] | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+):
+    """SRA attention exactly as SPEC.md §1 states it, materialising the full [B, H, N, M] probabilities.
+
+    Shapes: query [B, H, N, D], key [B, H, M, D], value [B, H, M, Dv]; token_weight [M], [B, M]
+    or [B, H, M] (non-negative) or None; key_padding_mask bool [B, M] (True = attend) or None.
+
+    Computes in ``compute_dtype`` (default: float64 for float64 inputs, else float32).
+    Returns ``o`` (dtype of ``query``) and, when asked, the head-averaged map [B, N, stop-start]
+    and the LSE [B, H, N] (both in the compute dtype), in the order ``(o, attn_map, lse)``.
+    A row with no valid key gives o = 0, map = 0 and lse = -inf; gradients stay finite.
+    """
+    B, H, N, D = query.shape
+    M = key.shape[2]
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    q, k, v = (t.to(compute_dtype) for t in (query, key, value))
+
+    s = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+    valid = torch.ones(B, H, M, dtype=torch.bool, device=query.device)
+    if key_padding_mask is not None:
+        valid = valid & key_padding_mask.to(torch.bool).view(B, 1, M)
+    if token_weight is not None:
+        w = expand_token_weight(token_weight, B, H, M).to(compute_dtype)
+        valid = valid & (w > 0)
+        # double-where keeps the gradient finite where w == 0
+        safe_w = torch.where(valid, w, torch.ones_like(w))
+        s = s + (strength * torch.log(safe_w)).unsqueeze(2)
+    valid4 = valid.unsqueeze(2)  # [B, H, 1, M]
+
+    neg_inf = torch.tensor(float("-inf"), dtype=compute_dtype, device=query.device)
+    row_max = torch.where(valid4, s, neg_inf).amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.where(valid4, torch.exp(torch.where(valid4, s - row_max, torch.zeros_like(s))), torch.zeros_like(s))
+    denom = e.sum(dim=-1, keepdim=True)
+    has_key = denom > 0
+    p = e / torch.where(has_key, denom, torch.ones_like(denom))
+
+    o = torch.einsum("bhnm,bhmd->bhnd", p, v).to(query.dtype)
+    results = [o]
+    if return_attn_map:
+        start, stop = (0, M) if attn_map_keys is None else attn_map_keys
+        results.append(p[..., start:stop].mean(dim=1))
+    if return_lse:
+        lse = torch.where(has_key, torch.log(torch.where(has_key, denom, torch.ones_like(denom))) + row_max, neg_inf)
+        results.append(lse.squeeze(-1))
+    return results[0] if len(results) == 1 else tuple(results)

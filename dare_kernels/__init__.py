@@ -14,6 +14,19 @@ __version__ = "0.1.0"
 
 __all__ = ["sra_attention", "info", "__version__"]
 
+# --- rectified CFG combine (SPEC §2) ---
+
+
+
+# --- DR-CFG token density, suppression, consistency loss (SPEC §3, §4) ---
+
+
+
+# --- diffusers integration ---
+
+
+
+
 
 def info() -> dict:
     """Versions and backend availability: {"version", "torch", "extension", "build", "backends": {name: (ok, why)}}."""

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+
+# modules that add subcommands (bench, report, maps, selftest, ...): one line each
+_SUBCOMMAND_MODULES: list[str] = [
+]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -30,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="which backends are available here, and why not")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+    # each subcommand below lives in its own module, which defines add_parser(subparsers)
+    for module in _SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

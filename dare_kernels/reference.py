@@ -10,9 +10,6 @@ import math
 
 import torch
 
-__all__ = ["sra_attention_ref", "expand_token_weight"]
-
-
 def expand_token_weight(token_weight: torch.Tensor, B: int, H: int, M: int) -> torch.Tensor:
     """View a token weight of shape [M], [B, M] or [B, H, M] as [B, H, M] (no copy)."""
     if token_weight.dim() == 1:
@@ -83,3 +80,18 @@ def sra_attention_ref(
         lse = torch.where(has_key, torch.log(torch.where(has_key, denom, torch.ones_like(denom))) + row_max, neg_inf)
         results.append(lse.squeeze(-1))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+# =============================================================================================
+# SPEC §2: rectified CFG combine (rectified_cfg_ref) - section of the rectified-CFG work
+# =============================================================================================
+
+
+
+# (keep these separator lines: they let the sections above and below change independently)
+
+
+
+# =============================================================================================
+# SPEC §4: SRA consistency loss (sra_consistency_loss_ref) - section of the DR-CFG training work
+# =============================================================================================

@@ -80,6 +80,8 @@ def sra_consistency_loss(
         key_padding_mask: bool [B, M], True = valid token; or None (all valid).
         eps: ε of the per-token normalisation (>= 0; with ε = 0 a token whose maps are all 0 gives NaN).
         detach_target: the ensemble ā is a constant target (default) or is differentiated through.
+            Because ā is the mean of the a^(l), Σ_l (a^(l) − ā) = 0 and both choices give the same
+            gradient; detaching only spares autograd the graph of the target.
 
     Returns:
         A 0-dim tensor (float32, or float64 for float64 maps), differentiable into every map.

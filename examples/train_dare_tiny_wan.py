@@ -251,7 +251,9 @@ def make_batch(comp: Components, step: int, global_batch_size: int, batch_offset
 
 def training_step(comp: Components, model: nn.Module, batch: Batch, step: int, global_batch_size: int,
                   batch_offset: int = 0) -> dict:
-    """Forward + losses for one (local) batch; returns {"loss", "diffusion", "consistency", "suppressed"}.
+    """Forward + losses for one (local) batch.
+
+    Returns {"loss" (differentiable), "diffusion", "consistency", "suppressed_tokens", "tokens", "dropped_prompts"}.
 
     ``model`` is ``comp.transformer`` or its DDP/FSDP wrapper. The randomness of suppression and
     dropout is drawn for the global batch and sliced, so sharded runs equal the single-process run.
@@ -277,7 +279,7 @@ def training_step(comp: Components, model: nn.Module, batch: Batch, step: int, g
     consistency = sra_consistency_loss(comp.ctx.maps, weights, kpm)
     loss = diffusion + cfg.lambda_sra * consistency
     return {"loss": loss, "diffusion": diffusion.detach(), "consistency": consistency.detach(),
-            "suppressed": sup.mask.float().sum() / batch.mask.sum().clamp_min(1)}
+            "suppressed_tokens": sup.mask.sum(), "tokens": batch.mask.sum(), "dropped_prompts": dropped.sum()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,12 +313,14 @@ def train(cfg: TinyConfig, steps: int, global_batch_size: int, log=print) -> lis
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
-        rec = {k: float(v.detach()) for k, v in out.items()}
-        if world > 1:   # average the logged numbers over ranks (the gradients are already averaged by DDP)
+        keys = ["loss", "diffusion", "consistency", "suppressed_tokens", "tokens", "dropped_prompts"]
+        t = torch.tensor([float(out[k].detach()) for k in keys], dtype=torch.float64)
+        if world > 1:   # losses averaged over ranks (DDP already averaged the gradients), counts summed
             import torch.distributed as dist
-            t = torch.tensor([rec["loss"], rec["diffusion"], rec["consistency"], rec["suppressed"]], dtype=torch.float64)
             dist.all_reduce(t)
-            rec = dict(zip(["loss", "diffusion", "consistency", "suppressed"], (t / world).tolist()))
+            t[:3] /= world
+        rec = dict(zip(keys, t.tolist()))
+        rec["suppressed"] = rec["suppressed_tokens"] / max(rec["tokens"], 1.0)
         rec["step"], rec["p_max"], rec["seconds"] = step, comp.suppressor.p_max_at(step), time.perf_counter() - t0
         history.append(rec)
         if rank == 0:
@@ -324,6 +328,27 @@ def train(cfg: TinyConfig, steps: int, global_batch_size: int, log=print) -> lis
                 f"sra_consistency {rec['consistency']:.5f}  suppressed {rec['suppressed']:.3f}  "
                 f"p_max {rec['p_max']:.3f}  ({rec['seconds']:.2f} s)")
     return history
+
+
+def ddp_step_worker(rank: int, world: int, init_file: str, out_dir: str, cfg_dict: dict, step: int, gbs: int):
+    """One DDP (gloo) training step on this rank's shard of the global batch; saves losses and the
+    all-reduced gradients to ``out_dir/rank{rank}.pt`` (used by tests/test_ddp.py)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        comp = build_components(TinyConfig(**cfg_dict))
+        model = DDP(comp.transformer)
+        local = gbs // world
+        batch = make_batch(comp, step, gbs, rank * local, local)
+        out = training_step(comp, model, batch, step, gbs, rank * local)
+        out["loss"].backward()
+        torch.save({"out": {k: v.detach() for k, v in out.items()},
+                    "grads": {n: p.grad for n, p in comp.transformer.named_parameters()}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
 
 
 def _spawn_worker(rank: int, world: int, init_file: str, cfg_dict: dict, steps: int, gbs: int):

@@ -293,15 +293,21 @@ def _dist_info():
     return 0, 1
 
 
-def train(cfg: TinyConfig, steps: int, global_batch_size: int, log=print) -> list[dict]:
-    """Train for ``steps`` steps; under torch.distributed (initialised by the caller) the model is wrapped in DDP."""
+def train(cfg: TinyConfig, steps: int, global_batch_size: int, log=print, fsdp2: bool = False) -> list[dict]:
+    """Train for ``steps`` steps; under torch.distributed (initialised by the caller) the model is wrapped
+    in DDP, or sharded with FSDP2 (``fully_shard`` per block, then the whole model) when ``fsdp2``."""
     rank, world = _dist_info()
     if global_batch_size % world:
         raise ValueError(f"global batch {global_batch_size} must be divisible by the world size {world}")
     local = global_batch_size // world
     comp = build_components(cfg)
     model = comp.transformer
-    if world > 1:
+    if world > 1 and fsdp2:
+        from torch.distributed.fsdp import fully_shard
+        for block in comp.transformer.blocks:
+            fully_shard(block)
+        fully_shard(comp.transformer)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model)
     opt = torch.optim.AdamW(comp.transformer.parameters(), lr=cfg.lr)
@@ -351,12 +357,12 @@ def ddp_step_worker(rank: int, world: int, init_file: str, out_dir: str, cfg_dic
         dist.destroy_process_group()
 
 
-def _spawn_worker(rank: int, world: int, init_file: str, cfg_dict: dict, steps: int, gbs: int):
+def _spawn_worker(rank: int, world: int, init_file: str, cfg_dict: dict, steps: int, gbs: int, fsdp2: bool):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        train(TinyConfig(**cfg_dict), steps, gbs)
+        train(TinyConfig(**cfg_dict), steps, gbs, fsdp2=fsdp2)
     finally:
         dist.destroy_process_group()
 
@@ -369,6 +375,7 @@ def main(argv=None):
     p.add_argument("--p-max", type=float, default=TinyConfig.p_max)
     p.add_argument("--tau", type=float, default=TinyConfig.tau)
     p.add_argument("--spawn", type=int, default=0, help="run N CPU processes with DDP (gloo) via torch.multiprocessing")
+    p.add_argument("--fsdp2", action="store_true", help="with several processes: shard with FSDP2 instead of DDP")
     args = p.parse_args(argv)
     cfg = TinyConfig(lambda_sra=args.lambda_sra, p_max=args.p_max, tau=args.tau)
     print(f"dare_kernels {dare_kernels.__version__}; sra backend for CPU float32: "
@@ -377,14 +384,15 @@ def main(argv=None):
         import tempfile
         import torch.multiprocessing as mp
         with tempfile.TemporaryDirectory() as d:
-            mp.spawn(_spawn_worker, args=(args.spawn, os.path.join(d, "init"), asdict(cfg), args.steps, args.batch_size),
+            mp.spawn(_spawn_worker, args=(args.spawn, os.path.join(d, "init"), asdict(cfg), args.steps, args.batch_size,
+                                           args.fsdp2),
                      nprocs=args.spawn, join=True)
         return
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:      # torchrun
         import torch.distributed as dist
         dist.init_process_group("gloo")
         try:
-            train(cfg, args.steps, args.batch_size)
+            train(cfg, args.steps, args.batch_size, fsdp2=args.fsdp2)
         finally:
             dist.destroy_process_group()
         return

@@ -4,6 +4,15 @@ For each token j: a^(l)_bj = A^(l)_{b,:,j} / (Σ_i A^(l)_{b,i,j} + ε), ā_bj = 
 ŵ_bj = w_bj / Σ_{valid j} w_bj, and
 
     loss = (1/B) Σ_b Σ_{valid j} ŵ_bj · (1/L) Σ_l N · ‖a^(l)_bj − ā_bj‖²
+
+The per-token sum D_bj = Σ_l ‖a^(l)_bj − ā_bj‖² is a torch custom op (``dare_kernels::sra_consistency_dist``,
+fake impl + hand-written backward): it keeps only the maps, ā and the column sums for backward instead of
+autograd's per-layer intermediates (one [B, N, M] tensor per layer less), and it is where a fused kernel
+slots in. The weighting by ŵ is plain PyTorch, so the gradient reaches ``token_weight`` too.
+
+Gradient: with g = ∂loss/∂D_bj, a = a^(l), s = Σ_i A^(l)_{b,i,j} + ε,
+    ∂loss/∂a_i = 2 g (a_i − ā_i)   (the ā path adds (−2g/L) Σ_l (a^(l) − ā) = 0, so detaching ā changes nothing)
+    ∂loss/∂A_i = (∂loss/∂a_i − Σ_k ∂loss/∂a_k · a_k) / s
 """
 
 from __future__ import annotations
@@ -63,6 +72,65 @@ def _check(maps, token_weight, key_padding_mask, eps):
     return list(maps), B, N, M
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("dare_kernels::sra_consistency_dist", mutates_args=())
+def _consistency_dist(maps: list[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D_bj = Σ_l ‖a^(l)_bj − ā_bj‖² (acc [B, M]), plus the column sums s (acc [L, B, M]) and ā (acc [B, N, M])."""
+    acc = _acc_dtype(maps[0].dtype)
+    L = len(maps)
+    colsum = torch.stack([m.sum(dim=1, dtype=acc) for m in maps])            # Σ_i A^(l)_{b,i,j}
+    inv = 1.0 / (colsum + eps)
+    a_bar = maps[0].to(acc) * inv[0].unsqueeze(1)
+    for l in range(1, L):
+        a_bar.addcmul_(maps[l].to(acc), inv[l].unsqueeze(1))
+    a_bar.div_(L)
+    dist = torch.zeros_like(colsum[0])
+    for l in range(L):
+        d = maps[l].to(acc) * inv[l].unsqueeze(1) - a_bar
+        dist += (d * d).sum(dim=1)
+    return dist, colsum, a_bar
+
+
+@_consistency_dist.register_fake
+def _(maps, eps):
+    acc = _acc_dtype(maps[0].dtype)
+    B, N, M = maps[0].shape
+    m0 = maps[0]
+    return (m0.new_empty((B, M), dtype=acc), m0.new_empty((len(maps), B, M), dtype=acc),
+            m0.new_empty((B, N, M), dtype=acc))
+
+
+def _dist_setup_context(ctx, inputs, output):
+    maps, eps = inputs
+    _, colsum, a_bar = output
+    ctx.save_for_backward(*maps, colsum, a_bar)
+    ctx.eps = eps
+    ctx.num_maps = len(maps)
+
+
+def _dist_backward(ctx, grad_dist, grad_colsum, grad_abar):
+    saved = ctx.saved_tensors
+    L = ctx.num_maps
+    maps, colsum, a_bar = saved[:L], saved[L], saved[L + 1]
+    grads = []
+    if grad_dist is None:
+        return [None] * L, None
+    g2 = (2.0 * grad_dist.to(a_bar.dtype)).unsqueeze(1)                      # [B, 1, M]
+    for l in range(L):
+        inv = (1.0 / (colsum[l] + ctx.eps)).unsqueeze(1)
+        a = maps[l].to(a_bar.dtype) * inv
+        ga = g2 * (a - a_bar)                                                 # ∂loss/∂a
+        gA = (ga - (ga * a).sum(dim=1, keepdim=True)) * inv                   # ∂loss/∂A
+        grads.append(gA.to(maps[l].dtype))
+    return grads, None
+
+
+_consistency_dist.register_autograd(_dist_backward, setup_context=_dist_setup_context)
+
+
 def sra_consistency_loss(
     maps,
     token_weight: torch.Tensor,
@@ -81,7 +149,7 @@ def sra_consistency_loss(
         eps: ε of the per-token normalisation (>= 0; with ε = 0 a token whose maps are all 0 gives NaN).
         detach_target: the ensemble ā is a constant target (default) or is differentiated through.
             Because ā is the mean of the a^(l), Σ_l (a^(l) − ā) = 0 and both choices give the same
-            gradient; detaching only spares autograd the graph of the target.
+            gradient (the module docstring shows it); the flag is kept for API clarity.
 
     Returns:
         A 0-dim tensor (float32, or float64 for float64 maps), differentiable into every map.
@@ -89,20 +157,9 @@ def sra_consistency_loss(
     """
     maps, B, N, M = _check(maps, token_weight, key_padding_mask, eps)
     L = len(maps)
-    acc = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
-    # per-layer spatial distributions of each token, never stacked into [L, B, N, M]
-    a = [m.to(acc) / (m.to(acc).sum(dim=1, keepdim=True) + eps) for m in maps]
-    a_bar = a[0]
-    for x in a[1:]:
-        a_bar = a_bar + x
-    a_bar = a_bar / L
-    if detach_target:
-        a_bar = a_bar.detach()
-    sq = None
-    for x in a:
-        d = (x - a_bar).pow(2).sum(dim=1)                       # [B, M]
-        sq = d if sq is None else sq + d
-    per_token = sq * (N / L)                                    # (1/L) Σ_l N ‖a^(l)_bj − ā_bj‖²
+    acc = _acc_dtype(maps[0].dtype)
+    dist, _, _ = _consistency_dist(maps, float(eps))
+    per_token = dist * (N / L)                                  # (1/L) Σ_l N ‖a^(l)_bj − ā_bj‖²
 
     w = token_weight.to(acc)
     if key_padding_mask is not None:

@@ -173,3 +173,13 @@ def test_bad_input():
         sra_consistency_loss(maps, w, eps=-1.0)
     with pytest.raises(TypeError, match="floating"):
         sra_consistency_loss([m.long() for m in maps], w)
+
+
+def test_custom_op_opcheck():
+    """The per-token distance op passes torch.library.opcheck (schema, fake impl, autograd registration)."""
+    from dare_kernels.losses import _consistency_dist
+
+    maps = [m.requires_grad_(True) for m in random_maps(3, 2, 7, 5, dtype=torch.float32, seed=5)]
+    torch.library.opcheck(_consistency_dist, (maps, 1e-6))
+    bf = [m.detach().bfloat16() for m in maps]
+    torch.library.opcheck(_consistency_dist, (bf, 1e-6), test_utils=("test_schema", "test_faketensor"))

@@ -167,8 +167,9 @@ class TemporarySRACrossAttnProcessor:
         self.ctx = ctx
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if attn.add_k_proj is not None:
-            raise NotImplementedError("the temporary example processor supports text-to-video Wan only")
+        if attn.add_k_proj is not None or getattr(attn, "fused_projections", False):
+            raise NotImplementedError("the temporary example processor supports text-to-video Wan with unfused "
+                                      "projections only")
         query = attn.norm_q(attn.to_q(hidden_states))
         key = attn.norm_k(attn.to_k(encoder_hidden_states))
         value = attn.to_v(encoder_hidden_states)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import asdict
 
 import pytest
@@ -48,8 +49,12 @@ def test_ddp_matches_single_process(example, tmp_path):
     ref["loss"].backward()
     ref_grads = {n: p.grad for n, p in comp.transformer.named_parameters()}
 
-    while not ctx.join(timeout=120):
-        pass
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):          # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("DDP workers did not finish within 300 s")
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     # the step really suppressed tokens and dropped a prompt, identically to the single-process draw
@@ -83,3 +88,30 @@ def test_example_trains_and_logs_both_losses(example):
     N = cfg.frames * (cfg.height // 2) * (cfg.width // 2)
     assert len(comp.ctx.maps) == cfg.layers
     assert all(m.shape == (2, N, cfg.max_length) and m.dtype == torch.float32 for m in comp.ctx.maps)
+
+
+def test_temporary_sra_processor_equals_wan_attention_with_unit_weights(example):
+    """With all-ones weights (γ·log 1 = 0) the example's SRA processor reproduces Wan's own attention."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    cfg = example.TinyConfig()
+    comp = example.build_components(cfg)
+    batch = example.make_batch(comp, 0, 2)
+    with torch.no_grad():
+        embeds = comp.text_encoder(batch.input_ids, batch.mask)
+        x = batch.latents
+        t = batch.sigma * 1000
+        comp.ctx.begin(torch.ones(2, cfg.max_length))
+        sra = comp.transformer(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        assert len(comp.ctx.maps) == cfg.layers
+        for block in comp.transformer.blocks:
+            block.attn2.set_processor(WanAttnProcessor())
+        plain = comp.transformer(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    torch.testing.assert_close(sra, plain, atol=2e-5, rtol=2e-5)
+    # and the density weights do change the output
+    for block in comp.transformer.blocks:
+        block.attn2.set_processor(example.TemporarySRACrossAttnProcessor(comp.ctx))
+    with torch.no_grad():
+        comp.ctx.begin(comp.density.weights(batch.input_ids, 0.1, key_padding_mask=batch.mask))
+        weighted = comp.transformer(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+    assert (weighted - plain).abs().max() > 1e-3

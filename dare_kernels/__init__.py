@@ -19,6 +19,13 @@ __all__ = ["sra_attention", "info", "__version__"]
 
 
 # --- DR-CFG token density, suppression, consistency loss (SPEC §3, §4) ---
+from .density import TokenDensity
+from .losses import sra_consistency_loss
+from .suppression import (DegradedPrompt, Suppressed, TokenSuppressor, build_degraded_branch,
+                          prompt_dropout)
+
+__all__ += ["TokenDensity", "TokenSuppressor", "Suppressed", "prompt_dropout", "build_degraded_branch",
+            "DegradedPrompt", "sra_consistency_loss"]
 
 
 

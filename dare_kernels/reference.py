@@ -95,3 +95,28 @@ def sra_attention_ref(
 # =============================================================================================
 # SPEC §4: SRA consistency loss (sra_consistency_loss_ref) - section of the DR-CFG training work
 # =============================================================================================
+
+def sra_consistency_loss_ref(maps, token_weight, key_padding_mask=None, eps: float = 1e-6,
+                             detach_target: bool = True, compute_dtype: torch.dtype | None = None):
+    """SPEC.md §4 transcribed literally (stacks all L maps; float64 when the maps are float64).
+
+    maps: sequence of L tensors [B, N, M]; token_weight [B, M] (>= 0); key_padding_mask bool [B, M]
+    (True = valid) or None. Returns a 0-dim tensor in the compute dtype.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
+    A = torch.stack([m.to(compute_dtype) for m in maps])                  # [L, B, N, M]
+    L, B, N, M = A.shape
+    a = A / (A.sum(dim=2, keepdim=True) + eps)                            # a^(l)_bj over i
+    a_bar = a.mean(dim=0, keepdim=True)                                   # ensemble
+    if detach_target:
+        a_bar = a_bar.detach()
+    valid = torch.ones(B, M, dtype=torch.bool, device=A.device)
+    if key_padding_mask is not None:
+        valid = valid & key_padding_mask.to(torch.bool)
+    w = torch.where(valid, token_weight.to(compute_dtype), torch.zeros((), dtype=compute_dtype, device=A.device))
+    w_sum = w.sum(dim=1, keepdim=True)
+    w_hat = w / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))     # a sample with no valid weight adds 0
+    sq = ((a - a_bar) ** 2).sum(dim=2)                                    # ‖a^(l)_bj − ā_bj‖², [L, B, M]
+    per_token = N * sq.mean(dim=0)                                        # (1/L) Σ_l N ‖·‖²
+    return (w_hat * per_token).sum() / B

@@ -52,10 +52,15 @@ def device_name(device_type: str) -> str:
     return cpu_model_name()
 
 
-def device_slug(device_type: str) -> str:
-    """File stem of a device's CSV, e.g. ``cpu-amd-epyc`` or ``cuda-nvidia-h100-80gb-hbm3``."""
-    name = slugify(device_name(device_type))
+def slug_for(device_type: str, name: str) -> str:
+    """``<device_type>-<slug of name>``, e.g. ``cpu-amd-epyc`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    name = slugify(name)
     return name if name.startswith(device_type) else f"{device_type}-{name}"
+
+
+def device_slug(device_type: str) -> str:
+    """File stem of this machine's CSV for ``device_type`` ("cpu" or "cuda")."""
+    return slug_for(device_type, device_name(device_type))
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:

@@ -1,9 +1,10 @@
 """Benchmark-suite plumbing: every pytest-benchmark result (and every skip) becomes a CSV row.
 
 Rows go to ``bench/results/<device-slug>.csv`` (appended; ``--bench-csv-dir`` or DARE_BENCH_CSV_DIR
-moves them, ``--bench-no-csv`` turns writing off). Before the first benchmark on a device, the
-physical floors of that device (matmul peak, copy bandwidth) are measured and written as rows of the
-same run, so the report's "fraction of the floor" uses numbers from the same machine and load.
+moves them, ``--bench-no-csv`` turns writing off). Before the first benchmark on a device and again
+at the end of the session, the physical floors of that device (matmul peak, copy bandwidth) are
+measured and written as rows of the same run, so the report's "fraction of the floor" uses numbers
+from the same machine and load.
 
 Options: ``--bench-quick`` (≈2-minute subset; same as DARE_BENCH_QUICK=1, read by harness.quick()).
 """
@@ -51,6 +52,7 @@ class _Recorder:
             "", "0", "false", "no")
         self._env: dict[str, dict] = {}
         self._floors_done: set[str] = set()
+        self.floor_devices: list[str] = []  # devices whose floors were measured at the start
         self.rows_written = 0
 
     def env(self, device_type: str) -> dict:
@@ -77,6 +79,10 @@ class _Recorder:
 
             if not torch.cuda.is_available():
                 return
+        self.floor_devices.append(device_type)
+        self.measure_floors(device_type, "floors-start")
+
+    def measure_floors(self, device_type: str, label: str) -> None:
         from dare_kernels.benchmarking.floors import measure_floors
 
         try:
@@ -84,7 +90,7 @@ class _Recorder:
         except Exception as e:  # noqa: BLE001 - a failed floor is recorded, not fatal
             rows = [dict(kernel="floor", provider="matmul", mode="floor", metric="throughput", status="error",
                          reason=f"{type(e).__name__}: {e}"[:300])]
-        self.write(device_type, [dict(r, test="floors") for r in rows])
+        self.write(device_type, [dict(r, test=label) for r in rows])
 
 
 def pytest_configure(config):
@@ -190,6 +196,13 @@ def pytest_runtest_makereport(item, call):
         meta.setdefault("timer", "perf_counter")
         rec.write(_device_of(item, meta), [_row(item, meta, status="ok", p50=p50, p20=p20, p80=p80,
                                                  mean=sum(data) / len(data), rounds=len(data))])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rec = session.config._dare_recorder
+    if rec.rows_written:  # floors again at the end: load drift during the run shows up as two rows
+        for device_type in rec.floor_devices:
+            rec.measure_floors(device_type, "floors-end")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

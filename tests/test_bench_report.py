@@ -27,9 +27,9 @@ def _row(run, provider, p50, kernel="sra_attention", mode="fwd", shape="wan-1.3b
 def _synthetic(path: Path, run="run-01"):
     rows = [
         dict(ENV, run_id=run, kernel="floor", provider="matmul", mode="floor", metric="throughput",
-             unit="GFLOP/s", dtype="float32", status="ok", p50=200.0, p20=190.0, p80=210.0, flops=1e9),
+             unit="GFLOP/s", dtype="float32", status="ok", p50=190.0, p20=180.0, p80=200.0, flops=1e9),
         dict(ENV, run_id=run, kernel="floor", provider="copy", mode="floor", metric="throughput",
-             unit="GB/s", dtype="float32", status="ok", p50=20.0, p20=19.0, p80=21.0, bytes=1e9),
+             unit="GB/s", dtype="float32", status="ok", p50=19.0, p20=18.0, p80=20.0, bytes=1e9),
         _row(run, "dare_cpu", 0.005, flops=1e9, bytes=5e7),
         _row(run, "sdpa_bias", 0.010, flops=1e9, bytes=5e7),
         _row(run, "eager_maps", 0.030, flops=1e9, bytes=5e7),
@@ -168,9 +168,11 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     rows = results.read_rows(csvs[0])
     assert {r["run_id"] for r in rows} == {"RUN1"}
     floors = [r for r in rows if r["kernel"] == "floor"]
+    assert len(floors) == 6
     assert {(r["provider"], r["dtype"]) for r in floors} == {("matmul", "float32"), ("matmul", "bfloat16"),
                                                               ("copy", "float32")}
     assert all(r["p50"] > 0 for r in floors)
+    assert {r["test"] for r in floors} == {"floors-start", "floors-end"}  # measured before and after
     toy = {r["provider"]: r for r in rows if r["kernel"] == "toy"}
     assert toy["dare_cpu"]["status"] == "ok" and toy["dare_cpu"]["rounds"] == 5
     assert toy["dare_cpu"]["p20"] <= toy["dare_cpu"]["p50"] <= toy["dare_cpu"]["p80"]

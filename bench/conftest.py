@@ -38,6 +38,12 @@ def pytest_addoption(parser):
     g.addoption("--bench-run-id", default=None, help="run id written in every row (default: time + pid)")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class _Recorder:
     """Collects rows per device and appends them to that device's CSV as they come."""
 
@@ -66,6 +72,8 @@ class _Recorder:
     def write(self, device_type: str, rows: list[dict]) -> None:
         if not self.enabled or not rows:
             return
+        if device_type == "cuda" and not _cuda_available():
+            device_type = "cpu"  # GPU cases skipped on a machine without one: rows of this machine's file
         env = self.env(device_type)
         stamped = [dict(env, run_id=self.run_id, timestamp=_results.utc_now(), **r) for r in rows]
         self.rows_written += _results.append_rows(self.csv_path(device_type), stamped)

@@ -138,7 +138,8 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
               f"- run(s): {', '.join(runs)}",
               "- times are medians (p50) per call, p20–p80 in brackets; speed-up = peer time / fastest dare_* time "
               "(> 1: dare is faster); % peak = achieved FLOP/s over the measured matmul peak of the dtype; "
-              "% BW = achieved bytes/s over the measured copy bandwidth (both measured in the same run).", ""]
+              "% BW = achieved bytes/s over the measured copy bandwidth (floors: p80 of the throughput, "
+              "best of the measurements at the start and end of the run, same device).", ""]
     if fl:
         lines += ["## Physical floors (same device, same run)", "", "| floor | value |", "| --- | --- |"]
         for k in sorted(fl):

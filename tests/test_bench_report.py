@@ -154,6 +154,10 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
         "def test_toy(benchmark):\n"
         "    benchmark.extra_info.update(kernel='toy', provider='dare_cpu', mode='fwd', shape='s', dtype='float32')\n"
         "    benchmark.pedantic(lambda: sum(range(100)), rounds=5)\n"
+        "def test_fed(benchmark):\n"
+        "    from dare_kernels.benchmarking.timing import feed_benchmark\n"
+        "    benchmark.extra_info.update(kernel='toy', provider='events', mode='fwd', shape='s', dtype='float32')\n"
+        "    feed_benchmark(benchmark, [3e-3, 1e-3, 2e-3], timer='test_events')\n"
         "def test_missing_peer(benchmark):\n"
         "    benchmark.extra_info.update(kernel='toy', provider='nope', mode='fwd', shape='s', dtype='float32')\n"
         "    pytest.skip('nope not installed')\n"
@@ -178,3 +182,6 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     assert toy["dare_cpu"]["p20"] <= toy["dare_cpu"]["p50"] <= toy["dare_cpu"]["p80"]
     assert toy["nope"]["status"] == "skipped" and toy["nope"]["reason"] == "nope not installed"
     assert toy["dare_cpu"]["torch"] and toy["dare_cpu"]["device"]
+    # externally timed samples (the CUDA-event path) land in the row as given
+    assert toy["events"]["p50"] == pytest.approx(2e-3) and toy["events"]["timer"] == "test_events"
+    assert "not used at all" not in proc.stdout

@@ -133,6 +133,11 @@ def feed_benchmark(benchmark, samples: Sequence[float], timer: str) -> None:
     conftest writes them to the CSV; ``extra_info["timer"]`` records how they were taken.
     """
     benchmark.extra_info["timer"] = timer
+    if not samples:
+        raise ValueError("feed_benchmark() needs at least one sample")
+    if getattr(benchmark, "_mode", None):
+        raise RuntimeError(f"the benchmark fixture was already used ({benchmark._mode})")
+    benchmark._mode = "feed_benchmark(...)"  # counts as used (pytest-benchmark warns otherwise)
     if getattr(benchmark, "disabled", False):
         return
     stats = benchmark._make_stats(1)  # pytest-benchmark's fixture API (stable since 3.x)

@@ -94,8 +94,13 @@ def set_info(benchmark, *, kernel: str, provider: str, mode: str, shape: str, dt
 
 
 def peak_memory(fn, device: str = "cpu") -> int | None:
-    """Peak bytes allocated while ``fn()`` runs: CUDA allocator peak on GPU; on CPU the sum of the
-    result tensors' storage (a lower bound for the transient peak; CPU has no allocator statistics)."""
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
+
+    CUDA: the caching allocator's peak. CPU has no allocator statistics: a dispatch-mode tracker
+    counts the storage of every tensor an ATen op returns while it is alive (weak references),
+    which sees the intermediates of eager code exactly but only the outputs of a fused C++ op
+    (its internal scratch is invisible); the row's ``peak_mem_method`` says which was used.
+    """
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -103,6 +108,53 @@ def peak_memory(fn, device: str = "cpu") -> int | None:
         fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
-    out = fn()
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return int(sum(t.untyped_storage().nbytes() for t in outs if isinstance(t, torch.Tensor)))
+    tracker = _LiveTensorBytes()
+    with tracker:
+        out = fn()
+    del out
+    return tracker.peak
+
+
+class _LiveTensorBytes:
+    """Context manager: peak bytes of op-output storages alive at once (CPU peak-memory estimate)."""
+
+    def __init__(self):
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def _track(self, t: torch.Tensor) -> None:
+        import weakref
+
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key == 0 or key in self.live:
+            return
+        self.live[key] = st.nbytes()
+        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(t, self._free, key)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

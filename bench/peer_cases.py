@@ -115,6 +115,7 @@ def run_attn_peer(benchmark, provider, mode, shape, dtype, device):
     sets = attn_inputs(shape, dtype, device, requires_grad=bwd)
     if with_map:
         benchmark.extra_info["peak_mem_bytes"] = peak_memory(lambda: fn(*sets[0]), device)
+        benchmark.extra_info["peak_mem_method"] = "cuda_allocator" if device == "cuda" else "live_op_outputs"
     timed = rotating(fn, sets)
     if device == "cuda":
         bench_cuda(benchmark, timed, warmup=3, rounds=10 if quick() else 30)

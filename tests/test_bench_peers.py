@@ -73,3 +73,16 @@ def test_flex_with_bias_matches_reference():
     o_ref = sra_attention_ref(q.double(), k.double(), v.double(), w, strength=1.0)
     o = peers.flex_with_bias(q, k, v, peers.sra_bias(w.float(), 1.0))
     torch.testing.assert_close(o.double(), o_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_peak_memory_sees_eager_intermediates():
+    import harness
+
+    q, k, v, w = _inputs(N=512, M=77, D=40)
+    bias = peers.sra_bias(w.float(), 1.0)
+    probs_bytes = 2 * 3 * 512 * 77 * 4  # one [B, H, N, M] float32 tensor
+    eager = harness.peak_memory(lambda: peers.eager_with_maps(q, k, v, bias))
+    fused = harness.peak_memory(lambda: peers.sdpa_with_bias(q, k, v, bias))
+    assert eager >= 2 * probs_bytes  # logits and probabilities alive together
+    assert fused < probs_bytes  # SDPA's flash kernel never materialises them (output: 2*3*512*40*4 bytes)
+    assert fused >= 2 * 3 * 512 * 40 * 4

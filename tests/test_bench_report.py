@@ -32,7 +32,7 @@ def _synthetic(path: Path, run="run-01"):
              unit="GB/s", dtype="float32", status="ok", p50=19.0, p20=18.0, p80=20.0, bytes=1e9),
         _row(run, "dare_cpu", 0.005, flops=1e9, bytes=5e7),
         _row(run, "sdpa_bias", 0.010, flops=1e9, bytes=5e7),
-        _row(run, "eager_maps", 0.030, flops=1e9, bytes=5e7),
+        _row(run, "eager_maps", 0.030, flops=1e9, bytes=5e7, peak_mem_bytes=3 * 2**20),
         _row(run, "dare_cpu", 0.002, kernel="rectified_cfg", mode="cfg", shape="wan-81f", bytes=2e7),
         _row(run, "diffusers_guider", 0.007, kernel="rectified_cfg", mode="cfg", shape="wan-81f", bytes=2e7),
         dict(ENV, run_id=run, kernel="sra_attention", provider="flash_attn", mode="fwd", shape="wan-1.3b",
@@ -110,7 +110,8 @@ def test_markdown_table(tmp_path):
     assert "10 ms [9 ms–11 ms]" in line and "| 100 | 50% |" in line and "2.00×" in line
     # dare: 5e7 bytes in 5 ms = 10 GB/s = 50% of the copy bandwidth
     dare = next(ln for ln in md.splitlines() if "**dare_cpu**" in ln and "wan-1.3b" in ln)
-    assert "| 10 | 50% | **best dare** |" in dare
+    assert "| 10 | 50% | - | **best dare** |" in dare
+    assert "| 3 MiB | 6.00× |" in next(ln for ln in md.splitlines() if "| eager_maps |" in ln)
     assert "| skipped | sra_attention | flash_attn | flash_attn not installed | 1 |" in md
     assert "3.50×" in md
 

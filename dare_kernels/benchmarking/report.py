@@ -151,8 +151,8 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
         by_kernel[c["key"][0]].append(c)
     for kernel in sorted(by_kernel):
         lines += [f"## {kernel}", "",
-                  "| mode | shape | dtype | provider | p50 [p20–p80] | GFLOP/s | % peak | GB/s | % BW | speed-up of dare |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| mode | shape | dtype | provider | p50 [p20–p80] | GFLOP/s | % peak | GB/s | % BW | peak mem | speed-up of dare |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in by_kernel[kernel]:
             _, mode, shape, dtype = c["key"]
             for prov in sorted(c["times"], key=c["times"].get):
@@ -165,8 +165,9 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
                     sp = f"{c['speedup'][prov]:.2f}×" if prov in c["speedup"] else "no dare row"
                 spread = f"{fmt_time(c['times'][prov])} [{fmt_time(p20)}–{fmt_time(p80)}]"
                 name = f"**{prov}**" if is_dare(prov) else prov
+                mem = f"{row['peak_mem_bytes'] / 2**20:.3g} MiB" if row.get("peak_mem_bytes") else "-"
                 lines.append(f"| {mode} | {shape} | {dtype} | {name} | {spread} | {_num(gf)} | {_pct(fpk)} | "
-                             f"{_num(gb)} | {_pct(fbw)} | {sp} |")
+                             f"{_num(gb)} | {_pct(fbw)} | {mem} | {sp} |")
         lines.append("")
     not_run = [r for r in rows if r.get("status") in ("skipped", "error")]
     if not_run:

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 COLUMNS: tuple[str, ...] = (
     "run_id", "timestamp", "kernel", "provider", "mode", "metric", "unit", "shape", "dims", "dtype",
     "status", "reason", "p50", "p20", "p80", "mean", "rounds", "flops", "bytes", "peak_mem_bytes",
-    "scale", "timer", "group", "test", "device", "device_type", "threads", "torch", "triton", "commit",
+    "peak_mem_method", "scale", "timer", "group", "test", "device", "device_type", "threads", "torch", "triton", "commit",
 )
 
 NUMERIC = ("p50", "p20", "p80", "mean", "rounds", "flops", "bytes", "peak_mem_bytes", "scale", "threads")

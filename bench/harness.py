@@ -19,6 +19,12 @@ from dare_kernels.benchmarking.timing import (  # noqa: F401  (re-exported)
 )
 from shapes import ATTN_SHAPES, CPU_SCALE, LATENT_SHAPES, AttnShape
 
+__all__ = [
+    "bench_cpu", "bench_cuda", "cpu_time", "cuda_time", "feed_benchmark", "make_input_sets", "quantiles", "rotating",
+    "quick", "cpu_scale", "scale_for", "attn_shapes", "latent_shapes", "dims", "attn_flops", "attn_bytes",
+    "set_info", "peak_memory", "ATTN_SHAPES", "LATENT_SHAPES", "AttnShape",
+]
+
 QUICK_CPU_SCALE = 32        # quick CPU runs divide N by this instead of CPU_SCALE
 QUICK_SHAPES = ("wan-1.3b", "animatediff-d40")
 QUICK_LATENTS = ("wan-49f-480x720",)

@@ -32,6 +32,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from . import report
     from .results import device_slug, new_run_id
 
+    if os.environ.get("DARE_BENCH_QUICK", "0") not in ("", "0", "false", "no"):
+        args.quick = True  # `DARE_BENCH_QUICK=1 make bench`
     device = args.device
     if device == "auto":
         import torch

@@ -41,7 +41,7 @@ def measure_floors(device_type: str = "cpu", quick: bool = False) -> list[dict]:
         a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
         b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
         c = torch.empty(n, n, device=device, dtype=dtype)
-        samples = timed(lambda: torch.mm(a, b, out=c))
+        samples = timed(lambda a=a, b=b, c=c: torch.mm(a, b, out=c))
         flops = 2.0 * n ** 3
         p20, p50, p80 = quantiles([flops / s / 1e9 for s in samples])
         rows.append(dict(kernel="floor", provider="matmul", mode="floor", metric="throughput", unit="GFLOP/s",

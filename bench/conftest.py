@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def pytest_addoption(parser):
                 help="folder of the result CSVs (default bench/results, or DARE_BENCH_CSV_DIR)")
     g.addoption("--bench-no-csv", action="store_true", default=False, help="do not write result rows")
     g.addoption("--bench-run-id", default=None, help="run id written in every row (default: time + pid)")
+    g.addoption("--bench-budget-s", type=float, default=None,
+                help="skip (with that reason) every benchmark that would start after this many seconds "
+                     "(also DARE_BENCH_BUDGET_S; keeps a GPU run inside one device call)")
 
 
 def _cuda_available() -> bool:
@@ -60,6 +64,9 @@ class _Recorder:
         self._floors_done: set[str] = set()
         self.floor_devices: list[str] = []  # devices whose floors were measured at the start
         self.rows_written = 0
+        budget = config.getoption("--bench-budget-s") or float(os.environ.get("DARE_BENCH_BUDGET_S", "0") or 0)
+        self.budget_s = budget if budget > 0 else None
+        self.start = time.monotonic()
 
     def env(self, device_type: str) -> dict:
         if device_type not in self._env:
@@ -169,6 +176,8 @@ def _row(item, info: dict, **extra) -> dict:
 def pytest_runtest_setup(item):
     if _is_bench(item) and not item.config.getoption("benchmark_disable", False):
         rec = item.config._dare_recorder
+        if rec.budget_s is not None and time.monotonic() - rec.start > rec.budget_s:
+            pytest.skip(f"time budget of {rec.budget_s:.0f} s for this run reached before this case")
         # device of the file: measure its floors before the first benchmark of the session on it
         rec.ensure_floors("cuda" if item.path.name.endswith("_gpu.py") else "cpu")
 

@@ -4,6 +4,7 @@ bench conftest's rows (one real pytest run on a tiny benchmark). No timing is as
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -164,9 +165,10 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
         "    pytest.skip('nope not installed')\n"
     )
     res = tmp_path / "results"
+    env = dict(os.environ, DARE_BENCH_FLOORS="tiny")
     proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider",
                            "--bench-quick", "--bench-csv-dir", str(res), "--bench-run-id", "RUN1",
-                           f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                           f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     csvs = list(res.glob("cpu-*.csv"))
     assert len(csvs) == 1
@@ -186,3 +188,11 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     # externally timed samples (the CUDA-event path) land in the row as given
     assert toy["events"]["p50"] == pytest.approx(2e-3) and toy["events"]["timer"] == "test_events"
     assert "not used at all" not in proc.stdout
+    # a time budget already spent: every case becomes a skip row with that reason, none is timed
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                           "--bench-quick", "--bench-csv-dir", str(res), "--bench-run-id", "RUN2",
+                           "--bench-budget-s", "1e-9", f"--rootdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run2 = [r for r in results.read_rows(csvs[0]) if r["run_id"] == "RUN2" and r["kernel"] == "toy"]
+    assert len(run2) == 3 and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in run2)

@@ -53,6 +53,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     if args.quick:
         cmd.append("--bench-quick")
+    budget = args.budget_s if args.budget_s is not None else (480.0 if device == "cuda" else 0.0)
+    if budget > 0:
+        cmd += ["--bench-budget-s", str(budget)]
     if args.filter:
         cmd += ["-k", args.filter]
     cmd += args.pytest_args or []
@@ -101,6 +104,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="≈2-minute subset: small CPU shapes, few rounds")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "all"), default="auto",
                    help="which bench files: *_cpu.py, *_gpu.py or both (auto: cuda if available, else cpu)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no benchmark after this many seconds; later ones are recorded as skipped "
+                        "(default 480 for --device cuda, so the run and its report fit one 10-minute device call; "
+                        "0 = no limit)")
     p.add_argument("--filter", "-k", default=None, help="pytest -k expression (e.g. 'sra and not bf16')")
     p.add_argument("--out", default=None, help="folder of the report and plots (default bench/results)")
     p.add_argument("--csv-dir", default=None, help="folder of the result CSVs (default: --out)")

@@ -9,12 +9,16 @@ compares like with like on the same machine under the same load.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .timing import cpu_time, cuda_time, quantiles
 
 
 def _sizes(device_type: str, quick: bool) -> dict[str, int]:
+    if os.environ.get("DARE_BENCH_FLOORS") == "tiny":  # tests of the plumbing only: numbers meaningless
+        return {"matmul_n": 256, "copy_numel": 1024 * 1024}
     if device_type == "cuda":
         return {"matmul_n": 8192, "copy_numel": 256 * 1024 * 1024}  # 1 GiB fp32
     return {"matmul_n": 1024 if quick else 2048, "copy_numel": (16 if quick else 64) * 1024 * 1024}

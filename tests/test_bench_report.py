@@ -160,6 +160,10 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
         "    from dare_kernels.benchmarking.timing import feed_benchmark\n"
         "    benchmark.extra_info.update(kernel='toy', provider='events', mode='fwd', shape='s', dtype='float32')\n"
         "    feed_benchmark(benchmark, [3e-3, 1e-3, 2e-3], timer='test_events')\n"
+        "def test_device_median(benchmark):\n"
+        "    benchmark.extra_info.update(kernel='toy', provider='do_bench', mode='fwd', shape='s', dtype='bf16',\n"
+        "                                median_ms=2.5, B=1, H=2, N=3, M=4, D=5)\n"
+        "    benchmark.pedantic(lambda: None, rounds=3)\n"
         "def test_missing_peer(benchmark):\n"
         "    benchmark.extra_info.update(kernel='toy', provider='nope', mode='fwd', shape='s', dtype='float32')\n"
         "    pytest.skip('nope not installed')\n"
@@ -185,6 +189,10 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     assert toy["dare_cpu"]["p20"] <= toy["dare_cpu"]["p50"] <= toy["dare_cpu"]["p80"]
     assert toy["nope"]["status"] == "skipped" and toy["nope"]["reason"] == "nope not installed"
     assert toy["dare_cpu"]["torch"] and toy["dare_cpu"]["device"]
+    # a device-side median given by the bench file wins over host timing; dtype aliases normalised
+    dev = toy["do_bench"]
+    assert dev["p50"] == pytest.approx(2.5e-3) and dev["timer"] == "device_median_ms"
+    assert dev["dtype"] == "bfloat16" and dev["dims"] == "B=1 H=2 N=3 M=4 D=5"
     # externally timed samples (the CUDA-event path) land in the row as given
     assert toy["events"]["p50"] == pytest.approx(2e-3) and toy["events"]["timer"] == "test_events"
     assert "not used at all" not in proc.stdout
@@ -195,4 +203,4 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run2 = [r for r in results.read_rows(csvs[0]) if r["run_id"] == "RUN2" and r["kernel"] == "toy"]
-    assert len(run2) == 3 and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in run2)
+    assert len(run2) == 4 and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in run2)

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .results import read_rows, slug_for
+from .results import normalize_dtype, read_rows, slug_for
 
 KEY = ("kernel", "mode", "shape", "dtype")
 
@@ -23,12 +23,18 @@ def is_dare(provider: str) -> bool:
     return str(provider).startswith("dare")
 
 
+def _canon(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r["dtype"] = normalize_dtype(r.get("dtype"))
+    return rows
+
+
 def load(paths: Iterable[str | Path]) -> list[dict]:
     """Rows of every CSV in ``paths`` (numeric columns as floats)."""
     rows = []
     for p in paths:
         rows += read_rows(p)
-    return rows
+    return _canon(rows)
 
 
 def select_run(rows: list[dict], run: str | None = "latest") -> list[dict]:
@@ -320,7 +326,7 @@ def write_report(csv_paths: Sequence[str | Path], out_dir: str | Path, run: str 
     written: dict[str, list[Path]] = {"md": [], "png": []}
     by_device: dict[str, list[dict]] = defaultdict(list)
     for p in csv_paths:
-        for r in read_rows(p):
+        for r in _canon(read_rows(p)):
             by_device[slug_for(r.get("device_type") or "cpu", r.get("device") or Path(p).stem)].append(r)
     for slug, rows in sorted(by_device.items()):
         rows = select_run(rows, run)

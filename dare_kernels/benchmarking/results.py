@@ -24,6 +24,16 @@ COLUMNS: tuple[str, ...] = (
 NUMERIC = ("p50", "p20", "p80", "mean", "rounds", "flops", "bytes", "peak_mem_bytes", "scale", "threads")
 
 
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+                  "f16": "float16", "bf16": "bfloat16", "fp64": "float64", "double": "float64"}
+
+
+def normalize_dtype(name) -> str:
+    """Canonical dtype name of a row: "torch.bfloat16", "bf16" -> "bfloat16" (so rows of different files pair)."""
+    s = str(name or "").replace("torch.", "").strip()
+    return _DTYPE_ALIASES.get(s.lower(), s)
+
+
 def slugify(text: str) -> str:
     """Lower-case file-name-safe slug: runs of anything but [a-z0-9] become one '-'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"

@@ -132,10 +132,12 @@ def _is_bench(item) -> bool:
 
 
 def _device_of(item, info: dict) -> str:
-    dev = info.get("device")
-    if dev:
-        return "cuda" if str(dev).startswith("cuda") else "cpu"
-    return "cuda" if item.path.name.endswith("_gpu.py") else "cpu"
+    dev = str(info.get("device") or "").lower()
+    if dev.startswith("cuda"):
+        return "cuda"
+    if dev == "cpu":
+        return "cpu"
+    return "cuda" if item.path.name.endswith("_gpu.py") else "cpu"  # by the file-name convention
 
 
 def _meta_from_item(item) -> dict:
@@ -146,9 +148,10 @@ def _meta_from_item(item) -> dict:
         meta.update({k: v for k, v in fx.extra_info.items()})
     params = getattr(getattr(item, "callspec", None), "params", {})
     for k in ("kernel", "provider", "mode", "shape", "dtype"):
-        if k not in meta and k in params:
-            v = params[k]
-            meta[k] = getattr(v, "name", None) or str(v).replace("torch.", "")
+        for name in (k, f"{k}_name"):
+            if k not in meta and name in params:
+                v = params[name]
+                meta[k] = getattr(v, "name", None) or str(v).replace("torch.", "")
     marker = item.get_closest_marker("benchmark")
     group = (getattr(fx, "group", None) if fx is not None else None) or (marker.kwargs.get("group") if marker else None)
     if group and "kernel" not in meta:  # convention: "<kernel> <pass> <shape> <dtype>"
@@ -156,7 +159,9 @@ def _meta_from_item(item) -> dict:
         for key, val in zip(("kernel", "mode", "shape", "dtype"), parts):
             meta.setdefault(key, val)
     meta.setdefault("kernel", item.path.stem.replace("test_bench_", "").rsplit("_", 1)[0])
-    meta.setdefault("provider", item.originalname if hasattr(item, "originalname") else item.name)
+    test_name = getattr(item, "originalname", None) or item.name
+    meta.setdefault("provider", test_name)
+    meta.setdefault("mode", test_name.removeprefix("test_"))
     meta["group"] = group or ""
     return meta
 

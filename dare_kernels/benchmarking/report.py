@@ -199,6 +199,14 @@ def _plt():
     return plt
 
 
+def _minor_label(v: float, _pos=None) -> str:
+    """Label the 2× and 5× minor ticks of a log axis (0.2, 0.5, 2, 5, 20, ...)."""
+    if v <= 0:
+        return ""
+    mantissa = v / 10 ** math.floor(math.log10(v))
+    return f"{v:g}×" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+
 def plot_speedups(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
     """Grouped bars, one panel per kernel: speed-up of the fastest dare_* over each peer for each
     (mode, shape, dtype); log scale, 1× line. Returns the path, or None when no case has a dare row."""
@@ -236,7 +244,7 @@ def plot_speedups(rows: list[dict], path: str | Path, title: str = "") -> Path |
         ax.axvline(1.0, color="black", lw=1)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if str(v)[0] in "25" else ""))
+        ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_yticks(ticks)
         ax.set_yticklabels(labels, fontsize=8)

@@ -109,7 +109,7 @@ template <typename E, int NT, int K>
 __device__ __forceinline__ void warp_gemm_ss_nk(float (&acc)[NT][4], const uint16_t* sA, int lda,
                                                 const uint16_t* sB, int ldb) {
   static_assert(NT % 2 == 0 && K % 16 == 0, "tile sizes");
-#pragma unroll
+#pragma unroll 2
   for (int k0 = 0; k0 < K; k0 += 16) {
     uint32_t a[4];
     load_a_frag(a, sA, lda, k0);

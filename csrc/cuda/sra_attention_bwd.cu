@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(KvTile<kD>::kThreads) sra_bwd_dkdv_kernel(cons
 
 template <typename E, int kD>
 int launch_bwd_tier(const SraParams& p, cudaStream_t stream) {
-  {
+  if (p.N > 0) {  // dq and delta (also the dk/dv kernel's input)
     auto kernel = sra_bwd_dq_kernel<E, kD>;
     const size_t smem = DqTile<kD>::kSmem;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -354,7 +354,7 @@ int launch_bwd_tier(const SraParams& p, cudaStream_t stream) {
     err = cudaGetLastError();
     if (err != cudaSuccess) return int(err);
   }
-  {
+  if (p.M > 0) {  // dk, dv, dw
     auto kernel = sra_bwd_dkdv_kernel<E, kD>;
     const size_t smem = KvTile<kD>::kSmem;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -363,6 +363,7 @@ int launch_bwd_tier(const SraParams& p, cudaStream_t stream) {
     kernel<<<grid, KvTile<kD>::kThreads, smem, stream>>>(p);
     return int(cudaGetLastError());
   }
+  return 0;
 }
 
 template <typename E>
@@ -378,7 +379,7 @@ int launch_bwd_dtype(const SraParams& p, cudaStream_t stream) {
 
 int sra_attention_bwd_launch(const SraParams& params, CUstream_st* stream) {
   if (params.D > kSraMaxHeadDim || params.Dv > kSraMaxHeadDim) return int(cudaErrorInvalidValue);
-  if (params.B == 0 || params.H == 0 || params.M == 0) return 0;
+  if (params.B == 0 || params.H == 0) return 0;
   return params.dtype == SraDtype::kBFloat16 ? launch_bwd_dtype<BF16>(params, stream)
                                              : launch_bwd_dtype<F16>(params, stream);
 }

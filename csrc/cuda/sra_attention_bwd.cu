@@ -15,6 +15,10 @@
 //      32: S^T = K Q^T, P^T, dv += P^T dO, dP^T = V dO^T (+ dA^T/H), dS^T, dk += dS^T Q, dw row sums.
 //      At kD = 256 the CTA has 8 warps in two groups, each owning half of the dk/dv columns (both
 //      groups recompute S^T and dP^T) so that 16 x 256 float accumulators never spill.
+//      Cross-attention has few keys and many queries (Wan: M = 512, N = 32760), so one CTA per key tile
+//      leaves most SMs idle: the query axis is then split over kv_splits CTAs per key tile, each writing
+//      float32 partials, and 3. a reduction kernel sums the partials in split order (deterministic) and
+//      writes dk, dv (input dtype) and dw.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -240,7 +244,9 @@ __global__ void __launch_bounds__(KvTile<kD>::kThreads) sra_bwd_dkdv_kernel(cons
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int grp = warp / 4, wk = warp % 4;
-  const int j0 = blockIdx.x * kKvBN, h = blockIdx.y, b = blockIdx.z;
+  const int n_mtiles = (p.M + kKvBN - 1) / kKvBN;
+  const int split = blockIdx.x / n_mtiles;
+  const int j0 = (blockIdx.x % n_mtiles) * kKvBN, h = blockIdx.y, b = blockIdx.z;
   const int m_valid = min(kKvBN, p.M - j0);
   const float sc2 = p.scale * kLog2e, inv_h = 1.f / float(p.H);
   const int keys[2] = {j0 + wk * 16 + g, j0 + wk * 16 + g + 8};
@@ -262,7 +268,9 @@ __global__ void __launch_bounds__(KvTile<kD>::kThreads) sra_bwd_dkdv_kernel(cons
   float dw_acc[2] = {0.f, 0.f};
 
   const int n_qtiles = (p.N + kKvBQ - 1) / kKvBQ;
-  for (int qt = 0; qt < n_qtiles; ++qt) {
+  const int qt_per_split = (n_qtiles + p.kv_splits - 1) / p.kv_splits;
+  const int qt_end = min(n_qtiles, (split + 1) * qt_per_split);
+  for (int qt = split * qt_per_split; qt < qt_end; ++qt) {
     const int i0 = qt * kKvBQ, n_valid = min(kKvBQ, p.N - i0);
     __syncthreads();
     load_tile<kD>(sQ, kLd, gQ + int64_t(i0) * p.q_stride[2], p.q_stride[2], p.q_stride[3], kKvBQ, n_valid, p.D,
@@ -316,6 +324,30 @@ __global__ void __launch_bounds__(KvTile<kD>::kThreads) sra_bwd_dkdv_kernel(cons
     }
   }
 
+  if (p.kv_splits > 1) {
+    // ---- split epilogue: float32 partials [split][b][h][key][dk | dv | dw]
+    const int W = p.D + p.Dv + 1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float dw_sum = quad_sum(dw_acc[r]);
+      if (keys[r] >= p.M) continue;
+      float* row = p.kv_partial + (((int64_t(split) * p.B + b) * p.H + h) * p.M + keys[r]) * W;
+#pragma unroll
+      for (int j = 0; j < kOT; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = grp * kDsub + j * 8 + 2 * t + c;
+          if (col < p.D) row[col] = dk[j][2 * r + c] * p.scale;
+          if (col < p.Dv) row[p.D + col] = dv[j][2 * r + c];
+        }
+      if (grp == 0 && t == 0)
+        row[p.D + p.Dv] = (p.dw == nullptr || bias2[r] == -INFINITY)
+                              ? 0.f
+                              : p.strength / key_weight(p, b, h, keys[r]) * dw_sum;
+    }
+    return;
+  }
+
   // ---- epilogue: dk (scaled) into sK, dv into sV, then coalesced stores; dw
   __syncthreads();
   frags_to_smem<E, kOT>(sK + wk * 16 * kLd + grp * kDsub, kLd, dk, p.scale);
@@ -334,6 +366,32 @@ __global__ void __launch_bounds__(KvTile<kD>::kThreads) sra_bwd_dkdv_kernel(cons
         const float val = bias2[r] == -INFINITY ? 0.f : p.strength / w * sum;
         p.dw[int64_t(b) * p.dw_stride[0] + int64_t(h) * p.dw_stride[1] + int64_t(keys[r]) * p.dw_stride[2]] = val;
       }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// kernel 3 (split dk/dv only): sum the partials in split order, convert, write dk, dv, dw
+// ------------------------------------------------------------------------------------------------
+
+template <typename E>
+__global__ void __launch_bounds__(256) sra_bwd_kv_reduce_kernel(const SraParams p) {
+  const int W = p.D + p.Dv + 1;
+  const int64_t total = int64_t(p.B) * p.H * p.M * W;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int sp = 0; sp < p.kv_splits; ++sp) acc += p.kv_partial[sp * total + idx];
+    const int c = int(idx % W);
+    const int64_t bhm = idx / W;
+    const int j = int(bhm % p.M), h = int((bhm / p.M) % p.H), b = int(bhm / (int64_t(p.M) * p.H));
+    if (c < p.D) {
+      bh_ptr(p.dk, p.dk_stride, b, h)[int64_t(j) * p.dk_stride[2] + int64_t(c) * p.dk_stride[3]] = E::from_float(acc);
+    } else if (c < p.D + p.Dv) {
+      bh_ptr(p.dv, p.dv_stride, b, h)[int64_t(j) * p.dv_stride[2] + int64_t(c - p.D) * p.dv_stride[3]] =
+          E::from_float(acc);
+    } else if (p.dw != nullptr) {
+      p.dw[int64_t(b) * p.dw_stride[0] + int64_t(h) * p.dw_stride[1] + int64_t(j) * p.dw_stride[2]] = acc;
     }
   }
 }
@@ -359,8 +417,16 @@ int launch_bwd_tier(const SraParams& p, cudaStream_t stream) {
     const size_t smem = KvTile<kD>::kSmem;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return int(err);
-    dim3 grid((p.M + kKvBN - 1) / kKvBN, p.H, p.B);
-    kernel<<<grid, KvTile<kD>::kThreads, smem, stream>>>(p);
+    const int splits = p.kv_splits > 1 && p.kv_partial != nullptr ? p.kv_splits : 1;
+    SraParams q = p;
+    q.kv_splits = splits;
+    dim3 grid(((p.M + kKvBN - 1) / kKvBN) * splits, p.H, p.B);
+    kernel<<<grid, KvTile<kD>::kThreads, smem, stream>>>(q);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || splits == 1) return int(err);
+    const int64_t total = int64_t(p.B) * p.H * p.M * (p.D + p.Dv + 1);
+    const int blocks = int((total + 255) / 256 < 65536 ? (total + 255) / 256 : 65536);
+    sra_bwd_kv_reduce_kernel<E><<<blocks, 256, 0, stream>>>(q);
     return int(cudaGetLastError());
   }
   return 0;
@@ -376,6 +442,21 @@ int launch_bwd_dtype(const SraParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int sra_attention_bwd_kv_splits(const SraParams& p) {
+  if (p.M <= 0 || p.N <= 0 || p.B <= 0 || p.H <= 0) return 1;
+  int device = 0, sms = 1;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t ctas = int64_t((p.M + kKvBN - 1) / kKvBN) * p.H * p.B;
+  const int64_t target = 2 * int64_t(sms);  // ~2 resident CTAs per SM (register-bound at ~236 regs)
+  if (ctas >= target) return 1;
+  const int64_t n_qtiles = (p.N + kKvBQ - 1) / kKvBQ;
+  int64_t splits = (target + ctas - 1) / ctas;
+  splits = splits < (n_qtiles + 7) / 8 ? splits : (n_qtiles + 7) / 8;  // >= 8 query tiles per split
+  splits = splits < 64 ? splits : 64;
+  return splits > 1 ? int(splits) : 1;
+}
 
 int sra_attention_bwd_launch(const SraParams& params, CUstream_st* stream) {
   if (params.D > kSraMaxHeadDim || params.Dv > kSraMaxHeadDim) return int(cudaErrorInvalidValue);

@@ -56,6 +56,11 @@ struct SraParams {
   void* dv = nullptr;
   float* dw = nullptr;     // nullptr when there is no token_weight
   float* delta = nullptr;  // scratch [B,H,N] contiguous float32
+  // dk/dv split over the query axis (long N, few keys): kv_splits CTAs per key tile each write float32
+  // partials to kv_partial = [kv_splits][B][H][M][D + Dv + 1] (dk | dv | dw), summed in a fixed order by a
+  // reduction kernel (deterministic). kv_splits = 1: no scratch, the dk/dv kernel writes the outputs.
+  float* kv_partial = nullptr;
+  int32_t kv_splits = 1;
   int64_t grad_out_stride[4] = {0, 0, 0, 0};
   int64_t grad_lse_stride[3] = {0, 0, 0};
   int64_t grad_map_stride[3] = {0, 0, 0};
@@ -79,6 +84,9 @@ constexpr int kSraMaxHeadDim = 256;
 // Launch on `stream`. Return 0 (cudaSuccess) or the cudaError_t code of the failing launch / attribute call.
 // The caller guarantees the contract above (shapes, dtypes, D, Dv <= kSraMaxHeadDim, N, M >= 1).
 int sra_attention_fwd_launch(const SraParams& params, CUstream_st* stream);
+// How many query splits the dk/dv kernel uses for these sizes on the current device (the caller allocates
+// kv_partial with kv_splits * B * H * M * (D + Dv + 1) floats when it is > 1).
+int sra_attention_bwd_kv_splits(const SraParams& params);
 int sra_attention_bwd_launch(const SraParams& params, CUstream_st* stream);
 
 }  // namespace cuda

@@ -218,6 +218,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sra_attention_bwd_cuda(
     strides(p.dw_stride, dw);
   }
   p.delta = delta.data_ptr<float>();
+  Tensor kv_partial;
+  p.kv_splits = dare::cuda::sra_attention_bwd_kv_splits(p);
+  if (p.kv_splits > 1) {
+    kv_partial = at::empty({int64_t(p.kv_splits) * B * H * M * (p.D + Dv + 1)}, f32);
+    p.kv_partial = kv_partial.data_ptr<float>();
+  }
   check_launch(dare::cuda::sra_attention_bwd_launch(p, c10::cuda::getCurrentCUDAStream().stream()),
                "sra_attention_bwd");
   return {dq, dk, dv, dw};

@@ -28,6 +28,7 @@ DTYPES = (torch.float16, torch.bfloat16)
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, mult: float = 1.0):
     """Per-dtype tolerance, relative to the reference's magnitude (gradients can be large)."""
     atol, rtol = TOL[dtype]
+    actual, expected = actual.detach(), expected.detach()
     mag = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol * mag * mult,
                                rtol=rtol * mult, msg=lambda m: f"{what} ({dtype}): {m}")

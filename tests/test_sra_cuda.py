@@ -72,14 +72,19 @@ def _ref(q, k, v, w, kpm, strength, keys, **kw):
 
 
 def _check(B, H, N, M, D, Dv, dtype, *, layout="contiguous", weight="bm", mask=False, keys=None,
-           strength=0.8, grads=True, seed=0):
+           strength=0.8, grads=True, seed=0, with_map=True):
     q, k, v, w, kpm = _inputs(B, H, N, M, D, Dv, dtype, layout, weight, mask, seed)
     keys = keys or (0, M)
     leaves = [q, k, v] + ([w] if w is not None else [])
     for t in leaves:
         t.requires_grad_(True)
-    o, amap, lse = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, strength=strength, return_attn_map=True,
-                                    attn_map_keys=keys, return_lse=True, backend="cuda")
+    if with_map:
+        o, amap, lse = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, strength=strength, return_attn_map=True,
+                                        attn_map_keys=keys, return_lse=True, backend="cuda")
+    else:  # no map: the forward may take the online-softmax path
+        o, lse = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, strength=strength, return_lse=True,
+                                  backend="cuda")
+        amap = torch.zeros(B, N, keys[1] - keys[0], device="cuda")
     assert o.dtype == dtype and amap.dtype == torch.float32 and lse.dtype == torch.float32
     assert o.shape == (B, H, N, Dv) and amap.shape == (B, N, keys[1] - keys[0]) and lse.shape == (B, H, N)
 
@@ -90,7 +95,8 @@ def _check(B, H, N, M, D, Dv, dtype, *, layout="contiguous", weight="bm", mask=F
                                            return_attn_map=True, attn_map_keys=keys, return_lse=True,
                                            compute_dtype=torch.float64)
     _close(o, o64, dtype, "out")
-    _close(amap, amap64, dtype, "attn_map")
+    if with_map:
+        _close(amap, amap64, dtype, "attn_map")
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse).cpu(), finite.cpu()), "lse: -inf rows differ"
     _close(lse[finite], lse64[finite], dtype, "lse")
@@ -100,8 +106,12 @@ def _check(B, H, N, M, D, Dv, dtype, *, layout="contiguous", weight="bm", mask=F
     go = torch.randn_like(o64)
     gmap = torch.randn_like(amap64)
     glse = torch.where(finite, torch.randn_like(lse64), torch.zeros_like(lse64))
-    ref_grads = torch.autograd.grad([o64, amap64, lse64], leaves64, [go, gmap, glse])
-    got = torch.autograd.grad([o, amap, lse], leaves, [go.to(dtype), gmap.float(), glse.float()])
+    if with_map:
+        ref_grads = torch.autograd.grad([o64, amap64, lse64], leaves64, [go, gmap, glse])
+        got = torch.autograd.grad([o, amap, lse], leaves, [go.to(dtype), gmap.float(), glse.float()])
+    else:
+        ref_grads = torch.autograd.grad([o64, lse64], leaves64, [go, glse])
+        got = torch.autograd.grad([o, lse], leaves, [go.to(dtype), glse.float()])
     for name, a, e in zip(("dq", "dk", "dv", "dw"), got, ref_grads):
         assert not torch.isnan(a).any(), name
         _close(a, e, dtype, name, mult=2.0)
@@ -119,6 +129,12 @@ def test_head_dims(dtype, D):
 @pytest.mark.parametrize("M", [1, 77, 226, 512, 1000])
 def test_key_lengths(dtype, M):
     _check(1, 2, 131, M, 64, 64, dtype, weight="bhm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [77, 512, 1000])
+def test_without_map(dtype, M):
+    _check(2, 2, 131, M, 128, 128, dtype, with_map=False, mask=True)
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "padded"])

@@ -19,6 +19,9 @@
 //      leaves most SMs idle: the query axis is then split over kv_splits CTAs per key tile, each writing
 //      float32 partials, and 3. a reduction kernel sums the partials in split order (deterministic) and
 //      writes dk, dv (input dtype) and dw.
+//
+// Dynamic shared memory per CTA (bytes): dq kernel 37,376 / 70,144 / 101,760 and dk/dv kernel
+// 27,904 / 52,480 / 101,632 for kD = 64 / 128 / 256 (all within an A100's 163 KB opt-in).
 #include <cuda_runtime.h>
 
 #include <cmath>

@@ -15,6 +15,13 @@
 //          Required for the map; the usual cross-attention case (M <= 512) keeps *all* key tiles
 //          resident in shared memory between the passes when they fit (k_resident), so K is read once.
 //   online (!kExact): one pass, FlashAttention-2 style running max with a rescaled accumulator.
+//
+// Dynamic shared memory per CTA (bytes; 2 B elements, row pitch kD + 8):
+//   kD = 64:  27,904 streaming;  resident keys 27,904 + (M_pad - 64) * 144  (M = 512: 92,416)
+//   kD = 128: 52,480 streaming;  resident 52,480 + (M_pad - 64) * 272      (M = 256: 104,704; 512 does not fit the budget)
+//   kD = 256: 67,712 streaming;  resident 67,712 + (M_pad - 32) * 528      (M <= 96 only)
+// The resident path is taken when it fits kResidentSmemBudget (two CTAs per H100 SM), else K streams
+// through one tile in both passes (read twice, the second time mostly from L2).
 #include <cuda_runtime.h>
 
 #include <cmath>

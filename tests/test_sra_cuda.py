@@ -222,3 +222,19 @@ def test_opcheck():
     q, k, v, w, kpm = _inputs(1, 2, 33, 20, 64, 64, torch.float16, mask=True, seed=5)
     torch.library.opcheck(torch.ops.dare_kernels.sra_attention_fwd.default,
                           (q, k, v, w.view(1, 1, 20).expand(1, 2, 20).contiguous(), kpm, 0.7, 0.125, 2, 15))
+
+
+@pytest.mark.parametrize("shape", _MODEL[:3], ids=[s[0] for s in _MODEL[:3]])
+def test_cuda_matches_triton(shape):
+    from dare_kernels import sra
+
+    why = sra._unavailable("triton", torch.device("cuda"), torch.bfloat16)
+    if why is not None:
+        pytest.skip(f"triton backend: {why}")
+    _, B, H, N, M, D, keys = shape
+    q, k, v, w, _ = _inputs(B, H, N, M, D, D, torch.bfloat16, layout="bnhd")
+    keys = keys or (0, M)
+    o_c, a_c = dk.sra_attention(q, k, v, w, return_attn_map=True, attn_map_keys=keys, backend="cuda")
+    o_t, a_t = dk.sra_attention(q, k, v, w, return_attn_map=True, attn_map_keys=keys, backend="triton")
+    _close(o_c, o_t.float(), torch.bfloat16, "out cuda vs triton")
+    _close(a_c, a_t, torch.bfloat16, "map cuda vs triton")

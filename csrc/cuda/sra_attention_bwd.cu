@@ -9,10 +9,10 @@
 // sums in a fixed order):
 //   1. dq kernel: a CTA owns 64 queries of one (b, h) (4 warps x 16 rows). Prologue: Δ for its rows —
 //      dO·O row sums, minus grad_lse, plus the map term from a pass over the map's key range — stored
-//      to the float32 scratch `delta` for kernel 2. Then it streams key tiles (64, or 32 at kD = 256):
+//      to the float32 scratch `delta` for kernel 2. Then it streams key tiles (64, or 16 at kD = 256):
 //      S = Q K^T, P = exp2(s2 - lse2), dP = dO V^T (+ dA/H), dS, dq += dS K (dS re-packed in registers).
 //   2. dk/dv kernel: a CTA owns 64 keys of one (b, h) (warp w%4 owns 16 keys) and streams query tiles of
-//      32: S^T = K Q^T, P^T, dv += P^T dO, dP^T = V dO^T (+ dA^T/H), dS^T, dk += dS^T Q, dw row sums.
+//      32 (16 at kD = 256): S^T = K Q^T, P^T, dv += P^T dO, dP^T = V dO^T (+ dA^T/H), dS^T, dk += dS^T Q, dw row sums.
 //      At kD = 256 the CTA has 8 warps in two groups, each owning half of the dk/dv columns (both
 //      groups recompute S^T and dP^T) so that 16 x 256 float accumulators never spill.
 //      Cross-attention has few keys and many queries (Wan: M = 512, N = 32760), so one CTA per key tile
@@ -20,8 +20,8 @@
 //      float32 partials, and 3. a reduction kernel sums the partials in split order (deterministic) and
 //      writes dk, dv (input dtype) and dw.
 //
-// Dynamic shared memory per CTA (bytes): dq kernel 37,376 / 70,144 / 101,760 and dk/dv kernel
-// 27,904 / 52,480 / 101,632 for kD = 64 / 128 / 256 (all within an A100's 163 KB opt-in).
+// Dynamic shared memory per CTA (bytes): dq kernel 37,376 / 70,144 / 84,800 and dk/dv kernel
+// 27,904 / 52,480 / 84,608 for kD = 64 / 128 / 256 (all within the 99 KB opt-in of sm_86 / sm_89).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -63,7 +63,8 @@ constexpr int kDqThreads = 128;
 
 template <int kD>
 struct DqTile {
-  static constexpr int kBN = kD <= 128 ? 64 : 32;
+  // 16 keys a step at kD = 256 keeps shared memory under the 99 KB of sm_86/sm_89 (which run sm_80 code)
+  static constexpr int kBN = kD <= 128 ? 64 : 16;
   static constexpr int kLd = kD + 8;
   static constexpr size_t kSmem =
       sizeof(uint16_t) * size_t(2 * kDqBM + 2 * kBN) * kLd + sizeof(float) * (kBN + kDqBM);
@@ -219,7 +220,6 @@ __global__ void __launch_bounds__(kDqThreads) sra_bwd_dq_kernel(const SraParams 
 // ------------------------------------------------------------------------------------------------
 
 constexpr int kKvBN = 64;  // keys per CTA
-constexpr int kKvBQ = 32;  // queries per step
 
 template <int kD>
 struct KvTile {
@@ -227,13 +227,15 @@ struct KvTile {
   static constexpr int kThreads = 128 * kSplit;
   static constexpr int kDsub = kD / kSplit;
   static constexpr int kLd = kD + 8;
-  static constexpr size_t kSmem = sizeof(uint16_t) * size_t(2 * kKvBN + 2 * kKvBQ) * kLd + sizeof(float) * 2 * kKvBQ;
+  static constexpr int kBQ = kD == 256 ? 16 : 32;  // queries per step (16 at kD = 256: fits 99 KB)
+  static constexpr size_t kSmem = sizeof(uint16_t) * size_t(2 * kKvBN + 2 * kBQ) * kLd + sizeof(float) * 2 * kBQ;
 };
 
 template <typename E, int kD>
 __global__ void __launch_bounds__(KvTile<kD>::kThreads) sra_bwd_dkdv_kernel(const SraParams p) {
   using Tile = KvTile<kD>;
   constexpr int kLd = Tile::kLd, kThreads = Tile::kThreads, kDsub = Tile::kDsub;
+  constexpr int kKvBQ = Tile::kBQ;
   constexpr int kST = kKvBQ / 8;  // n-tiles of S^T (queries)
   constexpr int kOT = kDsub / 8;  // n-tiles of this group's dk / dv columns
 
@@ -454,9 +456,9 @@ int sra_attention_bwd_kv_splits(const SraParams& p) {
   const int64_t ctas = int64_t((p.M + kKvBN - 1) / kKvBN) * p.H * p.B;
   const int64_t target = 2 * int64_t(sms);  // ~2 resident CTAs per SM (register-bound at ~236 regs)
   if (ctas >= target) return 1;
-  const int64_t n_qtiles = (p.N + kKvBQ - 1) / kKvBQ;
+  const int64_t max_splits = (p.N + 255) / 256;  // >= 256 queries per split
   int64_t splits = (target + ctas - 1) / ctas;
-  splits = splits < (n_qtiles + 7) / 8 ? splits : (n_qtiles + 7) / 8;  // >= 8 query tiles per split
+  splits = splits < max_splits ? splits : max_splits;
   splits = splits < 64 ? splits : 64;
   return splits > 1 ? int(splits) : 1;
 }

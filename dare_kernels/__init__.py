@@ -45,8 +45,9 @@ def info() -> dict:
         "cpu": (ext_ok, "fused C++ kernels in dare_kernels._C" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}"),
     }
     if _ext.has_cuda_kernels():
+        from .tuning import CUDA_SRA_STATUS
         backends["cuda"] = (torch.cuda.is_available(),
-                            "CUDA kernels built" + ("" if torch.cuda.is_available() else ", but no CUDA device"))
+                            CUDA_SRA_STATUS + ("" if torch.cuda.is_available() else "; no CUDA device"))
     else:
         backends["cuda"] = (False, "extension built without CUDA kernels" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}")
     backends["triton"] = _ext.triton_status()

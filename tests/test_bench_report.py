@@ -169,8 +169,10 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
         "    pytest.skip('nope not installed')\n"
     )
     res = tmp_path / "results"
-    env = dict(os.environ, DARE_BENCH_FLOORS="tiny")
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+    # a clean child pytest: not an xdist worker (pytest-benchmark disables itself under xdist)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env["DARE_BENCH_FLOORS"] = "tiny"
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            "--bench-quick", "--bench-csv-dir", str(res), "--bench-run-id", "RUN1",
                            f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -197,7 +199,7 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     assert toy["events"]["p50"] == pytest.approx(2e-3) and toy["events"]["timer"] == "test_events"
     assert "not used at all" not in proc.stdout
     # a time budget already spent: every case becomes a skip row with that reason, none is timed
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            "--bench-quick", "--bench-csv-dir", str(res), "--bench-run-id", "RUN2",
                            "--bench-budget-s", "1e-9", f"--rootdir={tmp_path}"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)

@@ -6,7 +6,7 @@ u, D = c - u (+ β b_old), E = c - d, c, then their Gram entries 00 01 02 03 11 
 Each compiled backend is a triple of torch custom ops with one schema shape:
 
     <fused>(Tensor u, Tensor c, Tensor? d, Tensor(a!)? momentum_buffer, Tensor(b!) out, int n_reduce,
-            str mode, float guidance_scale, float rectify_scale, float guidance_rescale, float eta,
+            str guidance_mode, float guidance_scale, float rectify_scale, float guidance_rescale, float eta,
             float norm_threshold, float momentum) -> ()
     <stats>(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, int n_reduce, float momentum) -> Tensor [G, 14]
     <combine>(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, Tensor coeffs [G, 4], int n_reduce) -> Tensor
@@ -174,7 +174,7 @@ def _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guid
             raise ValueError("momentum_buffer is sampler state updated in place and must not require grad")
     a.buf = momentum_buffer
     a.dims = _normalize_reduce_dims(reduce_dims, ref.dim())
-    a.n = math.prod(ref.shape[d] for d in a.dims)
+    a.n = math.prod([ref.shape[d] for d in a.dims])
     if a.phi > 0 and a.n < 2:
         raise ValueError(f"guidance_rescale > 0 needs at least 2 elements per sample to take a standard deviation, "
                          f"reduce_dims={a.dims} hold {a.n}")
@@ -285,7 +285,7 @@ def _groups(shape, n_reduce: int):
     return math.prod(shape[: len(shape) - n_reduce])
 
 
-def _fake_fused(u, c, d, momentum_buffer, out, n_reduce, mode, guidance_scale, rectify_scale, guidance_rescale,
+def _fake_fused(u, c, d, momentum_buffer, out, n_reduce, guidance_mode, guidance_scale, rectify_scale, guidance_rescale,
                 eta, norm_threshold, momentum):
     return None
 
@@ -559,6 +559,8 @@ def rectified_cfg(
         fused(u, c, d, buf, arrange(res), n_reduce, a.mode, a.s, a.sr, a.phi, a.eta, a.tau, beta)
         return res
 
+    if buf is not None:  # the ops save b_old for backward; the in-place update below must not touch it
+        buf = buf.detach().clone()
     params = dict(K=a.K, mode=a.mode, momentum=buf is not None, guidance_scale=a.s, rectify_scale=a.sr,
                   guidance_rescale=a.phi, eta=a.eta, norm_threshold=a.tau, beta=beta)
     if a.mode != "cfg" or a.phi > 0:

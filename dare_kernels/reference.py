@@ -122,6 +122,8 @@ def rectified_cfg_ref(
     u, c = branches[0].to(acc), branches[1].to(acc)
     d = branches[2].to(acc) if len(branches) == 3 else None
     nd = u.dim()
+    if isinstance(reduce_dims, int):
+        reduce_dims = (reduce_dims,)
     dims = list(range(1, nd)) if reduce_dims is None else sorted({int(x) % nd for x in reduce_dims})
     s = float(guidance_scale)
 

@@ -7,7 +7,7 @@
 TORCH_LIBRARY_FRAGMENT(dare_kernels, m) {
   m.def(
       "rectified_cfg_fused(Tensor u, Tensor c, Tensor? d, Tensor(a!)? momentum_buffer, Tensor(b!) out, "
-      "int n_reduce, str mode, float guidance_scale, float rectify_scale, float guidance_rescale, "
+      "int n_reduce, str guidance_mode, float guidance_scale, float rectify_scale, float guidance_rescale, "
       "float eta, float norm_threshold, float momentum) -> ()");
   m.def(
       "rectified_cfg_stats(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, int n_reduce, "

@@ -1,0 +1,111 @@
+"""rectified_cfg's Triton kernels (SPEC §2): on CUDA when present, else on CPU tensors under TRITON_INTERPRET=1
+(small shapes: the interpreter is slow)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must be set before the kernels are decorated (the module below is imported lazily)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import dare_kernels as dk  # noqa: E402
+from dare_kernels import cfg as cfg_mod  # noqa: E402
+from dare_kernels.reference import rectified_cfg_ref  # noqa: E402
+
+from conftest import tol  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_mod = sys.modules.get("dare_kernels.triton.rectified_cfg")
+pytestmark = [
+    pytest.mark.triton_interp,
+    pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(cfg_mod._unavailable("triton", torch.device(DEVICE), torch.float32) is not None,
+                       reason=str(cfg_mod._unavailable("triton", torch.device(DEVICE), torch.float32))),
+]
+
+MODE_KW = {"cfg": {}, "cfg_zero_star": {}, "apg": {"eta": 0.3, "norm_threshold": 6.0}}
+
+
+def make_preds(K, shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    rest = [u + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64) + 0.05 * (k + 1) for k in range(K - 1)]
+    return torch.cat([u] + rest).to(dtype=dtype, device=DEVICE)
+
+
+def check(got, want, dtype, scale=1.0):
+    atol, rtol = tol(dtype)["atol"], tol(dtype)["rtol"]
+    mag = want.abs().max().item()
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=atol * max(1.0, mag) * scale, rtol=rtol * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [2, 3])
+@pytest.mark.parametrize("mode", ["cfg", "cfg_zero_star", "apg"])
+def test_matches_reference(mode, K, dtype):
+    preds = make_preds(K, (2, 3, 4, 5, 7), dtype)  # 5-D, N = 420 (ragged blocks)
+    kw = dict(num_branches=K, mode=mode, guidance_rescale=0.7, rectify_scale=1.2 if K == 3 else 0.0, **MODE_KW[mode])
+    got = dk.rectified_cfg(preds, 6.0, backend="triton", **kw)
+    assert got.dtype == dtype
+    check(got, rectified_cfg_ref(preds.double(), 6.0, **kw), dtype, scale=1.0 if dtype == torch.float32 else 1.5)
+
+
+def test_plain_cfg_4d_and_many_chunks():
+    preds = make_preds(2, (2, 4, 9, 13))
+    check(dk.rectified_cfg(preds, 7.5, backend="triton"), rectified_cfg_ref(preds.double(), 7.5), torch.float32)
+    # N = 9000 > 4 blocks of 1024: several chunks per sample, partials summed by the coefficient kernel
+    big = make_preds(3, (1, 9000), seed=1)
+    kw = dict(num_branches=3, mode="cfg_zero_star", guidance_rescale=0.7, rectify_scale=0.5)
+    check(dk.rectified_cfg(big, 5.0, backend="triton", **kw), rectified_cfg_ref(big.double(), 5.0, **kw), torch.float32)
+
+
+def test_apg_momentum_steps_match_cpu_reference():
+    shape = (2, 3, 5, 6)
+    b_ref = torch.zeros(shape, dtype=torch.float64)
+    b_got = torch.zeros(shape, dtype=torch.float32, device=DEVICE)
+    for step in range(3):
+        preds = make_preds(2, shape, seed=10 + step)
+        kw = dict(mode="apg", momentum=-0.5, eta=0.0, norm_threshold=4.0, guidance_rescale=0.5)
+        want = rectified_cfg_ref(preds.double().cpu(), 5.0, momentum_buffer=b_ref, **kw)
+        got = dk.rectified_cfg(preds, 5.0, momentum_buffer=b_got, backend="triton", **kw)
+        check(got, want, torch.float32)
+        check(b_got, b_ref, torch.float32)
+
+
+def test_reduce_dims_out_and_strided_inputs():
+    preds = make_preds(3, (2, 3, 4, 5, 6), seed=20)
+    u, c, d = (t.transpose(2, 4) for t in preds.chunk(3))  # strided views
+    kw = dict(mode="apg", guidance_rescale=0.7, rectify_scale=0.4, reduce_dims=(1, 3, 4), eta=0.5)
+    out = torch.full(u.shape, float("nan"), device=DEVICE)
+    res = dk.rectified_cfg([u, c, d], 4.0, out=out, backend="triton", **kw)
+    assert res is out
+    check(out, rectified_cfg_ref([t.double() for t in (u, c, d)], 4.0, **kw), torch.float32)
+
+
+def test_grad_matches_reference_autograd():
+    preds = make_preds(3, (2, 3, 40), seed=30)
+    kw = dict(num_branches=3, mode="apg", guidance_rescale=0.6, rectify_scale=0.7, eta=0.2, norm_threshold=3.0)
+    w = torch.randn(2, 3, 40, dtype=torch.float64)
+    p1 = preds.clone().requires_grad_()
+    p2 = preds.double().cpu().requires_grad_()
+    (dk.rectified_cfg(p1, 4.0, backend="triton", **kw).double().cpu() * w).sum().backward()
+    (rectified_cfg_ref(p2, 4.0, **kw) * w).sum().backward()
+    torch.testing.assert_close(p1.grad.double().cpu(), p2.grad, atol=2e-4, rtol=2e-4)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    preds = make_preds(2, (2, 3, 4, 6), seed=40)
+
+    def f(p):
+        return dk.rectified_cfg(p, 5.0, mode="cfg_zero_star", guidance_rescale=0.7, backend="triton") + 1.0
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(preds), f(preds), atol=1e-5, rtol=1e-5)

@@ -54,9 +54,9 @@ struct StatView {
   }
   DARE_RCFG_HD double gram(int i, int j) const {
     if (i > j) { int t = i; i = j; j = t; }
-    if (j == 3 && !has_c) {
+    if (j == 3 && !has_c) {  // <x_i, u + D> (no recursion: CUDA inlines it)
       if (i == 3) return st[pair_index(0, 0)] + 2.0 * st[pair_index(0, 1)] + st[pair_index(1, 1)];
-      return gram(i, 0) + gram(i, 1);
+      return st[pair_index(0, i)] + st[i <= 1 ? pair_index(i, 1) : pair_index(1, i)];
     }
     return st[pair_index(i, j)];
   }
@@ -132,6 +132,23 @@ struct LaunchParams {
   int64_t n;              // N elements per sample
   CoeffParams coeff;
 };
+
+#if defined(DARE_RCFG_CUDA_API)
+// Host entry points of csrc/cuda/rectified_cfg.cu (asynchronous on `stream`; no host synchronisation).
+// `workspace` holds workspace_bytes(p) bytes of device memory.
+size_t workspace_bytes(const LaunchParams& p);
+// Statistics [G, 14] float64 into stats_out (nullable), and γ [G, 4] float32 into coeffs_out (nullable).
+cudaError_t launch_stats(const LaunchParams& p, void* workspace, double* stats_out, float* coeffs_out,
+                         cudaStream_t stream);
+// out = Σ γ x with γ = coeffs [G, 4] float32 on the device; writes p.b_new when set.
+cudaError_t launch_combine(const LaunchParams& p, const float* coeffs, cudaStream_t stream);
+cudaError_t launch_two_pass(const LaunchParams& p, void* workspace, cudaStream_t stream);
+// cudaErrorNotSupported (nothing launched) when the data does not fit on chip or cooperative launch is missing.
+cudaError_t launch_single_pass(const LaunchParams& p, void* workspace, cudaStream_t stream);
+// Single pass when possible and asked for, else two passes; *used_single_pass says which ran.
+cudaError_t launch_fused(const LaunchParams& p, void* workspace, bool prefer_single_pass, cudaStream_t stream,
+                         int* used_single_pass);
+#endif
 
 }  // namespace rcfg
 }  // namespace dare

@@ -23,12 +23,21 @@ def _info(benchmark, provider, mode, shape, dtype, nbytes):
                                 bytes=nbytes, device="cpu", threads=torch.get_num_threads())
 
 
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thr")
+def threads(request):
+    """Thread count of the run (on a loaded shared machine 1 thread gives the steadiest ratios)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", list(LATENT_SHAPES))
-def test_bench_rectified_cfg_cpu(benchmark, shape, mode, dtype, provider):
-    benchmark.group = f"rectified_cfg fwd {shape} {mode} {dtype}"
+def test_bench_rectified_cfg_cpu(benchmark, shape, mode, dtype, provider, threads):
+    benchmark.group = f"rectified_cfg fwd {shape} {mode} {dtype} {threads}thr"
     dt = DTYPES[dtype]
     inputs = latent_inputs(shape, dt)
     in_bytes = inputs[0].numel() * inputs[0].element_size()

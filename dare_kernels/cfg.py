@@ -15,6 +15,20 @@ All tensors share the shape [*groups, *reduced] (the last ``n_reduce`` dims are 
 is the inference path (statistics, coefficients and combine in the kernels, no host sync). When a
 gradient is needed the function runs stats -> coefficients (PyTorch ops, so autograd sees how γ
 depends on the statistics) -> combine; both ops have closed-form backward formulas below.
+
+Conventions where SPEC.md and diffusers 0.42.1 differ or are silent (tests/test_cfg.py holds them):
+- Branch order u, c[, d] along dim 0 (diffusers pipelines chunk uncond first; guiders take
+  ``forward(pred_cond, pred_uncond)``). APG momentum: buf <- (c - u) + β buf, exactly diffusers'
+  MomentumBuffer; a zero buffer on the first step reproduces its fresh buffer.
+- Statistics stay in float32 for every input dtype. diffusers rounds CFG-Zero*'s α and the rescale
+  standard deviations to the input dtype (bf16/fp16); we do not, so low-precision results match
+  the guider run on the float64 upcast of the same inputs.
+- APG normalises c like ``F.normalize`` (c / max(‖c‖, 1e-12)), so c = 0 gives Δ∥ = 0, not NaN.
+- ``reduce_dims`` applies to every statistic, the rescale σ included (diffusers' APG ``norm_dim``
+  leaves ``rescale_noise_cfg`` over all non-batch dims): per-frame guidance rescales per frame.
+- ``rectify_scale`` != 0 with two branches is an error rather than a silently dropped term.
+- diffusers' CFG-Zero* ``zero_init_steps`` (returning zeros on the first steps) is sampler policy and
+  stays with the caller.
 """
 
 from __future__ import annotations

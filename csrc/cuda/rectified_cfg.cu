@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #define DARE_RCFG_CUDA_API 1
-#include "rectified_cfg_params.h"
+#include "../include/rectified_cfg_params.h"
 
 namespace dare {
 namespace rcfg {

@@ -49,7 +49,7 @@ def guider_fn(mode: str):
 
     def run(preds):
         u, c = preds.chunk(2)
-        return guider.forward(pred_cond=c, pred_uncond=u).pred
+        return guider.forward(pred_cond=c, pred_uncond=u)["pred"]
 
     return run
 

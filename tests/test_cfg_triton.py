@@ -109,3 +109,14 @@ def test_torch_compile_fullgraph():
         return dk.rectified_cfg(p, 5.0, mode="cfg_zero_star", guidance_rescale=0.7, backend="triton") + 1.0
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(preds), f(preds), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_triton_ops():
+    fused, stats, combine = cfg_mod._ops_for("triton")
+    u, c, d = make_preds(3, (2, 3, 40), seed=50).chunk(3)
+    buf = torch.randn(2, 3, 40, device=DEVICE)
+    out = torch.empty(2, 3, 40, device=DEVICE)
+    torch.library.opcheck(fused, (u, c, d, buf, out, 1, "apg", 3.0, 0.5, 0.7, 0.2, 4.0, 0.5))
+    ur, cr = (t.clone().requires_grad_() for t in (u, c))
+    torch.library.opcheck(stats, (ur, cr, None, buf, 2, 0.3))
+    torch.library.opcheck(combine, (ur, cr, d, None, torch.randn(6, 4, device=DEVICE, requires_grad=True), 1))

@@ -1,9 +1,9 @@
 // Rectified CFG combine on CUDA (SPEC.md §2). Free of torch headers: plain nvcc compile-checks it.
 //
 // Two-pass path (always available):
-//   stats_kernel    grid (chunks, G): per-chunk partial statistics (14 floats, rectified_cfg_params.h)
+//   stats_kernel    grid (G, chunks): per-chunk partial statistics (14 floats, rectified_cfg_params.h)
 //   finalize_kernel grid (G): partials -> float64 statistics -> coefficients γ (u, c, d, b_old)
-//   combine_kernel  grid (chunks, G): out = Σ γ x (+ momentum buffer update)
+//   combine_kernel  grid (G, chunks): out = Σ γ x (+ momentum buffer update)
 // Single-pass path: a cooperative persistent kernel. Every block loads its tile of each input once
 // into shared memory while accumulating the statistics, publishes its partials, waits at a grid-wide
 // barrier (co-residency guaranteed by the cooperative launch), computes the coefficients of its
@@ -143,7 +143,7 @@ template <typename T, typename Bt, bool K3, bool MOM>
 __global__ void __launch_bounds__(kStatsThreads) stats_kernel(LaunchParams p, int64_t chunk, int64_t n_chunks,
                                                               bool aligned, float* __restrict__ partials) {
   __shared__ float red[32 * kNumStats];
-  const int64_t g = blockIdx.y, ch = blockIdx.x, n = p.n;
+  const int64_t g = blockIdx.x, ch = blockIdx.y, n = p.n;
   const int64_t row = g * n;
   const T* u = static_cast<const T*>(p.u) + row;
   const T* c = static_cast<const T*>(p.c) + row;
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(LaunchParams
 template <typename T, typename Bt, bool K3, bool MOM>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(LaunchParams p, int64_t chunk, bool aligned,
                                                                   const float* __restrict__ coeffs) {
-  const int64_t g = blockIdx.y, ch = blockIdx.x, n = p.n;
+  const int64_t g = blockIdx.x, ch = blockIdx.y, n = p.n;
   const int64_t row = g * n;
   const T* u = static_cast<const T*>(p.u) + row;
   const T* c = static_cast<const T*>(p.c) + row;
@@ -421,7 +421,7 @@ cudaError_t launch_stats(const LaunchParams& p, void* workspace, double* stats_o
     cudaError_t err = dispatch(p, [&](auto t, auto b, auto k3, auto mom) {
       using T = decltype(t);
       using Bt = decltype(b);
-      const dim3 grid(static_cast<unsigned>(l.n_chunks), static_cast<unsigned>(p.groups));
+      const dim3 grid(static_cast<unsigned>(p.groups), static_cast<unsigned>(l.n_chunks));  // G on x: up to 2^31 - 1
       stats_kernel<T, Bt, decltype(k3)::value, decltype(mom)::value>
           <<<grid, kStatsThreads, 0, stream>>>(p, l.chunk, l.n_chunks, aligned, w.partials);
       return cudaGetLastError();
@@ -441,7 +441,7 @@ cudaError_t launch_combine(const LaunchParams& p, const float* coeffs, cudaStrea
   return dispatch(p, [&](auto t, auto b, auto k3, auto mom) {
     using T = decltype(t);
     using Bt = decltype(b);
-    const dim3 grid(static_cast<unsigned>(l.n_chunks), static_cast<unsigned>(p.groups));
+    const dim3 grid(static_cast<unsigned>(p.groups), static_cast<unsigned>(l.n_chunks));  // G on x: up to 2^31 - 1
     combine_kernel<T, Bt, decltype(k3)::value, decltype(mom)::value>
         <<<grid, kCombineThreads, 0, stream>>>(p, l.chunk, aligned, coeffs);
     return cudaGetLastError();
@@ -467,7 +467,7 @@ cudaError_t launch_single_pass(const LaunchParams& p, void* workspace, cudaStrea
   if (!coop) return cudaErrorNotSupported;
   const bool k3 = p.d != nullptr, mom = p.b_old != nullptr;
   const size_t per_pos = (k3 ? 3 : 2) * elem_size(p.dtype) + (mom ? elem_size(p.buf_dtype) : 0);
-  const size_t static_smem = 32 * kNumStats * sizeof(float) + kNumStats * sizeof(double) + 64;
+  const size_t static_smem = 4096;  // the kernel's static shared memory (1920 B) plus alignment slack
   const int64_t cap_max = static_cast<int64_t>((smem_optin - static_smem) / per_pos) / kVec * kVec;
   if (cap_max < kVec * kPersistThreads) return cudaErrorNotSupported;
   const Workspace w = carve(p, workspace);

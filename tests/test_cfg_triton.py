@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must be set before the kernels are decorated (the module below is imported lazily)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without CUDA the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set when they are
+# decorated (the availability check below imports them) and while they run (the fixture below); it is
+# restored in between so tests of other modules in this worker see the environment they expect.
+_SET_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
@@ -22,14 +24,20 @@ from dare_kernels.reference import rectified_cfg_ref  # noqa: E402
 from conftest import tol  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_mod = sys.modules.get("dare_kernels.triton.rectified_cfg")
+_WHY = cfg_mod._unavailable("triton", torch.device(DEVICE), torch.float32)
+if _SET_INTERPRET:
+    del os.environ["TRITON_INTERPRET"]
 pytestmark = [
     pytest.mark.triton_interp,
-    pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="needs CUDA or TRITON_INTERPRET=1"),
-    pytest.mark.skipif(cfg_mod._unavailable("triton", torch.device(DEVICE), torch.float32) is not None,
-                       reason=str(cfg_mod._unavailable("triton", torch.device(DEVICE), torch.float32))),
+    pytest.mark.skipif(_WHY is not None, reason=str(_WHY)),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    if _SET_INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
 
 MODE_KW = {"cfg": {}, "cfg_zero_star": {}, "apg": {"eta": 0.3, "norm_threshold": 6.0}}
 

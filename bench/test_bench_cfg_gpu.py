@@ -8,7 +8,6 @@ Skips without CUDA.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

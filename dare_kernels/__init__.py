@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 __all__ = ["sra_attention", "info", "__version__"]
 
 # --- rectified CFG combine (SPEC §2) ---
+from .cfg import rectified_cfg  # noqa: E402
+
+__all__ += ["rectified_cfg"]
 
 
 

@@ -1,0 +1,348 @@
+"""Triton SRA attention (SPEC.md §1): the custom ops ``dare_kernels::sra_attention_{fwd,bwd}_triton``.
+
+Schemas, output layout and semantics are those documented at the top of ``dare_kernels/sra.py``;
+importing this module defines the two ops and registers the shared fake impls and autograd.
+
+Kernel choice (made inside the op from the shapes):
+- forward, no map: ``sra_fwd_kernel``, one program per (query block, b·h), online softmax over key
+  blocks (a single iteration when M fits one block, the usual cross-attention case).
+- forward with a map, M ≤ ``FUSED_MAP_MAX_M`` keys: ``sra_fwd_map_kernel``, one program per
+  (query block, b) looping over the heads in order; the map tile stays in registers and is stored
+  once, so the head average is deterministic without atomics and costs no extra score computation.
+- forward with a map, longer keys (joint attention): ``sra_fwd_kernel`` then ``sra_map_kernel``,
+  which recomputes the scores of the map's keys only (e.g. the 226 text columns of CogVideoX) from the
+  final LSE, again summing the heads in order inside one program. No non-deterministic option exists.
+- backward: Δ precompute (with the map and LSE gradient terms), dk/dv/dw per key block looping over the
+  queries (dw's column sums are complete in one program: deterministic, no atomics), dq per query block.
+
+float32 inputs use exact float32 dot products (no TF32); float16/bfloat16 use tensor cores with float32
+accumulation. On GPUs the block sizes are autotuned (configs for Hopper and Ampere, keyed on N, M and
+the head dims); under ``TRITON_INTERPRET=1`` one small fixed configuration runs, on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from . import _sra_kernels as K
+from .. import sra as _sra
+
+__all__ = ["sra_attention_fwd_triton", "sra_attention_bwd_triton", "FUSED_MAP_MAX_M", "INTERPRET_BLOCK"]
+
+# the head-looped fused-map forward keeps [BLOCK_N, next_pow2(M)] scores and map in registers
+FUSED_MAP_MAX_M = 256
+# block size of every kernel in the interpreter (small so that tests cover multi-block loops)
+INTERPRET_BLOCK = 16
+
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpret() -> bool:
+    return _INTERPRET_AT_IMPORT
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    """``IEEE`` of the kernels: 1 = exact float32 dots, 0 = tensor cores, 2 = upcast (interpreter bf16)."""
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and _interpret():
+        return 2
+    return 0
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuning (GPU only)
+# ---------------------------------------------------------------------------------------------
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _cfg(**kw):
+    warps = kw.pop("w")
+    stages = kw.pop("s")
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def _fwd_configs():
+    if _is_hopper():  # H100/H200: large tiles, deeper pipelines, 8 warps for D=128 tiles
+        tiles = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                 (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
+    else:  # Ampere (A100/RTX 30xx, 164/100 KB shared memory): smaller pipelines
+        tiles = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4),
+                 (128, 128, 8, 2), (64, 128, 4, 2)]
+    return [_cfg(BLOCK_N=n, BLOCK_M=m, w=w, s=s) for n, m, w, s in tiles]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    M = named_args["M"]
+    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
+    mcap = _pow2(M)
+    out = []
+    for c in configs:
+        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
+        if bm > mcap:  # no wider key block than the keys
+            continue
+        if bd >= 256 and bn * bm > 64 * 64:  # D=256: keep tiles within registers / shared memory
+            continue
+        if bd >= 160 and c.num_stages > 3:
+            continue
+        out.append(c)
+    if not out:
+        out = [triton.Config({"BLOCK_N": 64, "BLOCK_M": min(32, mcap)}, num_warps=4, num_stages=2)]
+    return out
+
+
+def _fused_map_configs():
+    tiles = [(64, 4, 2), (32, 4, 2), (16, 4, 2), (64, 8, 2), (128, 8, 2)]
+    if _is_hopper():
+        tiles += [(64, 8, 3), (128, 8, 3)]
+    return [_cfg(BLOCK_N=n, w=w, s=s) for n, w, s in tiles]
+
+
+def _prune_fused_map(configs, named_args, **kwargs):
+    bm = kwargs["BLOCK_M"]
+    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
+    # scores + map tile: 2·BLOCK_N·BLOCK_M float32 spread over num_warps·32 threads
+    out = [c for c in configs
+           if 2 * c.kwargs["BLOCK_N"] * bm / (32 * c.num_warps) <= 128
+           and c.kwargs["BLOCK_N"] * bd / (32 * c.num_warps) <= 128]
+    return out or [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=2)]
+
+
+def _map_configs():
+    tiles = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3), (32, 64, 4, 2)]
+    return [_cfg(BLOCK_N=n, BLOCK_M=m, w=w, s=s) for n, m, w, s in tiles]
+
+
+def _prune_map(configs, named_args, **kwargs):
+    mcap = _pow2(named_args["map_stop"] - named_args["map_start"])
+    out = [c for c in configs if c.kwargs["BLOCK_M"] <= mcap]
+    return out or [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16}, num_warps=4, num_stages=2)]
+
+
+def _bwd_configs():
+    if _is_hopper():
+        tiles = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2),
+                 (32, 64, 4, 4)]
+    else:
+        tiles = [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (64, 32, 4, 3)]
+    return [_cfg(BLOCK_N=n, BLOCK_M=m, w=w, s=s) for n, m, w, s in tiles]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    mcap = _pow2(named_args["M"])
+    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
+    out = []
+    for c in configs:
+        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
+        if bd >= 256 and bn * bm > 32 * 64:
+            continue
+        if bd >= 160 and (bn * bm > 64 * 64 or c.num_stages > 2):
+            continue
+        out.append(c)
+    # the dk/dv kernel tiles keys by BLOCK_M: no wider than the keys
+    out = [c for c in out if c.kwargs["BLOCK_M"] <= mcap] or out
+    return out or [triton.Config({"BLOCK_N": 32, "BLOCK_M": 32}, num_warps=4, num_stages=2)]
+
+
+_TUNE_KEY = ["N", "M", "D", "DV", "HAS_W", "HAS_MASK"]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    """The kernel ``name``: autotuned on GPUs, the raw jit function in the interpreter."""
+    fn = getattr(K, name)
+    if _interpret():
+        return fn
+    table = {
+        "sra_fwd_kernel": (_fwd_configs, _prune_fwd, _TUNE_KEY),
+        "sra_fwd_map_kernel": (_fused_map_configs, _prune_fused_map, _TUNE_KEY + ["map_start", "map_stop"]),
+        "sra_map_kernel": (_map_configs, _prune_map, ["N", "M", "D", "map_start", "map_stop"]),
+        "sra_bwd_delta_kernel": (None, None, None),
+        "sra_bwd_dkdv_kernel": (_bwd_configs, _prune_bwd, _TUNE_KEY + ["HAS_GMAP"]),
+        "sra_bwd_dq_kernel": (_bwd_configs, _prune_bwd, _TUNE_KEY + ["HAS_GMAP"]),
+    }
+    configs, prune, key = table[name]
+    if configs is None:
+        return fn
+    return triton.autotune(configs=configs(), key=key, prune_configs_by={"early_config_prune": prune})(fn)
+
+
+def _blocks(**fixed):
+    """Launch kwargs: fixed block sizes in the interpreter, nothing (autotuned) on GPUs."""
+    if _interpret():
+        return {k: v for k, v in fixed.items()}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# launch helpers
+# ---------------------------------------------------------------------------------------------
+
+def _check_device(query: torch.Tensor) -> None:
+    if query.device.type == "cuda":
+        if _interpret():
+            raise RuntimeError("dare_kernels.triton: the kernels were built for TRITON_INTERPRET=1 but got CUDA "
+                               "tensors; start the process without TRITON_INTERPRET")
+        return
+    if not _interpret():
+        raise RuntimeError(f"dare_kernels.triton needs CUDA tensors, got {query.device}; for CPU tensors set "
+                           "TRITON_INTERPRET=1 before dare_kernels.triton.sra_attention is first imported")
+    if query.dtype == torch.float64:
+        raise TypeError("the Triton SRA kernels take float16, bfloat16 and float32, got float64")
+
+
+def _w_args(token_weight, query):
+    if token_weight is None:
+        return query, (0, 0, 0)
+    return token_weight, tuple(token_weight.stride())
+
+
+def _mask_args(mask, query):
+    if mask is None:
+        return query, (0, 0)
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, tuple(m.stride())
+
+
+def _grid_n(block_key: str, N: int, second: int):
+    return lambda meta: (triton.cdiv(N, meta[block_key]), second)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dare_kernels::sra_attention_fwd_triton", mutates_args=())
+def sra_attention_fwd_triton(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token_weight: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor], strength: float, scale: float, map_start: int, map_stop: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SRA forward. query [B,H,N,D], key [B,H,M,D], value [B,H,M,Dv] (fp16/bf16/fp32), token_weight
+    [B,H,M] or None, mask bool [B,M] or None. Returns out [B,H,N,Dv] (memory [B,N,H,Dv]), lse float32
+    [B,H,N], map float32 [B,N,map_stop-map_start]."""
+    _check_device(query)
+    B, H, N, D = query.shape
+    M, DV = key.shape[2], value.shape[3]
+    out = query.new_empty((B, N, H, DV)).transpose(1, 2)
+    lse = torch.empty((B, H, N), device=query.device, dtype=torch.float32)
+    n_map = map_stop - map_start
+    amap = torch.empty((B, N, n_map), device=query.device, dtype=torch.float32)
+    if N == 0 or B * H == 0:
+        amap.zero_()
+        return out, lse, amap
+    w, w_strides = _w_args(token_weight, query)
+    mask, m_strides = _mask_args(key_padding_mask, query)
+    common = dict(HAS_W=token_weight is not None, HAS_MASK=key_padding_mask is not None,
+                  IEEE=_dot_mode(query.dtype), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
+    qk_scale = float(scale) * K.LOG2E
+    strength = float(strength)
+    bm_full = _pow2(M)
+
+    if n_map > 0 and bm_full <= (max(INTERPRET_BLOCK, 64) if _interpret() else FUSED_MAP_MAX_M):
+        kern = _kernel("sra_fwd_map_kernel")
+        kern[_grid_n("BLOCK_N", N, B)](
+            query, key, value, w, mask, out, lse, amap,
+            *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *out.stride(),
+            *amap.stride(),
+            H, N, M, D, DV, map_start, map_stop, qk_scale, strength, 1.0 / H,
+            BLOCK_M=bm_full, **common, **_blocks(BLOCK_N=INTERPRET_BLOCK),
+        )
+        return out, lse, amap
+
+    kern = _kernel("sra_fwd_kernel")
+    kern[_grid_n("BLOCK_N", N, B * H)](
+        query, key, value, w, mask, out, lse,
+        *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *out.stride(),
+        H, N, M, D, DV, qk_scale, strength,
+        **common, **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+    )
+    if n_map > 0:
+        kern = _kernel("sra_map_kernel")
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(n_map, meta["BLOCK_M"]), B)  # noqa: E731
+        kern[grid](
+            query, key, w, mask, lse, amap,
+            *query.stride(), *key.stride(), *w_strides, *m_strides, *amap.stride(),
+            H, N, M, D, map_start, map_stop, qk_scale, strength, 1.0 / H,
+            HAS_W=common["HAS_W"], HAS_MASK=common["HAS_MASK"], IEEE=common["IEEE"], BLOCK_D=common["BLOCK_D"],
+            **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+        )
+    return out, lse, amap
+
+
+@torch.library.custom_op("dare_kernels::sra_attention_bwd_triton", mutates_args=())
+def sra_attention_bwd_triton(
+    grad_out: torch.Tensor, grad_map: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token_weight: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+    strength: float, scale: float, map_start: int, map_stop: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SRA backward: (dq, dk, dv) like the inputs and dw float32 [B,H,M] (γ/w·Σ_i dS, 0 for invalid keys;
+    empty when token_weight is None). grad_map [B,N,map_stop-map_start] and grad_lse [B,H,N] may be None."""
+    _check_device(query)
+    B, H, N, D = query.shape
+    M, DV = key.shape[2], value.shape[3]
+    dq = torch.empty_like(query)
+    dk = torch.empty_like(key)
+    dv = torch.empty_like(value)
+    has_w = token_weight is not None
+    dw = torch.empty((B, H, M) if has_w else (0,), device=query.device, dtype=torch.float32)
+    if B * H == 0 or M == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dw.zero_()
+    if N == 0:
+        return dq, dk.zero_(), dv.zero_(), dw.zero_()
+    if grad_map is not None and (grad_map.numel() == 0 or map_stop <= map_start):
+        grad_map = None
+    w, w_strides = _w_args(token_weight, query)
+    mask, m_strides = _mask_args(key_padding_mask, query)
+    gmap = grad_map if grad_map is not None else lse
+    g_strides = tuple(grad_map.stride()) if grad_map is not None else (0, 0, 0)
+    glse = grad_lse if grad_lse is not None else lse
+    gl_strides = tuple(grad_lse.stride()) if grad_lse is not None else (0, 0, 0)
+    flags = dict(HAS_W=has_w, HAS_MASK=key_padding_mask is not None, IEEE=_dot_mode(query.dtype),
+                 BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
+    qk_scale = float(scale) * K.LOG2E
+    strength = float(strength)
+    lse = lse.contiguous()
+
+    delta = torch.empty((B, H, N), device=query.device, dtype=torch.float32)
+    bn_delta = INTERPRET_BLOCK if _interpret() else 64
+    K.sra_bwd_delta_kernel[(triton.cdiv(N, bn_delta), B * H)](
+        query, key, w, mask, out, grad_out, lse, glse, gmap, delta,
+        *query.stride(), *key.stride(), *w_strides, *m_strides, *out.stride(), *grad_out.stride(),
+        *gl_strides, *g_strides,
+        H, N, M, D, DV, map_start, map_stop, qk_scale, strength, 1.0 / H,
+        HAS_GLSE=grad_lse is not None, HAS_GMAP=grad_map is not None, BLOCK_N=bn_delta,
+        BLOCK_M=INTERPRET_BLOCK if _interpret() else 64, **flags,
+        **({} if _interpret() else {"num_warps": 4}),
+    )
+    common = (H, N, M, D, DV, map_start, map_stop, qk_scale, float(scale), strength, 1.0 / H)
+    kern = _kernel("sra_bwd_dkdv_kernel")
+    kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
+        query, key, value, w, mask, grad_out, lse, delta, gmap, dk, dv, dw,
+        *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *grad_out.stride(),
+        *g_strides, *dk.stride(), *dv.stride(), *common,
+        HAS_GMAP=grad_map is not None, **flags, **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+    )
+    kern = _kernel("sra_bwd_dq_kernel")
+    kern[_grid_n("BLOCK_N", N, B * H)](
+        query, key, value, w, mask, grad_out, lse, delta, gmap, dq,
+        *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *grad_out.stride(),
+        *g_strides, *dq.stride(), *common,
+        HAS_GMAP=grad_map is not None, **flags, **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+    )
+    return dq, dk, dv, dw
+
+
+_sra.register_backend_ops("dare_kernels::sra_attention_fwd_triton", "dare_kernels::sra_attention_bwd_triton")

@@ -286,16 +286,23 @@ def sra_bwd_dkdv_kernel(
     smb, smm,
     sdob, sdoh, sdon, sdod,
     sgb, sgn, sgm,
-    sdkb, sdkh, sdkm, sdkd,
-    sdvb, sdvh, sdvm, sdvd,
-    H, N, M, D, DV, map_start, map_stop,
+    sdks, sdkb, sdkh, sdkm, sdkd,
+    sdvs, sdvb, sdvh, sdvm, sdvd,
+    sdws,
+    H, N, M, D, DV, map_start, map_stop, rows_per_split,
     qk_scale, sm_scale, strength, inv_heads,
     HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GMAP: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dk, dv and dw of one key block, looping over all queries (dw's column sum is complete here)."""
+    """dk, dv and dw of one key block over the queries [split·rows_per_split, +rows_per_split).
+
+    With one split the results are final; with several, each split writes float32 partials (slot
+    ``split`` of DK/DV_/DW, strides ``sdks``...) that the host sums in a fixed order (deterministic).
+    Splitting keeps the GPU busy when M is short (cross-attention: few key blocks, many queries).
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -316,9 +323,11 @@ def sra_bwd_dkdv_kernel(
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     row_base = pid_bh.to(tl.int64) * N
-    for start in range(0, N, BLOCK_N):
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, N)
+    for start in range(row_start, row_stop, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        row_ok = offs_n < N
+        row_ok = offs_n < row_stop
         q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(do_base + offs_n[:, None] * sdon + offs_dv[None, :] * sdod,
@@ -339,13 +348,14 @@ def sra_bwd_dkdv_kernel(
         dk += _dot(dst.to(q.dtype), q, IEEE)
 
     dk = dk * sm_scale
-    tl.store(DK + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
+    slot = split.to(tl.int64)
+    tl.store(DK + slot * sdks + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + b * sdvb + h * sdvh + offs_m[:, None] * sdvm + offs_dv[None, :] * sdvd,
+    tl.store(DV_ + slot * sdvs + b * sdvb + h * sdvh + offs_m[:, None] * sdvm + offs_dv[None, :] * sdvd,
              dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
     if HAS_W:
         dw = tl.where(valid, strength * colsum / w, 0.0)
-        tl.store(DW + pid_bh.to(tl.int64) * M + offs_m, dw, mask=col_ok)
+        tl.store(DW + slot * sdws + pid_bh.to(tl.int64) * M + offs_m, dw, mask=col_ok)
 
 
 @triton.jit

@@ -6,7 +6,7 @@ importing this module defines the two ops and registers the shared fake impls an
 Kernel choice (made inside the op from the shapes):
 - forward, no map: ``sra_fwd_kernel``, one program per (query block, b·h), online softmax over key
   blocks (a single iteration when M fits one block, the usual cross-attention case).
-- forward with a map, M ≤ ``FUSED_MAP_MAX_M`` keys: ``sra_fwd_map_kernel``, one program per
+- forward with a map, short keys (``_use_fused_map``): ``sra_fwd_map_kernel``, one program per
   (query block, b) looping over the heads in order; the map tile stays in registers and is stored
   once, so the head average is deterministic without atomics and costs no extra score computation.
 - forward with a map, longer keys (joint attention): ``sra_fwd_kernel`` then ``sra_map_kernel``,
@@ -33,10 +33,13 @@ import triton
 from . import _sra_kernels as K
 from .. import sra as _sra
 
-__all__ = ["sra_attention_fwd_triton", "sra_attention_bwd_triton", "FUSED_MAP_MAX_M", "INTERPRET_BLOCK"]
+__all__ = ["sra_attention_fwd_triton", "sra_attention_bwd_triton"]
 
-# the head-looped fused-map forward keeps [BLOCK_N, next_pow2(M)] scores and map in registers
-FUSED_MAP_MAX_M = 256
+# the head-looped fused-map forward keeps [BLOCK_N, next_pow2(M)] scores and map in registers and the
+# whole K and V of a head in shared memory: used while next_pow2(M) <= FUSED_MAP_MAX_M and K+V (16-bit)
+# fit FUSED_MAP_MAX_SMEM bytes; longer keys take the online forward plus the map-from-LSE kernel
+FUSED_MAP_MAX_M = 512
+FUSED_MAP_MAX_SMEM = 128 * 1024
 # block size of every kernel in the interpreter (small so that tests cover multi-block loops)
 INTERPRET_BLOCK = 16
 
@@ -45,6 +48,13 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _interpret() -> bool:
     return _INTERPRET_AT_IMPORT
+
+
+def _use_fused_map(block_m: int, block_d: int, block_dv: int) -> bool:
+    """Whether the forward with a map runs as one head-looped kernel (else online + map-from-LSE)."""
+    if _interpret():  # tests: M <= 64 fused, longer keys through the two-kernel path
+        return block_m <= 64
+    return block_m <= FUSED_MAP_MAX_M and block_m * (block_d + block_dv) * 2 <= FUSED_MAP_MAX_SMEM
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -104,7 +114,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _fused_map_configs():
-    tiles = [(64, 4, 2), (32, 4, 2), (16, 4, 2), (64, 8, 2), (128, 8, 2)]
+    tiles = [(64, 4, 2), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 8, 2), (128, 8, 2)]
     if _is_hopper():
         tiles += [(64, 8, 3), (128, 8, 3)]
     return [_cfg(BLOCK_N=n, w=w, s=s) for n, w, s in tiles]
@@ -159,12 +169,54 @@ def _prune_bwd(configs, named_args, **kwargs):
 _TUNE_KEY = ["N", "M", "D", "DV", "HAS_W", "HAS_MASK"]
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(name: str):
-    """The kernel ``name``: autotuned on GPUs, the raw jit function in the interpreter."""
-    fn = getattr(K, name)
+# DARE_KERNELS_TRITON_AUTOTUNE=0 launches one heuristic configuration per kernel instead of autotuning
+# (fast start-up: correctness runs over many small shapes compile once instead of once per config)
+AUTOTUNE = os.environ.get("DARE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Turn GPU autotuning on or off for later launches; returns the previous setting."""
+    global AUTOTUNE
+    previous, AUTOTUNE = AUTOTUNE, bool(enabled)
+    return previous
+
+
+def _heuristic(name: str, M: int, block_d: int) -> dict:
+    """One reasonable launch configuration per kernel (used when autotuning is off)."""
+    big_d = block_d >= 256
+    bm = min(64 if big_d else 128, _pow2(M))
+    if name == "sra_fwd_kernel":
+        return dict(BLOCK_N=64 if big_d else 128, BLOCK_M=min(bm, 64), num_warps=8 if block_d >= 128 else 4,
+                    num_stages=2 if big_d else 3)
+    if name == "sra_fwd_map_kernel":
+        bn = max(16, min(64, 4096 // _pow2(M)))
+        return dict(BLOCK_N=bn, num_warps=4, num_stages=2)
+    if name == "sra_map_kernel":
+        return dict(BLOCK_N=64, BLOCK_M=min(64, bm), num_warps=4, num_stages=2)
+    # backward kernels
+    return dict(BLOCK_N=32 if big_d else 64, BLOCK_M=min(32 if big_d else 64, _pow2(M)), num_warps=4,
+                num_stages=2)
+
+
+def _launch_kwargs(name: str, M: int, block_d: int) -> dict:
     if _interpret():
-        return fn
+        return {"BLOCK_N": INTERPRET_BLOCK} if name == "sra_fwd_map_kernel" else \
+            {"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK}
+    if AUTOTUNE:
+        return {}
+    return _heuristic(name, M, block_d)
+
+
+def _kernel(name: str):
+    """The kernel ``name``: autotuned on GPUs (unless turned off), the raw jit function otherwise."""
+    if _interpret() or not AUTOTUNE:
+        return getattr(K, name)
+    return _tuned_kernel(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_kernel(name: str):
+    fn = getattr(K, name)
     table = {
         "sra_fwd_kernel": (_fwd_configs, _prune_fwd, _TUNE_KEY),
         "sra_fwd_map_kernel": (_fused_map_configs, _prune_fused_map, _TUNE_KEY + ["map_start", "map_stop"]),
@@ -177,13 +229,6 @@ def _kernel(name: str):
     if configs is None:
         return fn
     return triton.autotune(configs=configs(), key=key, prune_configs_by={"early_config_prune": prune})(fn)
-
-
-def _blocks(**fixed):
-    """Launch kwargs: fixed block sizes in the interpreter, nothing (autotuned) on GPUs."""
-    if _interpret():
-        return {k: v for k, v in fixed.items()}
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +259,29 @@ def _mask_args(mask, query):
         return query, (0, 0)
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     return m, tuple(m.stride())
+
+
+# the dk/dv kernel splits the queries when there are too few key blocks to fill the GPU
+DKDV_SPLIT_ALIGN = 128  # a split's rows: multiple of every BLOCK_N candidate
+MAX_DKDV_SPLITS = 64
+
+
+def _dkdv_split(BH: int, N: int, M: int) -> tuple[int, int]:
+    """(number of query splits, rows per split) for the dk/dv kernel: about 4 programs per SM."""
+    if _interpret():  # tests: split in two whenever there are more than two query blocks
+        align = INTERPRET_BLOCK
+        if N <= 2 * align:
+            return 1, N
+        rows = triton.cdiv(triton.cdiv(N, 2), align) * align
+        return triton.cdiv(N, rows), rows
+    align = DKDV_SPLIT_ALIGN
+    target = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    key_blocks = triton.cdiv(M, 64)
+    want = min(MAX_DKDV_SPLITS, triton.cdiv(target, max(1, BH * key_blocks)), triton.cdiv(N, 4 * align))
+    if want <= 1:
+        return 1, N
+    rows = triton.cdiv(triton.cdiv(N, want), align) * align
+    return triton.cdiv(N, rows), rows
 
 
 def _grid_n(block_key: str, N: int, second: int):
@@ -250,14 +318,14 @@ def sra_attention_fwd_triton(
     strength = float(strength)
     bm_full = _pow2(M)
 
-    if n_map > 0 and bm_full <= (max(INTERPRET_BLOCK, 64) if _interpret() else FUSED_MAP_MAX_M):
+    if n_map > 0 and _use_fused_map(bm_full, common["BLOCK_D"], common["BLOCK_DV"]):
         kern = _kernel("sra_fwd_map_kernel")
         kern[_grid_n("BLOCK_N", N, B)](
             query, key, value, w, mask, out, lse, amap,
             *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *out.stride(),
             *amap.stride(),
             H, N, M, D, DV, map_start, map_stop, qk_scale, strength, 1.0 / H,
-            BLOCK_M=bm_full, **common, **_blocks(BLOCK_N=INTERPRET_BLOCK),
+            BLOCK_M=bm_full, **common, **_launch_kwargs("sra_fwd_map_kernel", M, common["BLOCK_D"]),
         )
         return out, lse, amap
 
@@ -266,7 +334,7 @@ def sra_attention_fwd_triton(
         query, key, value, w, mask, out, lse,
         *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *out.stride(),
         H, N, M, D, DV, qk_scale, strength,
-        **common, **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+        **common, **_launch_kwargs("sra_fwd_kernel", M, max(common["BLOCK_D"], common["BLOCK_DV"])),
     )
     if n_map > 0:
         kern = _kernel("sra_map_kernel")
@@ -276,7 +344,7 @@ def sra_attention_fwd_triton(
             *query.stride(), *key.stride(), *w_strides, *m_strides, *amap.stride(),
             H, N, M, D, map_start, map_stop, qk_scale, strength, 1.0 / H,
             HAS_W=common["HAS_W"], HAS_MASK=common["HAS_MASK"], IEEE=common["IEEE"], BLOCK_D=common["BLOCK_D"],
-            **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+            **_launch_kwargs("sra_map_kernel", n_map, common["BLOCK_D"]),
         )
     return out, lse, amap
 
@@ -328,19 +396,35 @@ def sra_attention_bwd_triton(
         **({} if _interpret() else {"num_warps": 4}),
     )
     common = (H, N, M, D, DV, map_start, map_stop, qk_scale, float(scale), strength, 1.0 / H)
+    bd_max = max(flags["BLOCK_D"], flags["BLOCK_DV"])
+    n_split, rows_per_split = _dkdv_split(B * H, N, M)
+    if n_split == 1:
+        dk_t, dv_t, dw_t = dk, dv, dw
+        dk_s, dv_s, dw_s = (0, *dk.stride()), (0, *dv.stride()), 0
+    else:  # float32 partials per query split, summed below in a fixed order
+        dk_t = torch.empty((n_split, B, H, M, D), device=query.device, dtype=torch.float32)
+        dv_t = torch.empty((n_split, B, H, M, DV), device=query.device, dtype=torch.float32)
+        dw_t = torch.empty((n_split, B, H, M) if has_w else (1,), device=query.device, dtype=torch.float32)
+        dk_s, dv_s, dw_s = dk_t.stride(), dv_t.stride(), dw_t.stride(0)
     kern = _kernel("sra_bwd_dkdv_kernel")
-    kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](
-        query, key, value, w, mask, grad_out, lse, delta, gmap, dk, dv, dw,
+    kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H, n_split)](
+        query, key, value, w, mask, grad_out, lse, delta, gmap, dk_t, dv_t, dw_t,
         *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *grad_out.stride(),
-        *g_strides, *dk.stride(), *dv.stride(), *common,
-        HAS_GMAP=grad_map is not None, **flags, **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+        *g_strides, *dk_s, *dv_s, dw_s,
+        H, N, M, D, DV, map_start, map_stop, rows_per_split, qk_scale, float(scale), strength, 1.0 / H,
+        HAS_GMAP=grad_map is not None, **flags, **_launch_kwargs("sra_bwd_dkdv_kernel", M, bd_max),
     )
+    if n_split > 1:
+        dk.copy_(dk_t.sum(0))
+        dv.copy_(dv_t.sum(0))
+        if has_w:
+            dw.copy_(dw_t.sum(0))
     kern = _kernel("sra_bwd_dq_kernel")
     kern[_grid_n("BLOCK_N", N, B * H)](
         query, key, value, w, mask, grad_out, lse, delta, gmap, dq,
         *query.stride(), *key.stride(), *value.stride(), *w_strides, *m_strides, *grad_out.stride(),
         *g_strides, *dq.stride(), *common,
-        HAS_GMAP=grad_map is not None, **flags, **_blocks(BLOCK_N=INTERPRET_BLOCK, BLOCK_M=INTERPRET_BLOCK),
+        HAS_GMAP=grad_map is not None, **flags, **_launch_kwargs("sra_bwd_dq_kernel", M, bd_max),
     )
     return dq, dk, dv, dw
 

@@ -274,3 +274,34 @@ def test_deterministic_map():
     a1 = sra_attention(q, k, v, w, key_padding_mask=msk, return_attn_map=True, backend="triton")[1]
     a2 = sra_attention(q, k, v, w, key_padding_mask=msk, return_attn_map=True, backend="triton")[1]
     assert torch.equal(a1, a2)
+
+
+def test_selftest_script_runs_in_the_interpreter():
+    # the GPU self-check's tiny CPU version: model-shaped cases vs the chunked float64 reference
+    if DEVICE != "cpu":
+        pytest.skip("on GPUs run `python -m dare_kernels.selftest --device cuda` instead")
+    from dare_kernels import selftest
+
+    lines = []
+    assert selftest.run("cpu", bench=False, small=False, log=lines.append) == 0, "\n".join(lines)
+    assert any("cogvideox-tiny" in line and " ok " in line for line in lines)
+
+
+def test_chunked_reference_matches_whole_reference():
+    # the selftest's chunked oracle must equal the unchunked one (it is what the GPU run trusts)
+    from dare_kernels.selftest import chunked_reference
+
+    q, k, v, w, msk = (t.cpu() if t is not None else None for t in _inputs(1, 2, 23, 30, 16))
+    go = torch.randn(1, 2, 23, 16, dtype=torch.float64)
+    ga = torch.randn(1, 23, 12, dtype=torch.float64)
+    (o, a, lse), grads = chunked_reference(q, k, v, w, msk, strength=0.7, map_keys=(3, 15), want_map=True,
+                                           go=go, ga=ga, max_bytes=8 * 2 * 30 * 5)  # 5 rows a chunk
+    leaves = [t.double().requires_grad_() for t in (q, k, v, w)]
+    ro, ra, rl = sra_attention_ref(*leaves, key_padding_mask=msk, strength=0.7, return_attn_map=True,
+                                   attn_map_keys=(3, 15), return_lse=True)
+    ((ro * go).sum() + (ra * ga).sum()).backward()
+    torch.testing.assert_close(o, ro.detach())
+    torch.testing.assert_close(a, ra.detach())
+    torch.testing.assert_close(lse, rl.detach())
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)

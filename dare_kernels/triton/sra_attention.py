@@ -23,7 +23,6 @@ the head dims); under ``TRITON_INTERPRET=1`` one small fixed configuration runs,
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Optional
 

@@ -101,6 +101,8 @@ def make_inputs(case: Case, device: str, seed: int = 0):
         if pad:
             mask[:, M - pad:] = False  # trailing text padding
         mask[:, 0] = True
+        if case.extra.get("empty_batch") and B > 1:
+            mask[1] = False  # a sample with no key at all: o = 0, map = 0, lse = -inf
         mask = mask.to(device)
     return q, k, v, w, mask
 
@@ -209,6 +211,9 @@ def check_case(case: Case, device: str, backends: list[str], log) -> bool:
         t0 = time.perf_counter()
         try:
             (o, a, lse), grads = run_backend(backend, case, inputs, go, ga)
+        except (TypeError, ValueError, NotImplementedError) as exc:  # a documented limit of that backend
+            log(f"  {case.name:<34} {backend:<7} unsupported: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
         except Exception as exc:  # report and go on: one broken path must not hide the others
             log(f"  {case.name:<34} {backend:<7} ERROR {type(exc).__name__}: {str(exc)[:300]}")
             ok_all = False
@@ -249,24 +254,26 @@ def small_cases(device: str) -> list[Case]:
         return [
             Case("f32 M=20 map bhm", 1, 2, 20, 20, 16, dtype=torch.float32, w_shape="bhm"),
             Case("bf16 M=77 D=40 map(5,30)", 1, 2, 24, 77, 40, map_keys=(5, 30)),
+            Case("bf16 empty rows", 2, 2, 20, 30, 16, extra={"empty_batch": True}),
         ]
     cases = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for M in (1, 77, 226, 512, 1000):
-            for D in (40, 64, 80, 128, 160, 256):
-                if dtype != torch.bfloat16 and D not in (64, 160):
-                    continue
-                if M in (1, 1000) and D not in (64, 128):
-                    continue
-                tag = str(dtype).split(".")[-1]
-                cases.append(Case(f"{tag} M={M} D={D}", 2, 3, 300, M, D, dtype=dtype,
-                                  w_shape="bhm" if D == 80 else "bm",
-                                  map_keys=(M // 3, M) if (M > 3 and D == 64) else None,
-                                  layout="bnhd" if D == 128 else "bhnd"))
+    for dtype in (torch.float32, torch.float16):  # exact-float32 dots, and fp16 tensor cores
+        tag = str(dtype).split(".")[-1]
+        cases += [Case(f"{tag} M=77 D=64 map(25,77)", 2, 3, 300, 77, 64, dtype=dtype, map_keys=(25, 77)),
+                  Case(f"{tag} M=1000 D=64 online", 2, 3, 300, 1000, 64, dtype=dtype, w_shape="bhm"),
+                  Case(f"{tag} M=226 D=160", 1, 3, 300, 226, 160, dtype=dtype, layout="bnhd")]
+    # bfloat16: every head dim, key lengths 1 / 77 / 226 / 512 / 1000 (one block and online softmax)
+    for M, D, extra in ((1, 64, {}), (77, 40, {}), (77, 80, {"w_shape": "bhm"}), (226, 96, {"map_keys": (0, 77)}),
+                        (226, 160, {}), (512, 128, {"layout": "bnhd"}), (512, 256, {}),
+                        (1000, 64, {"map_keys": (900, 1000)})):
+        cases.append(Case(f"bf16 M={M} D={D}", 2, 3, 300, M, D, **extra))
     cases.append(Case("bf16 Dv!=D M=226", 1, 4, 257, 226, 64, Dv=128))
     cases.append(Case("bf16 no weight no mask", 2, 2, 130, 77, 64, w_shape=None, mask=False))
     cases.append(Case("bf16 [M] weights, no map", 2, 2, 129, 77, 64, w_shape="m", want_map=False))
     cases.append(Case("bf16 γ=0.5 M=300 N=2000", 1, 8, 2000, 300, 64, strength=0.5))
+    cases.append(Case("bf16 empty rows M=77", 2, 2, 200, 77, 64, extra={"empty_batch": True}))
+    cases.append(Case("bf16 empty rows M=600", 2, 2, 200, 600, 64, map_keys=(500, 600),
+                      extra={"empty_batch": True}))
     return cases
 
 
@@ -482,8 +489,12 @@ def print_table(rows: list[dict], log, device_name: str) -> None:
 # entry points
 # ---------------------------------------------------------------------------------------------
 
+def _print_flush(line: str) -> None:
+    print(line, flush=True)
+
+
 def run(device: str = "cuda", *, bench: bool = True, models: bool = True, small: bool = True,
-        budget_s: float = 480.0, json_path: str | None = None, log=print) -> int:
+        budget_s: float = 480.0, json_path: str | None = None, log=_print_flush) -> int:
     """Run the self-check on ``device`` ("cuda", or "cpu" in Triton's interpreter); returns an exit status."""
     t_start = time.perf_counter()
     if device == "cpu":

@@ -183,18 +183,18 @@ def set_autotune(enabled: bool) -> bool:
 def _heuristic(name: str, M: int, block_d: int) -> dict:
     """One reasonable launch configuration per kernel (used when autotuning is off)."""
     big_d = block_d >= 256
-    bm = min(64 if big_d else 128, _pow2(M))
+    bm = min(32 if big_d else 128, _pow2(M))
     if name == "sra_fwd_kernel":
         return dict(BLOCK_N=64 if big_d else 128, BLOCK_M=min(bm, 64), num_warps=8 if block_d >= 128 else 4,
-                    num_stages=2 if big_d else 3)
+                    num_stages=2 if block_d >= 128 else 3)
     if name == "sra_fwd_map_kernel":
         bn = max(16, min(64, 4096 // _pow2(M)))
         return dict(BLOCK_N=bn, num_warps=4, num_stages=2)
     if name == "sra_map_kernel":
         return dict(BLOCK_N=64, BLOCK_M=min(64, bm), num_warps=4, num_stages=2)
     # backward kernels
-    return dict(BLOCK_N=32 if big_d else 64, BLOCK_M=min(32 if big_d else 64, _pow2(M)), num_warps=4,
-                num_stages=2)
+    return dict(BLOCK_N=32 if big_d else 64, BLOCK_M=min(32 if big_d else 64, _pow2(M)),
+                num_warps=8 if big_d else 4, num_stages=2)
 
 
 def _launch_kwargs(name: str, M: int, block_d: int) -> dict:

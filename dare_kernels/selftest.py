@@ -14,7 +14,9 @@ The benchmark table compares, per model shape: SDPA without bias (FlashAttention
 bias as an additive mask, compiled FlexAttention with a per-key-bias score_mod, eager attention that also
 returns maps, and dare_kernels' Triton (and CUDA) kernels; medians of CUDA-event timings. Built to finish
 within one 10-minute GPU session: optional providers are skipped (with the reason) once ``--budget-s`` is
-spent. Exit status 1 when a correctness check fails.
+spent; compiling and autotuning dominate a cold start, so when a call runs short, split it
+(``--no-bench``, then ``--no-small --no-models``: Triton's on-disk cache keeps the compiled kernels
+between calls on the same machine). Exit status 1 when a correctness check fails.
 """
 
 from __future__ import annotations
@@ -465,6 +467,21 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
     return rows
 
 
+def log_autotuned_configs(log) -> dict:
+    """The configuration the autotuner chose per kernel and key (to record with the benchmark)."""
+    from .triton import sra_attention as tsra
+
+    log("\n== autotuned configs (kernel: key -> config) ==")
+    chosen = {}
+    for name in ("sra_fwd_kernel", "sra_fwd_map_kernel", "sra_map_kernel", "sra_bwd_dkdv_kernel",
+                 "sra_bwd_dq_kernel"):
+        tuner = tsra._tuned_kernel(name)
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            log(f"  {name}: {key} -> {cfg}")
+            chosen[f"{name} {key}"] = str(cfg)
+    return chosen
+
+
 def print_table(rows: list[dict], log, device_name: str) -> None:
     bw = next((v for k, v in _BANDWIDTH.items() if k in device_name), None)
     log(f"{'shape':<16} {'provider':<22} {'mode':<26} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>7} {'x sdpa':>7}  note")
@@ -557,6 +574,8 @@ def run(device: str = "cuda", *, bench: bool = True, models: bool = True, small:
             if device == "cuda":
                 torch.cuda.empty_cache()
         print_table(report["bench"], log, dev_name)
+    if device == "cuda":
+        report["autotuned"] = log_autotuned_configs(log)
     log(f"\nselftest {'PASSED' if ok else 'FAILED'} in {time.perf_counter() - t_start:.0f}s")
     if json_path:
         with open(json_path, "w") as f:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side (Python float)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # inside kernels (a global must be a constexpr)
 
 
 @triton.jit

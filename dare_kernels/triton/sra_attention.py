@@ -84,12 +84,14 @@ def _cfg(**kw):
 
 
 def _fwd_configs():
+    # pruned with aot_check (sm_90, bf16): at D=128 (128, 128, 8, 3) needs 230 KB of shared memory (pruned
+    # below, fine at D=64) and (128, 64, 4, 3) spills; the rest compile within 227 KB without spills
     if _is_hopper():  # H100/H200: large tiles, deeper pipelines, 8 warps for D=128 tiles
-        tiles = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4),
-                 (64, 128, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
-    else:  # Ampere (A100/RTX 30xx, 164/100 KB shared memory): smaller pipelines
-        tiles = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4),
-                 (128, 128, 8, 2), (64, 128, 4, 2)]
+        tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 4), (128, 32, 8, 3), (64, 64, 4, 4),
+                 (64, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 32, 4, 4)]
+    else:  # Ampere (A100/RTX 30xx, 164/100 KB shared memory): smaller pipelines; (128, 64, 4, 3) spills
+        tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
+                 (64, 128, 4, 2)]
     return [_cfg(BLOCK_N=n, BLOCK_M=m, w=w, s=s) for n, m, w, s in tiles]
 
 
@@ -104,6 +106,8 @@ def _prune_fwd(configs, named_args, **kwargs):
             continue
         if bd >= 256 and bn * bm > 64 * 64:  # D=256: keep tiles within registers / shared memory
             continue
+        if bd >= 128 and bn * bm >= 128 * 128 and c.num_stages >= 3:  # 230 KB of shared memory at D=128
+            continue
         if bd >= 160 and c.num_stages > 3:
             continue
         out.append(c)
@@ -113,18 +117,17 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 
 def _fused_map_configs():
-    tiles = [(64, 4, 2), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 8, 2), (128, 8, 2)]
-    if _is_hopper():
-        tiles += [(64, 8, 3), (128, 8, 3)]
+    # the head loop is not pipelined across heads: 2 stages; larger tiles spill (aot_check, M=128, D=128)
+    tiles = [(64, 4, 2), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 8, 2), (16, 8, 2)]
     return [_cfg(BLOCK_N=n, w=w, s=s) for n, w, s in tiles]
 
 
 def _prune_fused_map(configs, named_args, **kwargs):
     bm = kwargs["BLOCK_M"]
     bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    # scores + map tile: 2·BLOCK_N·BLOCK_M float32 spread over num_warps·32 threads
+    # scores + map tile: 2·BLOCK_N·BLOCK_M float32 spread over num_warps·32 threads (beyond 64 it spills)
     out = [c for c in configs
-           if 2 * c.kwargs["BLOCK_N"] * bm / (32 * c.num_warps) <= 128
+           if 2 * c.kwargs["BLOCK_N"] * bm / (32 * c.num_warps) <= 64
            and c.kwargs["BLOCK_N"] * bd / (32 * c.num_warps) <= 128]
     return out or [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=2)]
 
@@ -141,11 +144,11 @@ def _prune_map(configs, named_args, **kwargs):
 
 
 def _bwd_configs():
-    if _is_hopper():
-        tiles = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2),
-                 (32, 64, 4, 4)]
-    else:
-        tiles = [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (64, 32, 4, 3)]
+    if _is_hopper():  # aot_check, D=128: (128, 64, 8, 3) needs 231 KB, (32, 128, 4, 3) spills 1.7 KB
+        tiles = [(64, 128, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 4),
+                 (128, 64, 8, 2)]
+    else:  # aot_check sm_80, D=128: (32, 128, 4, 2) spills 11 KB, (64, 64, 4, 3) 240 B
+        tiles = [(64, 32, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)]
     return [_cfg(BLOCK_N=n, BLOCK_M=m, w=w, s=s) for n, m, w, s in tiles]
 
 

@@ -6,18 +6,24 @@ importing this module defines the two ops and registers the shared fake impls an
 Kernel choice (made inside the op from the shapes):
 - forward, no map: ``sra_fwd_kernel``, one program per (query block, b·h), online softmax over key
   blocks (a single iteration when M fits one block, the usual cross-attention case).
-- forward with a map, short keys (``_use_fused_map``): ``sra_fwd_map_kernel``, one program per
-  (query block, b) looping over the heads in order; the map tile stays in registers and is stored
-  once, so the head average is deterministic without atomics and costs no extra score computation.
-- forward with a map, longer keys (joint attention): ``sra_fwd_kernel`` then ``sra_map_kernel``,
-  which recomputes the scores of the map's keys only (e.g. the 226 text columns of CogVideoX) from the
-  final LSE, again summing the heads in order inside one program. No non-deterministic option exists.
-- backward: Δ precompute (with the map and LSE gradient terms), dk/dv/dw per key block looping over the
-  queries (dw's column sums are complete in one program: deterministic, no atomics), dq per query block.
+- forward with a map, short keys (``_use_fused_map``: next_pow2(M) ≤ 512 and the head's K and V in
+  16-bit fit 128 KB, e.g. LTX-Video M=128, AnimateDiff M=77): ``sra_fwd_map_kernel``, one program per
+  (query block, b) looping over the heads in order; the map tile stays in registers and is stored once,
+  so the head average is deterministic without atomics and costs no extra score computation.
+- forward with a map, longer keys (Wan M=512 D=128, joint attention): ``sra_fwd_kernel`` then
+  ``sra_map_kernel``, which recomputes the scores of the map's keys only from the final LSE, summing the
+  heads in order inside one program (deterministic). Its cost is one extra Q·Kᵀ over the map's keys:
+  about 1% for CogVideoX's 226 text columns, about half the forward for a full M=512 map. No
+  non-deterministic (atomic) option exists.
+- backward: Δ precompute (dO·O, the map term Σ_j P dA / H, minus grad_lse), dk/dv/dw per key block looping
+  over the queries — split over query ranges with float32 partials summed in a fixed order when there
+  are too few key blocks to fill the GPU (short text keys) — and dq per query block. dw's column sums
+  need no atomics: deterministic throughout.
 
 float32 inputs use exact float32 dot products (no TF32); float16/bfloat16 use tensor cores with float32
-accumulation. On GPUs the block sizes are autotuned (configs for Hopper and Ampere, keyed on N, M and
-the head dims); under ``TRITON_INTERPRET=1`` one small fixed configuration runs, on CPU tensors.
+accumulation. On GPUs the block sizes are autotuned (configs for Hopper and Ampere, pruned with
+``aot_check``, keyed on N, M, the head dims and the flags; ``DARE_KERNELS_TRITON_AUTOTUNE=0`` uses one
+heuristic config instead); under ``TRITON_INTERPRET=1`` one small fixed configuration runs, on CPU tensors.
 """
 
 from __future__ import annotations

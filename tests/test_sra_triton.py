@@ -39,6 +39,17 @@ except ImportError as exc:  # triton missing
 
 pytestmark = [pytest.mark.triton_interp, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_config_per_kernel():
+    # on GPUs: one heuristic launch config per kernel (autotuning every small test shape would take minutes)
+    if triton_sra is None:
+        yield
+        return
+    previous = triton_sra.set_autotune(False)
+    yield
+    triton_sra.set_autotune(previous)
+
 # tolerances vs float64 for (outputs, gradients): the gradients sum over more terms
 FWD_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
 GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 5e-2), torch.float16: (1e-2, 1e-2)}

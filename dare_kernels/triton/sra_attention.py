@@ -114,6 +114,8 @@ def _prune_fwd(configs, named_args, **kwargs):
             continue
         if bd >= 128 and bn * bm >= 128 * 128 and c.num_stages >= 3:  # 230 KB of shared memory at D=128
             continue
+        if kwargs.get("IEEE") == 1 and bd >= 128 and (bn * bm > 64 * 64 or c.num_stages > 2):
+            continue  # float32 tiles take twice the registers and shared memory (aot_check: spills)
         if bd >= 160 and c.num_stages > 3:
             continue
         out.append(c)
@@ -168,6 +170,8 @@ def _prune_bwd(configs, named_args, **kwargs):
             continue
         if bd >= 160 and (bn * bm > 64 * 64 or c.num_stages > 2):
             continue
+        if kwargs.get("IEEE") == 1 and bd >= 128 and bn * bm > 32 * 64:
+            continue  # float32 operands: twice the registers and shared memory
         out.append(c)
     # the dk/dv kernel tiles keys by BLOCK_M: no wider than the keys
     out = [c for c in out if c.kwargs["BLOCK_M"] <= mcap] or out

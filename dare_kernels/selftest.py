@@ -405,19 +405,19 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
                                  return_attn_map=want_map, attn_map_keys=case.map_keys, backend=backend)
         nb_map = bytes_fwd + 4 * B * N * n_map
         record(f"dare_{backend}", "fwd", lambda: fwd(q, k, v, w), flops_fwd, bytes_fwd)
-        record(f"dare_{backend}", "fwd+map", lambda: fwd(q, k, v, w, want_map=True), flops_fwd, nb_map)
+        record(f"dare_{backend}", "fwd+map", lambda: fwd(q, k, v, w, want_map=True), flops_fwd, nb_map,
+               note=_map_path_note(backend, M, D, v.shape[-1]) if device == "cuda" else "")
         if backend == "triton" and device == "cuda" and case.map_keys is None:
             # the map path the heuristic did not pick, for the record (it may not fit: then an error row)
             from .triton import sra_attention as tsra
             p2 = tsra._pow2
             fused = tsra._use_fused_map(p2(M), p2(D), p2(v.shape[-1]))
-            saved = tsra.FUSED_MAP_MAX_M, tsra.FUSED_MAP_MAX_SMEM
-            tsra.FUSED_MAP_MAX_M, tsra.FUSED_MAP_MAX_SMEM = (0, 0) if fused else (1 << 30, 1 << 40)
+            tsra.FORCE_MAP_PATH = "two-kernel" if fused else "fused"
             try:
                 record("dare_triton", "fwd+map (two-kernel)" if fused else "fwd+map (fused head loop)",
                        lambda: fwd(q, k, v, w, want_map=True), flops_fwd, nb_map)
             finally:
-                tsra.FUSED_MAP_MAX_M, tsra.FUSED_MAP_MAX_SMEM = saved
+                tsra.FORCE_MAP_PATH = None
         leaves = with_grad(q, k, v, w)
         record(f"dare_{backend}", "bwd", bwd_of(lambda *a: fwd(*a), leaves, (go,)), 2.5 * flops_fwd)
         ga = torch.randn(B, N, n_map, device=q.device)
@@ -480,6 +480,15 @@ def log_autotuned_configs(log) -> dict:
             log(f"  {name}: {key} -> {cfg}")
             chosen[f"{name} {key}"] = str(cfg)
     return chosen
+
+
+def _map_path_note(backend: str, M: int, D: int, Dv: int) -> str:
+    if backend != "triton":
+        return ""
+    from .triton import sra_attention as tsra
+
+    p2 = tsra._pow2
+    return "fused head loop" if tsra._use_fused_map(p2(M), p2(D), p2(Dv)) else "two-kernel"
 
 
 def print_table(rows: list[dict], log, device_name: str) -> None:

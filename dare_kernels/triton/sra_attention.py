@@ -45,6 +45,8 @@ __all__ = ["sra_attention_fwd_triton", "sra_attention_bwd_triton"]
 # fit FUSED_MAP_MAX_SMEM bytes; longer keys take the online forward plus the map-from-LSE kernel
 FUSED_MAP_MAX_M = 512
 FUSED_MAP_MAX_SMEM = 128 * 1024
+# benchmarks only: "fused" or "two-kernel" forces that map path (None: chosen from the shapes)
+FORCE_MAP_PATH: str | None = None
 # block size of every kernel in the interpreter (small so that tests cover multi-block loops)
 INTERPRET_BLOCK = 16
 
@@ -57,9 +59,23 @@ def _interpret() -> bool:
 
 def _use_fused_map(block_m: int, block_d: int, block_dv: int) -> bool:
     """Whether the forward with a map runs as one head-looped kernel (else online + map-from-LSE)."""
+    if FORCE_MAP_PATH is not None:
+        return FORCE_MAP_PATH == "fused"
     if _interpret():  # tests: M <= 64 fused, longer keys through the two-kernel path
         return block_m <= 64
-    return block_m <= FUSED_MAP_MAX_M and block_m * (block_d + block_dv) * 2 <= FUSED_MAP_MAX_SMEM
+    smem = min(FUSED_MAP_MAX_SMEM, int(0.6 * _shared_memory_per_block()))
+    return block_m <= FUSED_MAP_MAX_M and block_m * (block_d + block_dv) * 2 <= smem
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block() -> int:
+    """Opt-in shared memory per block of the current GPU (bytes)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    major, minor = props.major, props.minor
+    return 227 * 1024 if major >= 9 else 163 * 1024 if (major, minor) == (8, 0) else 99 * 1024
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -200,9 +216,9 @@ def _heuristic(name: str, M: int, block_d: int) -> dict:
     if name == "sra_fwd_kernel":
         return dict(BLOCK_N=64 if big_d else 128, BLOCK_M=min(bm, 64), num_warps=8 if block_d >= 128 else 4,
                     num_stages=2 if block_d >= 128 else 3)
-    if name == "sra_fwd_map_kernel":
+    if name == "sra_fwd_map_kernel":  # scores + map: 2·BLOCK_N·BLOCK_M float32 within 64 per thread
         bn = max(16, min(64, 4096 // _pow2(M)))
-        return dict(BLOCK_N=bn, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=bn, num_warps=8 if 2 * bn * _pow2(M) > 64 * 128 else 4, num_stages=2)
     if name == "sra_map_kernel":
         return dict(BLOCK_N=64, BLOCK_M=min(64, bm), num_warps=4, num_stages=2)
     # backward kernels

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # host side (Python float)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # inside kernels (a global must be a constexpr)
+LN2 = tl.constexpr(0.6931471805599453)  # inside kernels (a global must be a constexpr)
 
 
 @triton.jit

@@ -10,6 +10,7 @@ import sys
 # modules that add subcommands (bench, report, maps, selftest, ...): one line each
 _SUBCOMMAND_MODULES: list[str] = [
     "dare_kernels.benchmarking.cli",  # bench, report
+    "dare_kernels.selftest",
 ]
 
 

@@ -30,9 +30,12 @@ using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
                           const double*, const int*, const double*, const int*, const double*, double*,
                           const int*);
 
+using set_threads_local_fn = int (*)(int);
+
 struct Fns {
   sgemm_fn s = nullptr;
   dgemm_fn d = nullptr;
+  set_threads_local_fn set_threads_local = nullptr;  // MKL_Set_Num_Threads_Local (C interface)
 };
 
 Fns load() {
@@ -46,6 +49,7 @@ Fns load() {
     if (void* h = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD)) {
       f.s = reinterpret_cast<sgemm_fn>(dlsym(h, "sgemm_"));
       f.d = reinterpret_cast<dgemm_fn>(dlsym(h, "dgemm_"));
+      f.set_threads_local = reinterpret_cast<set_threads_local_fn>(dlsym(h, "MKL_Set_Num_Threads_Local"));
     }
   }
   if (f.s == nullptr) f.s = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
@@ -145,6 +149,14 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   }
   if (try_blas<double>(fns().d, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
   gemm_fallback<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+SequentialScope::SequentialScope() {
+  if (auto fn = fns().set_threads_local) previous_ = fn(1);
+}
+
+SequentialScope::~SequentialScope() {
+  if (auto fn = fns().set_threads_local; fn != nullptr && previous_ >= 0) fn(previous_);
 }
 
 const char* backend_name() { return fns().s != nullptr ? "sgemm_ (libtorch_cpu)" : "at::vec fallback"; }

@@ -15,6 +15,19 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
+// While alive, BLAS calls of this thread run single-threaded (the kernels parallelise themselves; a
+// nested BLAS thread team on top of at::parallel_for oversubscribes the cores). No-op without MKL.
+class SequentialScope {
+ public:
+  SequentialScope();
+  ~SequentialScope();
+  SequentialScope(const SequentialScope&) = delete;
+  SequentialScope& operator=(const SequentialScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // Which implementation runs: "sgemm_ (libtorch_cpu)" or "at::vec fallback".
 const char* backend_name();
 

@@ -285,6 +285,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   const bool exact = blk.nkb == 1;
 
   at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
+    blas::SequentialScope sequential_blas;
     std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(kSame ? 0 : bq * Dv);
     std::vector<acc_t> row_m(bq), row_l(bq);
     for (int64_t task = begin; task < end; ++task) {
@@ -429,6 +430,7 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
   const bool exact = blk.nkb == 1;
 
   at::parallel_for(0, B * H * nsplit, 1, [&](int64_t begin, int64_t end) {
+    blas::SequentialScope sequential_blas;
     std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
     std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
     for (int64_t task = begin; task < end; ++task) {

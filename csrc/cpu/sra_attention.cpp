@@ -38,7 +38,7 @@ using at::vec::Vectorized;
 
 constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
 constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
-constexpr int64_t kScoreBudget = 32768;   // elements of one score block (query rows x keys)
+constexpr int64_t kScoreBudget = 131072;  // elements of one score block (query rows x keys): 512 KiB fp32
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
@@ -328,12 +328,15 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
               lse_rows[r] = neg_inf<acc_t>();
               continue;
             }
-            const acc_t l = exp_sum<acc_t>(sr, nullptr, M, m);
-            scale_row(sr, M, acc_t(1) / l);
+            const acc_t l = exp_sum<acc_t>(sr, nullptr, M, m);  // unnormalised; O is divided by l below
+            row_l[r] = acc_t(1) / l;
             lse_rows[r] = m + std::log(l);
-            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h);
+            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_l[r]);
           }
           blas::gemm(false, false, rows, Dv, M, acc_t(1), s, M, vp, ldv, acc_t(0), op, ldo);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (lse_rows[r] != neg_inf<acc_t>()) scale_row(op + r * ldo, Dv, row_l[r]);
+          }
         } else {
           std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());
           std::fill(row_l.begin(), row_l.end(), acc_t(0));

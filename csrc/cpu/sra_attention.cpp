@@ -66,12 +66,16 @@ T add_bias_max(T* s, const T* bias, int64_t n) {
   } else {
     for (; j + W <= n; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
   }
-  T m = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; j < n; ++j) {
-    if (bias != nullptr) s[j] += bias[j];
-    m = std::max(m, s[j]);
+  if (j < n) {  // tail as one partial vector (padding lanes -inf)
+    const int64_t rem = n - j;
+    Vec x = Vec::loadu(s + j, rem);
+    if (bias != nullptr) {
+      x = x + Vec::loadu(bias + j, rem);
+      x.store(s + j, rem);
+    }
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf<T>()), x, rem));
   }
-  return m;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
 // s = exp(s + bias - m) (bias optional); returns the sum
@@ -89,14 +93,15 @@ T exp_sum(T* s, const T* bias, int64_t n, T m) {
     x.store(s + j);
     vsum = vsum + x;
   }
-  T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    T x = s[j] + (bias != nullptr ? bias[j] : T(0));
-    x = std::exp(x - m);
-    s[j] = x;
-    sum += x;
+  if (j < n) {  // tail as one partial vector (padding lanes excluded from the sum)
+    const int64_t rem = n - j;
+    Vec x = Vec::loadu(s + j, rem);
+    if (bias != nullptr) x = x + Vec::loadu(bias + j, rem);
+    x = vexp(x - vm);
+    x.store(s + j, rem);
+    vsum = vsum + Vec::set(Vec(T(0)), x, rem);
   }
-  return sum;
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
 template <typename T>

@@ -23,6 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <limits>
@@ -246,14 +247,29 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "sra_attention (cpu): value must be [B, H, M, Dv] matching key");
 }
 
+// Runs worker(next) once on each thread of an at::parallel_for; workers pull task ids from a shared
+// counter until next() >= ntasks (dynamic scheduling: a thread slowed down by other load does not hold
+// the others up). Every task writes only its own outputs, so results never depend on the schedule.
+template <typename Worker>
+void parallel_tasks(int64_t ntasks, const Worker& worker) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, nworkers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(next);
+  });
+}
+
 struct Blocks {
   int64_t bq, bk, nqb, nkb;
 };
 
-Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks) {
+// Query block bq and key block bk. `map_cols`: columns of the map rows a forward task keeps hot besides
+// the scores (the block budget is shared so both stay in L2).
+Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0) {
   Blocks b{};
   b.bk = M <= kExactMaxKeys ? std::max<int64_t>(M, 1) : kKeyBlock;
-  b.bq = std::clamp<int64_t>(kScoreBudget / b.bk, 16, 256);
+  b.bq = std::clamp<int64_t>(kScoreBudget / (b.bk + map_cols), 16, 256);
   while (b.bq > 16 && B_tasks * ((N + b.bq - 1) / b.bq) < min_tasks) b.bq /= 2;
   b.bq = std::max<int64_t>(1, std::min(b.bq, N));
   b.nqb = (N + b.bq - 1) / b.bq;
@@ -285,15 +301,16 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   acc_t* lse_p = lse.data_ptr<acc_t>();        // [B, H, N]
   acc_t* map_p = Mm > 0 ? amap.data_ptr<acc_t>() : nullptr;  // [B, N, Mm]
 
-  const Blocks blk = pick_blocks(B, N, M, 4 * at::get_num_threads());
+  const Blocks blk = pick_blocks(B, N, M, 4 * at::get_num_threads(), Mm);
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
-  at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntasks = B * nqb;
+  parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
     std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(kSame ? 0 : bq * Dv);
     std::vector<acc_t> row_m(bq), row_l(bq);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t b = task / nqb, i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
       acc_t* map_rows = map_p != nullptr ? map_p + (b * N + i0) * Mm : nullptr;
       if (map_rows != nullptr) std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
@@ -437,11 +454,12 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
-  at::parallel_for(0, B * H * nsplit, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntasks = B * H * nsplit;
+  parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
     std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
     std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t split = task % nsplit, bh = task / nsplit, b = bh / H, h = bh % H;
       const int64_t qb_begin = split * nqb / nsplit, qb_end = (split + 1) * nqb / nsplit;
       const acc_t* kp = kv.at(b, h, 0);

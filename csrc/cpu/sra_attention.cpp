@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -40,6 +41,16 @@ using at::vec::Vectorized;
 constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
 constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
 constexpr int64_t kScoreBudget = 131072;  // elements of one score block (query rows x keys): 512 KiB fp32
+
+// Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches).
+int64_t score_budget() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("DARE_KERNELS_CPU_SCORE_BLOCK");
+    const int64_t x = env != nullptr ? std::atoll(env) : 0;
+    return x >= 1024 ? x : kScoreBudget;
+  }();
+  return v;
+}
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
@@ -269,7 +280,7 @@ struct Blocks {
 Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0) {
   Blocks b{};
   b.bk = M <= kExactMaxKeys ? std::max<int64_t>(M, 1) : kKeyBlock;
-  b.bq = std::clamp<int64_t>(kScoreBudget / (b.bk + map_cols), 16, 256);
+  b.bq = std::clamp<int64_t>(score_budget() / (b.bk + map_cols), 16, 256);
   while (b.bq > 16 && B_tasks * ((N + b.bq - 1) / b.bq) < min_tasks) b.bq /= 2;
   b.bq = std::max<int64_t>(1, std::min(b.bq, N));
   b.nqb = (N + b.bq - 1) / b.bq;
@@ -301,20 +312,24 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   acc_t* lse_p = lse.data_ptr<acc_t>();        // [B, H, N]
   acc_t* map_p = Mm > 0 ? amap.data_ptr<acc_t>() : nullptr;  // [B, N, Mm]
 
-  const Blocks blk = pick_blocks(B, N, M, 4 * at::get_num_threads(), Mm);
+  // With a map a task owns its query rows for every head (the head average is summed in the task);
+  // without one, tasks are (batch, head, query block), ordered so that consecutive tasks share K/V.
+  const int64_t heads_per_task = Mm > 0 ? H : 1, head_groups = H / heads_per_task;
+  const Blocks blk = pick_blocks(B * head_groups, N, M, 4 * at::get_num_threads(), Mm);
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
-  const int64_t ntasks = B * nqb;
+  const int64_t ntasks = B * head_groups * nqb;
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
     std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(kSame ? 0 : bq * Dv);
     std::vector<acc_t> row_m(bq), row_l(bq);
     for (int64_t task = next(); task < ntasks; task = next()) {
-      const int64_t b = task / nqb, i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
+      const int64_t bg = task / nqb, b = bg / head_groups, h0 = (bg % head_groups) * heads_per_task;
+      const int64_t i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
       acc_t* map_rows = map_p != nullptr ? map_p + (b * N + i0) * Mm : nullptr;
       if (map_rows != nullptr) std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
+      for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
         const acc_t* qp;
         int64_t ldq;
         if (ldq_direct >= 0) {

@@ -4,7 +4,9 @@ Groups (peers side by side, per shape of bench/shapes.CPU_ATTN_SHAPES and dtype 
 - "sra_attention fwd":        dare_cpu vs sdpa_bias (F.scaled_dot_product_attention with the same bias
                                γ·log w as a float [B,1,1,M] attn_mask), no maps.
 - "sra_attention fwd+map":    dare_cpu with return_attn_map=True vs eager_maps (softmax of the biased
-                               logits, P@V, P.mean(1)); both record peak_mem_bytes.
+                               logits, P@V, P.mean(1) in the input dtype, as a user writes it) and, for
+                               bf16, eager_maps_fp32 (the same upcast to float32 first: the strongest
+                               eager peer); all record peak_mem_bytes.
 - "sra_attention fwd+bwd":    dare_cpu vs sdpa_bias, gradient w.r.t. q, k, v.
 
 Peak memory probe (``peak_rss_growth``): glibc's malloc_trim(0) returns freed heap pages, the kernel's
@@ -140,19 +142,28 @@ def test_fwd(benchmark, provider, shape, dtype_name):
 # ---------------------------------------------------------------------------------------------
 
 def _eager_maps(x, shape):
+    """What a user writes: attention in the input dtype, map averaged in float32."""
+    s = x["q"] @ x["k"].transpose(-1, -2) * (shape.D ** -0.5) + x["bias"]
+    p = torch.softmax(s, dim=-1)
+    return p @ x["v"], p.float().mean(1)
+
+
+def _eager_maps_fp32(x, shape):
+    """The strongest eager peer for bf16 inputs: everything upcast to float32 first."""
     qf, kf, vf = (x[n].float() for n in ("q", "k", "v"))
     s = qf @ kf.transpose(-1, -2) * (shape.D ** -0.5) + x["bias"].float()
     p = torch.softmax(s, dim=-1)
-    o = (p @ vf).to(x["q"].dtype)
-    return o, p.mean(1)
+    return (p @ vf).to(x["q"].dtype), p.mean(1)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("provider", ["dare_cpu", "eager_maps"])
+@pytest.mark.parametrize("provider", ["dare_cpu", "eager_maps", "eager_maps_fp32"])
 def test_fwd_map(benchmark, provider, shape, dtype_name):
     if provider == "dare_cpu":
         _need_cpu()
+    if provider == "eager_maps_fp32" and dtype_name == "fp32":
+        pytest.skip("same as eager_maps for float32 inputs")
     benchmark.group = f"sra_attention fwd+map {shape.name} {dtype_name}"
     ins = Inputs(shape, DTYPES[dtype_name])
     if provider == "dare_cpu":
@@ -160,8 +171,10 @@ def test_fwd_map(benchmark, provider, shape, dtype_name):
             x = ins.next()
             return sra_attention(x["q"], x["k"], x["v"], x["w"], strength=STRENGTH, return_attn_map=True, backend="cpu")
     else:
+        eager = _eager_maps if provider == "eager_maps" else _eager_maps_fp32
+
         def fn():
-            return _eager_maps(ins.next(), shape)
+            return eager(ins.next(), shape)
     _info(benchmark, shape, dtype_name, provider, "fwd+map", _flops(shape))
     if _rss_probe_available():
         fn()

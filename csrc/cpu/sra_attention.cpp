@@ -40,7 +40,7 @@ using at::vec::Vectorized;
 
 constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
 constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
-constexpr int64_t kScoreBudget = 131072;  // elements of one score block (query rows x keys): 512 KiB fp32
+constexpr int64_t kScoreBudget = 262144;  // elements of score block + map rows of a task: 1 MiB fp32 (L2)
 
 // Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches).
 int64_t score_budget() {
@@ -215,9 +215,26 @@ int64_t gemm_ld(const at::Tensor& t, at::ScalarType acc) {
 }
 
 // K or V as an acc-typed GEMM operand: converted / repacked once for all query blocks when needed.
+// Small tensors (the usual text keys) are converted here on the calling thread: an extra ATen parallel
+// region costs more than the copy when the machine is busy.
 at::Tensor as_operand(const at::Tensor& t, at::ScalarType acc) {
-  at::Tensor r = t.to(acc);
-  if (gemm_ld(r, acc) < 0) r = r.contiguous();
+  if (gemm_ld(t, acc) >= 0) return t;
+  constexpr int64_t kSerialConvert = int64_t(1) << 20;
+  if (t.numel() > kSerialConvert) return t.to(acc).contiguous();
+  at::Tensor r = at::empty(t.sizes(), t.options().dtype(acc));
+  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sra_attention_pack_cpu", [&] {
+    const View4<const scalar_t> src(t);
+    if (acc == at::kDouble) {
+      double* dst = r.data_ptr<double>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
+    } else {
+      float* dst = r.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
+    }
+  });
   return r;
 }
 

@@ -297,7 +297,7 @@ struct Blocks {
 Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0) {
   Blocks b{};
   b.bk = M <= kExactMaxKeys ? std::max<int64_t>(M, 1) : kKeyBlock;
-  b.bq = std::clamp<int64_t>(score_budget() / (b.bk + map_cols), 16, 256);
+  b.bq = std::clamp<int64_t>(score_budget() / (b.bk + map_cols), 16, 512);
   while (b.bq > 16 && B_tasks * ((N + b.bq - 1) / b.bq) < min_tasks) b.bq /= 2;
   b.bq = std::max<int64_t>(1, std::min(b.bq, N));
   b.nqb = (N + b.bq - 1) / b.bq;

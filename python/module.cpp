@@ -1,6 +1,8 @@
 // The Python module dare_kernels._C: importing it registers the ops; build_info() says how it was built.
 #include <torch/extension.h>
 
+#include "cpu/cpu_blas.h"
+
 #ifndef DARE_KERNELS_CPU_VEC
 #define DARE_KERNELS_CPU_VEC "default"
 #endif
@@ -24,6 +26,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_vec"] = DARE_KERNELS_CPU_VEC;
     d["compiler"] = __VERSION__;
     d["torch_version"] = DARE_KERNELS_TORCH_VERSION;
+    d["cpu_blas"] = dare::cpu::blas::backend_name();
     return d;
   });
 }

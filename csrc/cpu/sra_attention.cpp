@@ -1,40 +1,607 @@
-// SRA attention on CPU. PLACEHOLDER: a composite of ATen ops that materialises [B,H,N,M];
-// the fused kernel (issue: foundation, point 5) replaces it.
+// SRA attention on CPU (SPEC.md §1): fused forward and backward.
+//
+// Forward: one task per (batch, query block); inside it a loop over heads, so the head-averaged map rows
+// of that query block are owned by the task and summed in head order (deterministic, no atomics, no
+// [B,H,N,M] buffer). Per head and query block the scores S = scale·Q·K^T + bias are computed for one key
+// block at a time; when all M keys fit one block (the usual cross-attention case) the softmax is exact
+// (max, exp, sum over the row), otherwise online (running max and sum, output rescaled) and the map
+// columns are recomputed afterwards from the final LSE over the map key range only.
+//
+// Backward: one task per (batch, head, query split); P is recomputed from the LSE, dK/dV/Σ_i dS are
+// accumulated in acc precision per task and reduced over splits in a fixed order.
+//
+// acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V are
+// converted to acc once (not per query block) when their dtype or layout is not directly usable by the
+// GEMM; Q, dO and O are converted per block. Block products go through cpu_blas (MKL's sgemm_ when the
+// torch build exports it); softmax, exp and rescaling are vectorised with at::vec.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdlib>
+#include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_blas.h"
 
 namespace dare::cpu {
 namespace {
 
-struct Probs {
-  at::Tensor p;      // [B,H,N,M] float
-  at::Tensor lse;    // [B,H,N] float (-inf for empty rows)
-  at::Tensor valid;  // [B,H,1,M] bool
+using at::vec::Vectorized;
+
+constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
+constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
+constexpr int64_t kScoreBudget = 262144;  // elements of score block + map rows of a task: 1 MiB fp32 (L2)
+
+// Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches).
+int64_t score_budget() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("DARE_KERNELS_CPU_SCORE_BLOCK");
+    const int64_t x = env != nullptr ? std::atoll(env) : 0;
+    return x >= 1024 ? x : kScoreBudget;
+  }();
+  return v;
+}
+
+inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
+
+template <typename T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+// ---------------------------------------------------------------------------------------------
+// row helpers (vectorised with at::vec)
+// ---------------------------------------------------------------------------------------------
+
+// s += bias (when given); returns max(s)
+template <typename T>
+T add_bias_max(T* s, const T* bias, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec vmax(neg_inf<T>());
+  int64_t j = 0;
+  if (bias != nullptr) {
+    for (; j + W <= n; j += W) {
+      Vec x = Vec::loadu(s + j) + Vec::loadu(bias + j);
+      x.store(s + j);
+      vmax = at::vec::maximum(vmax, x);
+    }
+  } else {
+    for (; j + W <= n; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+  }
+  if (j < n) {  // tail as one partial vector (padding lanes -inf)
+    const int64_t rem = n - j;
+    Vec x = Vec::loadu(s + j, rem);
+    if (bias != nullptr) {
+      x = x + Vec::loadu(bias + j, rem);
+      x.store(s + j, rem);
+    }
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf<T>()), x, rem));
+  }
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+// s = exp(s + bias - m) (bias optional); returns the sum
+template <typename T>
+T exp_sum(T* s, const T* bias, int64_t n, T m) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vm(m);
+  Vec vsum(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec x = Vec::loadu(s + j);
+    if (bias != nullptr) x = x + Vec::loadu(bias + j);
+    x = vexp(x - vm);
+    x.store(s + j);
+    vsum = vsum + x;
+  }
+  if (j < n) {  // tail as one partial vector (padding lanes excluded from the sum)
+    const int64_t rem = n - j;
+    Vec x = Vec::loadu(s + j, rem);
+    if (bias != nullptr) x = x + Vec::loadu(bias + j, rem);
+    x = vexp(x - vm);
+    x.store(s + j, rem);
+    vsum = vsum + Vec::set(Vec(T(0)), x, rem);
+  }
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, vsum);
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T a) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec::loadu(x + j) * va).store(x + j);
+  for (; j < n; ++j) x[j] *= a;
+}
+
+// y += a * x
+template <typename T>
+void axpy_row(T* y, const T* x, int64_t n, T a) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) at::vec::fmadd(Vec::loadu(x + j), va, Vec::loadu(y + j)).store(y + j);
+  for (; j < n; ++j) y[j] += a * x[j];
+}
+
+template <typename T>
+void add_row(T* y, const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec::loadu(y + j) + Vec::loadu(x + j)).store(y + j);
+  for (; j < n; ++j) y[j] += x[j];
+}
+
+template <typename T>
+T dot_row(const T* x, const T* y, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc = at::vec::fmadd(Vec::loadu(x + j), Vec::loadu(y + j), acc);
+  T s = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// strided operands
+// ---------------------------------------------------------------------------------------------
+
+// A [B, H, L, D] tensor addressed by element strides.
+template <typename T>
+struct View4 {
+  T* p = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, sd = 0;
+  View4() = default;
+  explicit View4(const at::Tensor& t)
+      : p(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)), sd(t.stride(3)) {}
+  T* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
 };
 
-Probs probabilities(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& w,
-                    const std::optional<at::Tensor>& mask, double strength, double scale) {
-  auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto s = at::matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale;
-  const auto B = q.size(0), H = q.size(1), M = k.size(2);
-  auto valid = at::ones({B, H, 1, M}, q.options().dtype(at::kBool));
-  if (mask) valid = valid & mask->view({B, 1, 1, M});
-  if (w) {
-    auto wf = w->to(acc).unsqueeze(2);
-    valid = valid & (wf > 0);
-    s = s + strength * at::log(at::where(valid, wf, at::ones_like(wf)));
+// rows x cols block starting at src (row stride sl, column stride sd) -> dense dst (ld = cols), converted
+template <typename S, typename D>
+void load_block(const S* src, int64_t sl, int64_t sd, int64_t rows, int64_t cols, D* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * sl;
+    D* d = dst + r * cols;
+    if (sd == 1) {
+      at::vec::convert(s, d, cols);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<D>(s[c * sd]);
+    }
   }
-  s = s.masked_fill(valid.logical_not(), -std::numeric_limits<double>::infinity());
-  auto mx = std::get<0>(s.max(-1, true));
-  mx = at::where(at::isfinite(mx), mx, at::zeros_like(mx));
-  auto e = at::exp(s - mx);
-  auto denom = e.sum(-1, true);
-  auto has = denom > 0;
-  auto p = e / at::where(has, denom, at::ones_like(denom));
-  auto lse = at::where(has, at::log(denom) + mx, at::full_like(denom, -std::numeric_limits<double>::infinity()));
-  return {p, lse.squeeze(-1), valid};
+}
+
+// dense src (ld = ld_src) -> rows x cols block at dst (row stride sl, column stride sd), converted
+template <typename S, typename D>
+void store_block(const S* src, int64_t ld_src, int64_t rows, int64_t cols, D* dst, int64_t sl, int64_t sd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * ld_src;
+    D* d = dst + r * sl;
+    if (sd == 1) {
+      at::vec::convert(s, d, cols);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c * sd] = static_cast<D>(s[c]);
+    }
+  }
+}
+
+// Can a [B,H,L,D] tensor of dtype `acc` serve as a GEMM operand in place (unit column stride, row
+// stride >= D that fits a BLAS int)? Returns the leading dimension, or -1.
+int64_t gemm_ld(const at::Tensor& t, at::ScalarType acc) {
+  if (t.scalar_type() != acc) return -1;
+  const int64_t L = t.size(2), D = t.size(3);
+  if (D != 1 && t.stride(3) != 1) return -1;
+  const int64_t ld = L == 1 ? D : t.stride(2);
+  if (ld < D || ld > INT_MAX) return -1;
+  for (int d = 0; d < 2; ++d)
+    if (t.stride(d) < 0) return -1;
+  return ld;
+}
+
+// K or V as an acc-typed GEMM operand: converted / repacked once for all query blocks when needed.
+// Small tensors (the usual text keys) are converted here on the calling thread: an extra ATen parallel
+// region costs more than the copy when the machine is busy.
+at::Tensor as_operand(const at::Tensor& t, at::ScalarType acc) {
+  if (gemm_ld(t, acc) >= 0) return t;
+  constexpr int64_t kSerialConvert = int64_t(1) << 20;
+  if (t.numel() > kSerialConvert) return t.to(acc).contiguous();
+  at::Tensor r = at::empty(t.sizes(), t.options().dtype(acc));
+  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sra_attention_pack_cpu", [&] {
+    const View4<const scalar_t> src(t);
+    if (acc == at::kDouble) {
+      double* dst = r.data_ptr<double>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
+    } else {
+      float* dst = r.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
+    }
+  });
+  return r;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// bias [B,H,M] acc (γ·log w for valid keys, -inf for invalid) and the validity mask; undefined when
+// neither weight nor mask is given.
+std::pair<at::Tensor, at::Tensor> make_bias(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& mask,
+                                            double strength, int64_t B, int64_t H, int64_t M, at::ScalarType acc) {
+  const bool has_w = w.has_value() && w->defined();
+  const bool has_mask = mask.has_value() && mask->defined();
+  if (!has_w && !has_mask) return {};
+  auto opts = at::TensorOptions().dtype(acc).device(at::kCPU);
+  at::Tensor valid;
+  if (has_mask) valid = mask->to(at::kBool).unsqueeze(1).expand({B, H, M});
+  at::Tensor bias;
+  if (has_w) {
+    at::Tensor wf = w->to(acc).expand({B, H, M});
+    at::Tensor pos = wf > 0;
+    valid = valid.defined() ? (valid & pos) : pos;
+    at::Tensor safe = at::where(valid, wf, at::ones({}, opts));
+    bias = at::where(valid, at::log(safe) * strength, at::full({}, neg_inf<double>(), opts));
+  } else {
+    bias = at::where(valid, at::zeros({}, opts), at::full({}, neg_inf<double>(), opts));
+  }
+  return {bias.contiguous(), valid.contiguous()};
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "sra_attention (cpu): query, key, value must be 4-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "sra_attention (cpu): tensors must be on the CPU");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "sra_attention (cpu): query, key and value must share a dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "sra_attention (cpu): key must be [B, H, M, D] matching query");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == k.size(2),
+              "sra_attention (cpu): value must be [B, H, M, Dv] matching key");
+}
+
+// Runs worker(next) once on each thread of an at::parallel_for; workers pull task ids from a shared
+// counter until next() >= ntasks (dynamic scheduling: a thread slowed down by other load does not hold
+// the others up). Every task writes only its own outputs, so results never depend on the schedule.
+template <typename Worker>
+void parallel_tasks(int64_t ntasks, const Worker& worker) {
+  std::atomic<int64_t> counter{0};
+  auto next = [&counter]() { return counter.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, nworkers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(next);
+  });
+}
+
+struct Blocks {
+  int64_t bq, bk, nqb, nkb;
+};
+
+// Query block bq and key block bk. `map_cols`: columns of the map rows a forward task keeps hot besides
+// the scores (the block budget is shared so both stay in L2).
+Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0) {
+  Blocks b{};
+  b.bk = M <= kExactMaxKeys ? std::max<int64_t>(M, 1) : kKeyBlock;
+  b.bq = std::clamp<int64_t>(score_budget() / (b.bk + map_cols), 16, 512);
+  while (b.bq > 16 && B_tasks * ((N + b.bq - 1) / b.bq) < min_tasks) b.bq /= 2;
+  b.bq = std::max<int64_t>(1, std::min(b.bq, N));
+  b.nqb = (N + b.bq - 1) / b.bq;
+  b.nkb = (M + b.bk - 1) / b.bk;
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::Tensor& v_op, const at::Tensor& bias,
+                    double scale_d, int64_t map_start, int64_t map_stop, at::Tensor& out, at::Tensor& lse,
+                    at::Tensor& amap) {
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3);
+  const int64_t M = k_op.size(2), Dv = v_op.size(3);
+  const int64_t Mm = map_stop - map_start;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t inv_h = acc_t(1) / static_cast<acc_t>(H);
+  constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+
+  const View4<const scalar_t> qv(query);
+  const View4<const acc_t> kv(k_op), vv(v_op);
+  const int64_t ldk = gemm_ld(k_op, k_op.scalar_type()), ldv = gemm_ld(v_op, v_op.scalar_type());
+  const int64_t ldq_direct = kSame ? gemm_ld(query, query.scalar_type()) : -1;
+  const acc_t* bias_p = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, N, H, Dv] memory
+  acc_t* lse_p = lse.data_ptr<acc_t>();        // [B, H, N]
+  acc_t* map_p = Mm > 0 ? amap.data_ptr<acc_t>() : nullptr;  // [B, N, Mm]
+
+  // With a map a task owns its query rows for every head (the head average is summed in the task);
+  // without one, tasks are (batch, head, query block), ordered so that consecutive tasks share K/V.
+  const int64_t heads_per_task = Mm > 0 ? H : 1, head_groups = H / heads_per_task;
+  const Blocks blk = pick_blocks(B * head_groups, N, M, 4 * at::get_num_threads(), Mm);
+  const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
+  const bool exact = blk.nkb == 1;
+
+  const int64_t ntasks = B * head_groups * nqb;
+  parallel_tasks(ntasks, [&](const auto& next) {
+    blas::SequentialScope sequential_blas;
+    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(kSame ? 0 : bq * Dv);
+    std::vector<acc_t> row_m(bq), row_l(bq);
+    for (int64_t task = next(); task < ntasks; task = next()) {
+      const int64_t bg = task / nqb, b = bg / head_groups, h0 = (bg % head_groups) * heads_per_task;
+      const int64_t i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
+      acc_t* map_rows = map_p != nullptr ? map_p + (b * N + i0) * Mm : nullptr;
+      if (map_rows != nullptr) std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
+      for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
+        const acc_t* qp;
+        int64_t ldq;
+        if (ldq_direct >= 0) {
+          qp = reinterpret_cast<const acc_t*>(qv.at(b, h, i0));
+          ldq = ldq_direct;
+        } else {
+          load_block(qv.at(b, h, i0), qv.sl, qv.sd, rows, D, qbuf.data());
+          qp = qbuf.data();
+          ldq = D;
+        }
+        const acc_t* kp = kv.at(b, h, 0);
+        const acc_t* vp = vv.at(b, h, 0);
+        const acc_t* brow = bias_p != nullptr ? bias_p + (b * H + h) * M : nullptr;
+        acc_t* op;
+        int64_t ldo;
+        if constexpr (kSame) {
+          op = reinterpret_cast<acc_t*>(out_p + ((b * N + i0) * H + h) * Dv);
+          ldo = H * Dv;
+        } else {
+          op = obuf.data();
+          ldo = Dv;
+        }
+        acc_t* lse_rows = lse_p + (b * H + h) * N + i0;
+
+        if (exact) {
+          acc_t* s = sbuf.data();
+          blas::gemm(false, true, rows, M, D, scale, qp, ldq, kp, ldk, acc_t(0), s, M);
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* sr = s + r * M;
+            const acc_t m = add_bias_max(sr, brow, M);
+            if (m == neg_inf<acc_t>()) {  // no valid key
+              std::fill(sr, sr + M, acc_t(0));
+              lse_rows[r] = neg_inf<acc_t>();
+              continue;
+            }
+            const acc_t l = exp_sum<acc_t>(sr, nullptr, M, m);  // unnormalised; O is divided by l below
+            row_l[r] = acc_t(1) / l;
+            lse_rows[r] = m + std::log(l);
+            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_l[r]);
+          }
+          blas::gemm(false, false, rows, Dv, M, acc_t(1), s, M, vp, ldv, acc_t(0), op, ldo);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (lse_rows[r] != neg_inf<acc_t>()) scale_row(op + r * ldo, Dv, row_l[r]);
+          }
+        } else {
+          std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());
+          std::fill(row_l.begin(), row_l.end(), acc_t(0));
+          for (int64_t j0 = 0; j0 < M; j0 += bk) {
+            const int64_t cols = std::min(bk, M - j0);
+            acc_t* s = sbuf.data();
+            blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+            for (int64_t r = 0; r < rows; ++r) {
+              acc_t* sr = s + r * cols;
+              const acc_t bm = add_bias_max(sr, brow != nullptr ? brow + j0 : nullptr, cols);
+              const acc_t m_new = std::max(row_m[r], bm);
+              acc_t* orow = op + r * ldo;
+              if (m_new == neg_inf<acc_t>()) {  // nothing valid so far
+                std::fill(sr, sr + cols, acc_t(0));
+                if (j0 == 0) std::fill(orow, orow + Dv, acc_t(0));
+                continue;
+              }
+              const acc_t alpha = std::exp(row_m[r] - m_new);  // 0 when row_m was -inf
+              row_l[r] = row_l[r] * alpha + exp_sum<acc_t>(sr, nullptr, cols, m_new);
+              row_m[r] = m_new;
+              if (j0 == 0) {
+                std::fill(orow, orow + Dv, acc_t(0));
+              } else if (alpha != acc_t(1)) {
+                scale_row(orow, Dv, alpha);
+              }
+            }
+            blas::gemm(false, false, rows, Dv, cols, acc_t(1), s, cols, vp + j0 * ldv, ldv, acc_t(1), op, ldo);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* orow = op + r * ldo;
+            if (row_l[r] > acc_t(0)) {
+              scale_row(orow, Dv, acc_t(1) / row_l[r]);
+              lse_rows[r] = row_m[r] + std::log(row_l[r]);
+            } else {
+              std::fill(orow, orow + Dv, acc_t(0));
+              lse_rows[r] = neg_inf<acc_t>();
+            }
+          }
+          if (map_rows != nullptr) {  // second pass over the map key range with the final LSE
+            for (int64_t j0 = map_start; j0 < map_stop; j0 += bk) {
+              const int64_t cols = std::min(bk, map_stop - j0);
+              acc_t* s = sbuf.data();
+              blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+              for (int64_t r = 0; r < rows; ++r) {
+                if (lse_rows[r] == neg_inf<acc_t>()) continue;
+                acc_t* sr = s + r * cols;
+                exp_sum<acc_t>(sr, brow != nullptr ? brow + j0 : nullptr, cols, lse_rows[r]);
+                axpy_row(map_rows + r * Mm + (j0 - map_start), sr, cols, inv_h);
+              }
+            }
+          }
+        }
+        if constexpr (!kSame) {
+          store_block(op, ldo, rows, Dv, out_p + ((b * N + i0) * H + h) * Dv, H * Dv, int64_t(1));
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
+
+struct BwdTensors {
+  at::Tensor grad_out, grad_map, grad_lse, query, k_op, v_op, out, lse, bias, dq, dk_part, dv_part, colsum;
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int64_t map_stop, int64_t nsplit,
+                     const Blocks& blk) {
+  const int64_t B = t.query.size(0), H = t.query.size(1), N = t.query.size(2), D = t.query.size(3);
+  const int64_t M = t.k_op.size(2), Dv = t.v_op.size(3);
+  const int64_t Mm = map_stop - map_start;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const acc_t inv_h = acc_t(1) / static_cast<acc_t>(H);
+  constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+
+  const View4<const scalar_t> qv(t.query), gov(t.grad_out), ov(t.out);
+  const View4<const acc_t> kv(t.k_op), vv(t.v_op);
+  const View4<scalar_t> dqv(t.dq);
+  const int64_t ldk = gemm_ld(t.k_op, t.k_op.scalar_type()), ldv = gemm_ld(t.v_op, t.v_op.scalar_type());
+  const int64_t ldq_direct = kSame ? gemm_ld(t.query, t.query.scalar_type()) : -1;
+  const int64_t ldgo_direct = kSame ? gemm_ld(t.grad_out, t.grad_out.scalar_type()) : -1;
+  const acc_t* bias_p = t.bias.defined() ? t.bias.data_ptr<acc_t>() : nullptr;
+  const acc_t* lse_p = t.lse.data_ptr<acc_t>();                                      // [B,H,N]
+  const acc_t* glse_p = t.grad_lse.defined() ? t.grad_lse.data_ptr<acc_t>() : nullptr;  // [B,H,N]
+  const acc_t* gmap_p = t.grad_map.defined() ? t.grad_map.data_ptr<acc_t>() : nullptr;  // [B,N,Mm]
+  acc_t* dk_p = t.dk_part.data_ptr<acc_t>();  // [nsplit,B,H,M,D]
+  acc_t* dv_p = t.dv_part.data_ptr<acc_t>();  // [nsplit,B,H,M,Dv]
+  acc_t* cs_p = t.colsum.defined() ? t.colsum.data_ptr<acc_t>() : nullptr;  // [nsplit,B,H,M]
+
+  const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
+  const bool exact = blk.nkb == 1;
+
+  const int64_t ntasks = B * H * nsplit;
+  parallel_tasks(ntasks, [&](const auto& next) {
+    blas::SequentialScope sequential_blas;
+    std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
+    std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
+    for (int64_t task = next(); task < ntasks; task = next()) {
+      const int64_t split = task % nsplit, bh = task / nsplit, b = bh / H, h = bh % H;
+      const int64_t qb_begin = split * nqb / nsplit, qb_end = (split + 1) * nqb / nsplit;
+      const acc_t* kp = kv.at(b, h, 0);
+      const acc_t* vp = vv.at(b, h, 0);
+      const acc_t* brow = bias_p != nullptr ? bias_p + bh * M : nullptr;
+      acc_t* dk = dk_p + (split * B * H + bh) * M * D;
+      acc_t* dv = dv_p + (split * B * H + bh) * M * Dv;
+      acc_t* cs = cs_p != nullptr ? cs_p + (split * B * H + bh) * M : nullptr;
+
+      for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
+        const int64_t i0 = qb * bq, rows = std::min(bq, N - i0);
+        const acc_t* qp;
+        const acc_t* gop;
+        int64_t ldq, ldgo;
+        if (ldq_direct >= 0) {
+          qp = reinterpret_cast<const acc_t*>(qv.at(b, h, i0));
+          ldq = ldq_direct;
+        } else {
+          load_block(qv.at(b, h, i0), qv.sl, qv.sd, rows, D, qbuf.data());
+          qp = qbuf.data();
+          ldq = D;
+        }
+        if (ldgo_direct >= 0) {
+          gop = reinterpret_cast<const acc_t*>(gov.at(b, h, i0));
+          ldgo = ldgo_direct;
+        } else {
+          load_block(gov.at(b, h, i0), gov.sl, gov.sd, rows, Dv, gobuf.data());
+          gop = gobuf.data();
+          ldgo = Dv;
+        }
+        const acc_t* lse_rows = lse_p + bh * N + i0;
+        const acc_t* glse_rows = glse_p != nullptr ? glse_p + bh * N + i0 : nullptr;
+        const acc_t* gmap_rows = gmap_p != nullptr ? gmap_p + (b * N + i0) * Mm : nullptr;
+
+        // P of the keys [j0, j0 + cols) into p (ld = cols); rows without a valid key give P = 0
+        auto probs = [&](int64_t j0, int64_t cols, acc_t* p) {
+          blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), p, cols);
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* pr = p + r * cols;
+            if (lse_rows[r] == neg_inf<acc_t>()) {
+              std::fill(pr, pr + cols, acc_t(0));
+            } else {
+              exp_sum<acc_t>(pr, brow != nullptr ? brow + j0 : nullptr, cols, lse_rows[r]);
+            }
+          }
+        };
+
+        if (!exact) {
+          // Δ_i = dO_i·O_i + (1/H) Σ_{j in map} P_ij dA_ij - grad_lse_i
+          for (int64_t r = 0; r < rows; ++r) {
+            load_block(ov.at(b, h, i0 + r), ov.sl, ov.sd, 1, Dv, orow.data());
+            delta[r] = dot_row(gop + r * ldgo, orow.data(), Dv);
+            if (glse_rows != nullptr) delta[r] -= glse_rows[r];
+          }
+          if (gmap_rows != nullptr) {
+            for (int64_t j0 = map_start; j0 < map_stop; j0 += bk) {
+              const int64_t cols = std::min(bk, map_stop - j0);
+              probs(j0, cols, pbuf.data());
+              for (int64_t r = 0; r < rows; ++r)
+                delta[r] += inv_h * dot_row(pbuf.data() + r * cols, gmap_rows + r * Mm + (j0 - map_start), cols);
+            }
+          }
+        }
+
+        for (int64_t j0 = 0; j0 < M; j0 += bk) {
+          const int64_t cols = std::min(bk, M - j0);
+          acc_t* p = pbuf.data();
+          acc_t* ds = dsbuf.data();
+          probs(j0, cols, p);
+          // dP = dO V^T (+ dA / H on the map columns)
+          blas::gemm(false, true, rows, cols, Dv, acc_t(1), gop, ldgo, vp + j0 * ldv, ldv, acc_t(0), ds, cols);
+          const int64_t m0 = std::max(j0, map_start), m1 = std::min(j0 + cols, map_stop);
+          if (gmap_rows != nullptr && m0 < m1) {
+            for (int64_t r = 0; r < rows; ++r)
+              axpy_row(ds + r * cols + (m0 - j0), gmap_rows + r * Mm + (m0 - map_start), m1 - m0, inv_h);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* pr = p + r * cols;
+            acc_t* dr = ds + r * cols;
+            if (exact) delta[r] = dot_row(pr, dr, cols) - (glse_rows != nullptr ? glse_rows[r] : acc_t(0));
+            // dS = P (dP - Δ)
+            using Vec = Vectorized<acc_t>;
+            constexpr int64_t W = Vec::size();
+            const Vec vd(delta[r]);
+            int64_t j = 0;
+            for (; j + W <= cols; j += W) (Vec::loadu(pr + j) * (Vec::loadu(dr + j) - vd)).store(dr + j);
+            for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - delta[r]);
+            if (cs != nullptr) add_row(cs + j0, dr, cols);
+          }
+          // dV += P^T dO ; dK += scale dS^T Q ; dQ (+)= scale dS K
+          blas::gemm(true, false, cols, Dv, rows, acc_t(1), p, cols, gop, ldgo, acc_t(1), dv + j0 * Dv, Dv);
+          blas::gemm(true, false, cols, D, rows, scale, ds, cols, qp, ldq, acc_t(1), dk + j0 * D, D);
+          blas::gemm(false, false, rows, D, cols, scale, ds, cols, kp + j0 * ldk, ldk, acc_t(j0 == 0 ? 0 : 1),
+                     dqbuf.data(), D);
+        }
+        store_block(dqbuf.data(), D, rows, D, dqv.at(b, h, i0), dqv.sl, dqv.sd);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& query, int64_t M, int64_t Dv,
+                                                             int64_t Mm) {
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2);
+  auto acc = acc_type(query.scalar_type());
+  auto out = at::zeros({B, N, H, Dv}, query.options()).transpose(1, 2);
+  auto lse = at::full({B, H, N}, neg_inf<double>(), query.options().dtype(acc));
+  auto amap = at::zeros({B, N, Mm}, query.options().dtype(acc));
+  (void)M;
+  return {out, lse, amap};
 }
 
 }  // namespace
@@ -43,13 +610,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sra_attention_fwd(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& token_weight, const std::optional<at::Tensor>& key_padding_mask,
     double strength, double scale, int64_t map_start, int64_t map_stop) {
-  const auto B = query.size(0), H = query.size(1), N = query.size(2), Dv = value.size(3);
-  auto pr = probabilities(query, key, token_weight, key_padding_mask, strength, scale);
-  auto o = at::matmul(pr.p, value.to(pr.p.scalar_type()));
-  auto out = at::empty({B, N, H, Dv}, query.options()).transpose(1, 2);
-  out.copy_(o);
-  auto amap = pr.p.narrow(-1, map_start, map_stop - map_start).mean(1);
-  return {out, pr.lse, amap};
+  check_inputs(query, key, value);
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2);
+  const int64_t M = key.size(2), Dv = value.size(3);
+  TORCH_CHECK(0 <= map_start && map_start <= map_stop && map_stop <= M,
+              "sra_attention (cpu): bad map key range [", map_start, ", ", map_stop, ") for M=", M);
+  const int64_t Mm = map_stop - map_start;
+  const auto acc = acc_type(query.scalar_type());
+  if (B == 0 || H == 0 || N == 0 || M == 0) return empty_forward(query, M, Dv, Mm);
+
+  auto [bias, valid] = make_bias(token_weight, key_padding_mask, strength, B, H, M, acc);
+  (void)valid;
+  at::Tensor k_op = as_operand(key, acc), v_op = as_operand(value, acc);
+  at::Tensor out = at::empty({B, N, H, Dv}, query.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({B, H, N}, query.options().dtype(acc));
+  at::Tensor amap = at::empty({B, N, Mm}, query.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "sra_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_kernel<scalar_t, acc_t>(query, k_op, v_op, bias, scale, map_start, map_stop, out, lse, amap);
+  });
+  return {out, lse, amap};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
@@ -59,29 +640,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
     const std::optional<at::Tensor>& token_weight, const std::optional<at::Tensor>& key_padding_mask,
     const at::Tensor& out, const at::Tensor& lse,
     double strength, double scale, int64_t map_start, int64_t map_stop) {
-  const auto H = query.size(1);
-  auto pr = probabilities(query, key, token_weight, key_padding_mask, strength, scale);
-  auto acc = pr.p.scalar_type();
-  auto q = query.to(acc), k = key.to(acc), v = value.to(acc), dO = grad_out.to(acc);
-  auto dP = at::matmul(dO, v.transpose(-1, -2));
-  if (grad_map && grad_map->numel() > 0) {
-    dP.narrow(-1, map_start, map_stop - map_start).add_(grad_map->to(acc).unsqueeze(1) / double(H));
+  check_inputs(query, key, value);
+  const int64_t B = query.size(0), H = query.size(1), N = query.size(2), D = query.size(3);
+  const int64_t M = key.size(2), Dv = value.size(3);
+  TORCH_CHECK(0 <= map_start && map_start <= map_stop && map_stop <= M,
+              "sra_attention (cpu): bad map key range [", map_start, ", ", map_stop, ") for M=", M);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sra_attention (cpu): grad_out must have the shape of out");
+  const auto acc = acc_type(query.scalar_type());
+  const bool has_w = token_weight.has_value() && token_weight->defined();
+
+  at::Tensor dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
+  at::Tensor dw = has_w ? at::zeros({B, H, M}, query.options().dtype(acc)) : at::empty({0}, query.options().dtype(acc));
+  if (B == 0 || H == 0 || N == 0 || M == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dw};
   }
-  auto delta = (pr.p * dP).sum(-1, true);
-  if (grad_lse) delta = delta - grad_lse->to(acc).unsqueeze(-1);
-  auto dS = pr.p * (dP - delta);
-  auto dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
-  dq.copy_(at::matmul(dS, k) * scale);
-  dk.copy_(at::matmul(dS.transpose(-1, -2), q) * scale);
-  dv.copy_(at::matmul(pr.p.transpose(-1, -2), dO));
-  at::Tensor dw;
-  if (token_weight) {
-    auto w = token_weight->to(acc);
-    auto col = dS.sum(2);  // [B,H,M]
-    auto valid = pr.valid.squeeze(2);
-    dw = at::where(valid, strength * col / at::where(valid, w, at::ones_like(w)), at::zeros_like(col));
-  } else {
-    dw = at::empty({0}, query.options().dtype(query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+
+  BwdTensors t;
+  auto [bias, valid] = make_bias(token_weight, key_padding_mask, strength, B, H, M, acc);
+  t.bias = bias;
+  t.grad_out = grad_out.scalar_type() == query.scalar_type() ? grad_out : grad_out.to(query.scalar_type());
+  t.out = out.scalar_type() == query.scalar_type() ? out : out.to(query.scalar_type());
+  t.query = query;
+  t.k_op = as_operand(key, acc);
+  t.v_op = as_operand(value, acc);
+  t.lse = lse.to(acc).contiguous();
+  const int64_t Mm = map_stop - map_start;
+  if (grad_map.has_value() && grad_map->defined() && grad_map->numel() > 0 && Mm > 0) {
+    TORCH_CHECK(grad_map->dim() == 3 && grad_map->size(0) == B && grad_map->size(1) == N && grad_map->size(2) == Mm,
+                "sra_attention (cpu): grad_map must be [B, N, map_stop - map_start]");
+    t.grad_map = grad_map->to(acc).contiguous();
+  }
+  if (grad_lse.has_value() && grad_lse->defined() && grad_lse->numel() > 0) {
+    t.grad_lse = grad_lse->to(acc).contiguous();
+  }
+  t.dq = dq;
+
+  const Blocks blk = pick_blocks(B * H, N, M, 1);
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nsplit = std::clamp<int64_t>((2 * nthreads + B * H - 1) / (B * H), 1, blk.nqb);
+  auto opts = query.options().dtype(acc);
+  t.dk_part = at::zeros({nsplit, B, H, M, D}, opts);
+  t.dv_part = at::zeros({nsplit, B, H, M, Dv}, opts);
+  if (has_w) t.colsum = at::zeros({nsplit, B, H, M}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "sra_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    backward_kernel<scalar_t, acc_t>(t, scale, map_start, map_stop, nsplit, blk);
+  });
+
+  dk.copy_(nsplit == 1 ? t.dk_part.select(0, 0) : t.dk_part.sum(0));
+  dv.copy_(nsplit == 1 ? t.dv_part.select(0, 0) : t.dv_part.sum(0));
+  if (has_w) {
+    at::Tensor cs = nsplit == 1 ? t.colsum.select(0, 0) : t.colsum.sum(0);
+    at::Tensor wf = token_weight->to(acc).expand({B, H, M});
+    at::Tensor safe = at::where(valid, wf, at::ones({}, opts));
+    dw = at::where(valid, cs * strength / safe, at::zeros({}, opts)).contiguous();
   }
   return {dq, dk, dv, dw};
 }

@@ -1,0 +1,302 @@
+"""The fused CPU SRA kernel (backend="cpu") against the float64 reference: outputs, maps, LSE, every gradient.
+
+Covers exact (M fits one key block) and online softmax (M > 1024), head dims 40/80/160, key lengths
+1/77/226/512/1000/1100, odd query lengths, BSHD tensors seen as BHSD views, non-contiguous weights,
+masks, zero weights, fully masked rows, huge logits, map key sub-ranges, gradcheck in float64 on the
+real kernel, determinism, and the portable GEMM fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dare_kernels import _ext, sra_attention
+from dare_kernels.reference import sra_attention_ref
+
+from conftest import TOL
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def make_qkv(B, H, N, M, D, Dv, dtype, layout="bhsd", gen=None):
+    """Random q, k, v as [B, H, seq, dim] tensors with the requested memory layout."""
+    def one(L, E):
+        if layout == "bshd":  # the diffusers layout, viewed as BHSD without a copy
+            return torch.randn(B, L, H, E, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
+        if layout == "strided":  # every stride non-trivial: a slice of a larger tensor
+            big = torch.randn(B, H + 1, 2 * L + 1, E + 3, generator=gen, dtype=torch.float64).to(dtype)
+            return big[:, 1:, 1::2, 2 : E + 2]
+        return torch.randn(B, H, L, E, generator=gen, dtype=torch.float64).to(dtype)
+
+    return one(N, D), one(M, D), one(M, Dv)
+
+
+def make_weight(kind, B, H, M, dtype, gen=None, zero_some=True):
+    """Token weights of shape [M], [B, M] or [B, H, M] (kind "m", "bm", "bhm", "bm_strided"), some zeros."""
+    if kind is None:
+        return None
+    shape = {"m": (M,), "bm": (B, M), "bhm": (B, H, M), "bm_strided": (B, 2 * M)}[kind]
+    w = torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 + 0.05
+    if kind == "bm_strided":
+        w = w[:, ::2]  # non-contiguous
+    if zero_some and M > 2:
+        w[..., 1] = 0.0
+    return w.to(dtype)
+
+
+def close(actual, expected, dtype, what, factor=1.0):
+    """Compare against the float64 reference; atol is relative to the reference's largest magnitude."""
+    atol, rtol = TOL[dtype]
+    atol, rtol = atol * factor, rtol * factor
+    expected = expected.detach().double()
+    actual = actual.detach().double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(actual)), f"{what}: non-finite entries differ"
+    mag = max(1.0, float(expected[finite].abs().max())) if finite.any() else 1.0
+    torch.testing.assert_close(actual[finite], expected[finite], atol=atol * mag, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def run_both(q, k, v, w, mask, strength, map_keys, with_grad=True, gen=None, grad_lse=True):
+    """Forward (o, map, lse) and gradients of a random linear loss on both paths."""
+    dtype = q.dtype
+    leaves = [t.detach().clone().requires_grad_(with_grad) for t in (q, k, v)]
+    wl = None if w is None else w.detach().clone().requires_grad_(with_grad)
+    o, amap, lse = sra_attention(*leaves, wl, key_padding_mask=mask, strength=strength, return_attn_map=True,
+                                 attn_map_keys=map_keys, return_lse=True, backend="cpu")
+    ref_leaves = [t.detach().double().requires_grad_(with_grad) for t in (q, k, v)]
+    wr = None if w is None else w.detach().double().requires_grad_(with_grad)
+    o_r, amap_r, lse_r = sra_attention_ref(*ref_leaves, wr, key_padding_mask=mask, strength=strength,
+                                           return_attn_map=True, attn_map_keys=map_keys, return_lse=True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert o.dtype == dtype and amap.dtype == acc and lse.dtype == acc
+    assert o.stride(1) == o.shape[3] and o.stride(2) == o.shape[1] * o.shape[3], "out must be [B,N,H,Dv] memory"
+    res = {"o": (o, o_r), "map": (amap, amap_r), "lse": (lse, lse_r)}
+    if with_grad:
+        go = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        ga = torch.randn(amap.shape, generator=gen, dtype=torch.float64) * 10
+        gl = torch.randn(lse.shape, generator=gen, dtype=torch.float64) if grad_lse else torch.zeros(lse.shape, dtype=torch.float64)
+        fin = torch.isfinite(lse_r)
+
+        def loss(o_, a_, l_):
+            return (o_.double() * go).sum() + (a_.double() * ga).sum() + (torch.where(fin, l_.double(), 0) * gl).sum()
+
+        loss(o, amap, lse).backward()
+        loss(o_r, amap_r, lse_r).backward()
+        for name, a, b in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+            res[name] = (a.grad, b.grad)
+        if w is not None:
+            res["dw"] = (wl.grad, wr.grad)
+    return res
+
+
+def check_all(res, dtype, factor=1.0):
+    for name, (a, b) in res.items():
+        assert a is not None, name
+        close(a, b, dtype, name, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward + backward on a grid of shapes (exact and online softmax)
+# ---------------------------------------------------------------------------------------------
+
+CASES = [
+    # B, H, N, M, D, Dv, weight kind, mask, map keys
+    (2, 3, 37, 77, 40, 40, "bm", False, None),
+    (1, 2, 25, 226, 80, 80, "bhm", True, (10, 200)),
+    (2, 2, 9, 1, 160, 160, "m", False, None),
+    (1, 2, 33, 512, 64, 48, "bm_strided", True, None),
+    (1, 2, 17, 1000, 40, 40, None, True, (0, 1000)),
+    (1, 2, 21, 1100, 32, 24, "bm", True, (1000, 1100)),  # online softmax, joint-attention-like map range
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-{c[6]}")
+def test_matches_reference_fwd_bwd(case, dtype):
+    B, H, N, M, D, Dv, wkind, use_mask, keys = case
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout="bshd" if N % 2 else "bhsd", gen=gen)
+    w = make_weight(wkind, B, H, M, dtype if dtype != torch.float64 else torch.float64, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    res = run_both(q, k, v, w, mask, 0.8, keys, gen=gen)
+    check_all(res, dtype, factor=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis: shapes, strides, weights, masks, map ranges
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def sra_problem(draw):
+    B = draw(st.integers(1, 2))
+    H = draw(st.integers(1, 3))
+    N = draw(st.integers(1, 41))
+    M = draw(st.sampled_from([1, 2, 7, 77, 226, 512, 1000, 1030]))
+    D = draw(st.sampled_from([8, 40, 80, 160]))
+    Dv = draw(st.sampled_from([D, 24]))
+    layout = draw(st.sampled_from(["bhsd", "bshd", "strided"]))
+    wkind = draw(st.sampled_from([None, "m", "bm", "bhm", "bm_strided"]))
+    use_mask = draw(st.booleans())
+    start = draw(st.integers(0, M - 1))
+    stop = draw(st.integers(start + 1, M))
+    strength = draw(st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return B, H, N, M, D, Dv, layout, wkind, use_mask, (start, stop), strength, seed
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sra_problem())
+def test_hypothesis_shapes_and_strides_fp32(problem):
+    B, H, N, M, D, Dv, layout, wkind, use_mask, keys, strength, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.float32, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, torch.float32, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.3) if use_mask else None
+    res = run_both(q, k, v, w, mask, strength, keys, gen=gen)
+    check_all(res, torch.float32, factor=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck in float64 on the real kernel (outputs o, map and lse)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "B,H,N,M,D,Dv,wshape,keys,fast",
+    [
+        (1, 2, 5, 7, 6, 5, "bm", (2, 6), False),
+        (2, 2, 3, 4, 3, 3, "bhm", None, False),
+        (1, 1, 3, 1030, 4, 3, "m", (1000, 1030), True),  # online softmax path
+    ],
+)
+def test_gradcheck_float64(B, H, N, M, D, Dv, wshape, keys, fast):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.float64, layout="bshd", gen=gen)
+    w = make_weight(wshape, B, H, M, torch.float64, gen=gen, zero_some=False) + 0.2
+    mask = torch.rand(B, M, generator=gen) > 0.2
+    mask[:, 0] = True
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, w)]
+
+    def fn(q_, k_, v_, w_):
+        return sra_attention(q_, k_, v_, w_, key_padding_mask=mask, strength=0.7, return_attn_map=True,
+                             attn_map_keys=keys, return_lse=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks, zero weights, empty rows, extreme logits
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [5, 1100])
+def test_fully_masked_rows_give_zeros_and_zero_grads(dtype, M):
+    B, H, N, D = 2, 3, 11, 16
+    q, k, v = make_qkv(B, H, N, M, D, D, dtype)
+    w = (torch.rand(B, H, M, dtype=torch.float64) + 0.1).to(dtype)
+    w[0, 1] = 0.0  # (b=0, h=1): every weight zero
+    mask = torch.ones(B, M, dtype=torch.bool)
+    mask[1] = False  # batch 1: every key masked
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, w)]
+    o, amap, lse = sra_attention(*leaves, key_padding_mask=mask, return_attn_map=True, return_lse=True, backend="cpu")
+    assert torch.all(o[0, 1] == 0) and torch.all(o[1] == 0)
+    assert torch.all(amap[1] == 0)
+    assert torch.isneginf(lse[0, 1]).all() and torch.isneginf(lse[1]).all() and torch.isfinite(lse[0, 0]).all()
+    ref = sra_attention_ref(*(t.detach().double() for t in (q, k, v, w)), key_padding_mask=mask, return_attn_map=True)
+    close(o, ref[0], dtype, "o")
+    close(amap, ref[1], dtype, "map")
+    (o.float().square().sum() + amap.sum() * 3).backward()
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(leaves[0].grad[1] == 0) and torch.all(leaves[0].grad[0, 1] == 0)
+    assert torch.all(leaves[1].grad[1] == 0) and torch.all(leaves[2].grad[1] == 0)
+    assert torch.all(leaves[3].grad[1] == 0) and torch.all(leaves[3].grad[0, 1] == 0)
+
+
+def test_zero_weights_drop_keys_and_get_zero_grad():
+    B, H, N, M, D = 1, 2, 13, 9, 8
+    q, k, v = make_qkv(B, H, N, M, D, D, torch.float32)
+    w = torch.rand(B, M) + 0.1
+    w[0, 3] = 0.0
+    w.requires_grad_()
+    o, amap = sra_attention(q, k, v, w, return_attn_map=True, backend="cpu")
+    keep = [j for j in range(M) if j != 3]
+    o2 = sra_attention(q, k[:, :, keep], v[:, :, keep], w.detach()[:, keep], backend="cpu")
+    torch.testing.assert_close(o, o2, **_tol32())
+    assert torch.all(amap[..., 3] == 0)
+    (o.sum() + amap.sum()).backward()
+    assert w.grad[0, 3] == 0 and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("M", [77, 1100])
+def test_huge_logits_stay_finite(M):
+    B, H, N, D = 1, 2, 9, 32
+    q, k, v = make_qkv(B, H, N, M, D, D, torch.float32)
+    q = q * 300.0  # logits of order 1e4
+    w = torch.rand(B, M) + 1e-6
+    res = run_both(q, k, v, w, None, 1.0, None)
+    for name, (a, _) in res.items():
+        assert torch.isfinite(a).all(), name
+    close(res["o"][0], res["o"][1], torch.float32, "o", factor=50)
+    close(res["map"][0], res["map"][1], torch.float32, "map", factor=50)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and the portable GEMM
+# ---------------------------------------------------------------------------------------------
+
+def test_forward_and_backward_are_bitwise_deterministic():
+    B, H, N, M, D = 1, 3, 300, 226, 40
+    q, k, v = make_qkv(B, H, N, M, D, D, torch.float32)
+    w = torch.rand(B, M) + 0.1
+
+    def once():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w)]
+        o, amap = sra_attention(*leaves, return_attn_map=True, backend="cpu")
+        (o.square().sum() + amap.square().sum()).backward()
+        return [o, amap] + [t.grad for t in leaves]
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+def test_portable_gemm_fallback_matches_reference():
+    code = (
+        "import torch, dare_kernels as dk\n"
+        "from dare_kernels.reference import sra_attention_ref\n"
+        "assert dk._ext.build_info()['cpu_blas'] == 'at::vec fallback'\n"
+        "torch.manual_seed(0)\n"
+        "for M in (77, 1100):\n"
+        "    q = torch.randn(1, 2, 19, 40, dtype=torch.float64); k = torch.randn(1, 2, M, 40, dtype=torch.float64)\n"
+        "    v = torch.randn(1, 2, M, 24, dtype=torch.float64); w = torch.rand(M, dtype=torch.float64) + 0.1\n"
+        "    for dt, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):\n"
+        "        ins = [t.detach().to(dt).clone().requires_grad_() for t in (q, k, v, w)]\n"
+        "        o, a = dk.sra_attention(*ins, return_attn_map=True, backend='cpu')\n"
+        "        (o.sum() + a.square().sum()).backward()\n"
+        "        refs = [t.detach().double().requires_grad_() for t in ins]\n"
+        "        o2, a2 = sra_attention_ref(*refs, return_attn_map=True)\n"
+        "        (o2.sum() + a2.square().sum()).backward()\n"
+        "        for x, y in [(o, o2), (a, a2)] + [(i.grad, r.grad) for i, r in zip(ins, refs)]:\n"
+        "            torch.testing.assert_close(x.double(), y, atol=tol * max(1, y.abs().max().item()), rtol=tol)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, DARE_KERNELS_CPU_BLAS="fallback")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok" in out.stdout
+
+
+def _tol32():
+    atol, rtol = TOL[torch.float32]
+    return {"atol": atol, "rtol": rtol}

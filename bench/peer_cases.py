@@ -16,6 +16,10 @@ N_SETS = 3  # input sets cycled through, so caches do not flatter small problems
 
 # (provider, mode): mode "+map" = also returns the head-averaged map; "fwd+bwd" = forward and backward
 ATTN_CASES = (
+    ("dare", "fwd"),
+    ("dare", "fwd+map"),
+    ("dare", "fwd+bwd"),
+    ("dare", "fwd+bwd+map"),
     ("sdpa", "fwd"),
     ("sdpa_bias", "fwd"),
     ("sdpa_bias", "fwd+bwd"),
@@ -62,6 +66,12 @@ def attn_inputs(shape, dtype, device, requires_grad=False):
 
 def _attn_call(provider: str, mode: str, map_keys):
     """(q, k, v, w) -> outputs of one timed call, the SRA bias computed inside (as a user would)."""
+    if provider == "dare":
+        from dare_kernels import sra_attention
+
+        with_map = "map" in mode
+        return lambda q, k, v, w: sra_attention(q, k, v, w, strength=STRENGTH, return_attn_map=with_map,
+                                                attn_map_keys=map_keys)
     if provider == "sdpa":
         return lambda q, k, v, w: peers.sdpa(q, k, v)
     if provider == "sdpa_bias":
@@ -91,7 +101,10 @@ def run_attn_peer(benchmark, provider, mode, shape, dtype, device):
     """Benchmark one attention peer on one (scaled) model shape; skips with the reason when it can't run."""
     bwd = "bwd" in mode
     with_map = "map" in mode
-    set_info(benchmark, kernel="sra_attention", provider=provider, mode=mode, shape=shape.name, dtype=dtype,
+    label = provider
+    if provider == "dare":  # our own kernel as backend="auto" picks it: C++ on CPU, Triton on CUDA
+        label = "dare_cpu" if device == "cpu" else "dare_triton"
+    set_info(benchmark, kernel="sra_attention", provider=label, mode=mode, shape=shape.name, dtype=dtype,
              device=device, dims=dims(shape), flops=attn_flops(shape, mode),
              bytes=attn_bytes(shape, dtype, mode, with_map))
     why = peers.unavailable(provider, device, dtype)

@@ -9,6 +9,7 @@ import sys
 
 # modules that add subcommands (bench, report, maps, selftest, ...): one line each
 _SUBCOMMAND_MODULES: list[str] = [
+    "dare_kernels.maps_cli",
 ]
 
 

@@ -221,6 +221,8 @@ def _make_guider_class():
                            momentum=self.momentum, momentum_buffer=self._momentum_buffer, backend=self.backend)
             return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
+    DAREGuidance.__qualname__ = "DAREGuidance"
+    DAREGuidance.__module__ = __name__
     return DAREGuidance
 
 

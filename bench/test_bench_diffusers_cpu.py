@@ -1,0 +1,178 @@
+"""diffusers integration on CPU: tiny-but-not-trivial Wan / LTX-Video / CogVideoX transformers (random weights).
+
+Per model (4 layers, 512 video tokens, real text lengths: Wan 512, LTX 128, CogVideoX 226), one forward of the
+whole transformer, batch 2, float32:
+
+- group "diffusers <model> fwd":  ``stock`` (diffusers' processors) vs ``dare_ones`` (patched, all weights 1)
+- group "diffusers <model> maps": ``dare_maps`` (patched, weights, maps captured by the fused kernel) vs
+  ``eager_maps`` (the same processors with the attention core written as explicit PyTorch:
+  scores + γ·log w, softmax, P·V, P.mean(heads) — what one writes without dare_kernels)
+
+``extra_info["peak_mem_bytes"]``: peak resident memory of one forward, measured in a fresh subprocess
+(glibc told to mmap every block >= 64 KiB so freed memory leaves the RSS; VmHWM reset through
+/proc/self/clear_refs before the forward). Linux only; left out elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+MODELS = ("wan", "ltx", "cogvideox")
+PROVIDERS = ("stock", "dare_ones", "dare_maps", "eager_maps")
+BATCH = 2
+
+
+def build(model_name: str):
+    """(model, call, text_len, shape name) for a tiny-but-not-trivial config; 512 video tokens."""
+    from dare_kernels.integrations.diffusers import tiny
+
+    torch.manual_seed(0)
+    B = BATCH
+    if model_name == "wan":
+        model = tiny.tiny_wan(num_layers=4, heads=12, head_dim=64, text_dim=256)
+        M = 512
+        x, e = torch.randn(B, 4, 2, 32, 32), torch.randn(B, M, 256)
+
+        def call():
+            return model(x, torch.full((B,), 500.0), e, return_dict=False)[0]
+    elif model_name == "ltx":
+        model = tiny.tiny_ltx(num_layers=4, heads=8, head_dim=64, caption_channels=256)
+        M = 128
+        x, e = torch.randn(B, 2 * 16 * 16, 8), torch.randn(B, M, 256)
+        mask = torch.ones(B, M)
+        mask[:, 100:] = 0
+
+        def call():
+            return model(x, e, torch.full((B,), 500.0), mask, num_frames=2, height=16, width=16, return_dict=False)[0]
+    else:
+        M = 226
+        model = tiny.tiny_cogvideox(num_layers=4, heads=8, head_dim=64, text_dim=256, rope=False, text_len=M,
+                                    frames=2, height=32, width=32)
+        x, e = torch.randn(B, 2, 4, 32, 32), torch.randn(B, M, 256)
+
+        def call():
+            return model(x, e, torch.full((B,), 500.0), return_dict=False)[0]
+    return model, call, M, f"{model_name}-4L-N512-M{M}"
+
+
+def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=None, map_rows=None, frames=1):
+    """Explicit-softmax DARE attention (the peer): materialises the [B, H, N, M] scores and probabilities."""
+    handle = self._handle
+    B, H, N, D = query.shape
+    M = key.shape[2]
+    t0, t1 = (0, M) if text_slice is None else text_slice
+    s = torch.matmul(query, key.transpose(-1, -2)) * D ** -0.5
+    w = handle._weights_for(self.layer_name, B, t1 - t0, frames, query.device, query.dtype)
+    if w is not None:
+        bias = torch.zeros(B, M, dtype=s.dtype)
+        bias[:, t0:t1] = handle.strength * torch.log(w)  # log 0 = -inf drops the key
+        s = s + bias[:, None, None, :]
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = torch.matmul(p, value)
+    if handle._capturing:
+        amap = p[..., t0:t1].mean(dim=1)
+        if map_rows is not None:
+            amap = amap[:, map_rows[0]:map_rows[1]]
+        handle._record_map(self.layer_name, amap, frames)
+    return out
+
+
+def setup_provider(model, provider: str, M: int):
+    """Patch ``model`` for ``provider``; returns the handle (or None for stock)."""
+    from dare_kernels.integrations.diffusers import apply_dare
+
+    if provider == "stock":
+        return None
+    handle = apply_dare(model, capture_maps=provider in ("dare_maps", "eager_maps"))
+    if provider == "dare_ones":
+        handle.set_token_weights(torch.ones(BATCH, M))
+    else:
+        g = torch.Generator().manual_seed(1)
+        handle.set_token_weights(torch.rand(BATCH, M, generator=g) * 2 + 0.05)
+    if provider == "eager_maps":
+        for _, attn, _ in handle._layers:
+            attn.processor._attend = types.MethodType(_eager_attend, attn.processor)
+    return handle
+
+
+def _peak_rss_subprocess(model_name: str, provider: str) -> int | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    res = subprocess.run([sys.executable, __file__, "--peak", model_name, provider], capture_output=True,
+                         text=True, env=env, timeout=600)
+    if res.returncode != 0:
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+
+
+def _measure_peak_here(model_name: str, provider: str) -> int:
+    def status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    model, call, M, _ = build(model_name)
+    setup_provider(model, provider, M)
+    with torch.no_grad():
+        call()  # warm-up
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = status("VmRSS:")
+        out = call()
+        peak = status("VmHWM:")
+    del out
+    return peak - before
+
+
+@pytest.mark.parametrize("provider", ["stock", "dare_ones"])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_bench_patched_vs_stock(benchmark, model_name, provider):
+    _bench(benchmark, model_name, provider, "fwd")
+
+
+@pytest.mark.parametrize("provider", ["dare_maps", "eager_maps"])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_bench_maps_vs_eager(benchmark, model_name, provider):
+    _bench(benchmark, model_name, provider, "maps")
+
+
+def _bench(benchmark, model_name, provider, pass_name):
+    model, call, M, shape = build(model_name)
+    handle = setup_provider(model, provider, M)
+    benchmark.group = f"diffusers {model_name} {pass_name} {shape} float32"
+    benchmark.extra_info.update({
+        "kernel": "diffusers_transformer", "provider": provider, "mode": "fwd", "shape": shape, "dtype": "float32",
+        "batch": BATCH, "layers": 4, "video_tokens": 512, "text_tokens": M,
+    })
+    peak = _peak_rss_subprocess(model_name, provider)
+    if peak is not None:
+        benchmark.extra_info["peak_mem_bytes"] = peak
+    with torch.no_grad():
+        benchmark.pedantic(call, rounds=7, iterations=1, warmup_rounds=1)
+    if handle is not None:
+        if provider.endswith("maps"):
+            assert len(handle.maps) == 4
+        handle.remove()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--peak":
+        print(json.dumps({"peak_mem_bytes": _measure_peak_here(sys.argv[2], sys.argv[3])}))
+    else:
+        print(__doc__)
+        sys.exit(2 if len(sys.argv) > 1 else 0)

@@ -186,3 +186,38 @@ def test_dare_guidance_refuses_pipeline_cfg():
             pipe(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=3.0, height=64, width=64, num_frames=5,
                  num_inference_steps=1, output_type="latent")
     assert "forward" not in pipe.transformer.__dict__
+
+
+@torch.no_grad()
+def test_guider_in_wan_modular_denoise_step():
+    """diffusers' own modular Wan denoise step drives DAREGuidance through three passes and the combine."""
+    import types
+
+    from diffusers.modular_pipelines.modular_pipeline import BlockState
+    from diffusers.modular_pipelines.wan.denoise import WanLoopDenoiser
+
+    torch.manual_seed(0)
+    model = tiny.tiny_wan(num_layers=1)
+    x = torch.randn(1, 4, 2, 4, 4)
+    t = torch.tensor(700.0)
+    pe, ne, de = torch.randn(1, 512, 32), torch.randn(1, 512, 32), torch.randn(1, 512, 32)
+    guider = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5, mode="cfg_zero_star",
+                          degraded_inputs={"encoder_hidden_states": "degraded_prompt_embeds"})
+    w = torch.rand(1, 512) + 0.1
+    with apply_dare(model) as h:
+        h.set_token_weights(w, only_cond=True)
+        state = BlockState(num_inference_steps=2, latent_model_input=x, dtype=torch.float32, attention_kwargs=None,
+                           prompt_embeds=pe, negative_prompt_embeds=ne, degraded_prompt_embeds=de)
+        comps = types.SimpleNamespace(guider=guider, transformer=model)
+        WanLoopDenoiser()(comps, state, 0, t)
+        got = state.noise_pred
+        with h.branch("uncond"):
+            u = model(x, t.expand(1), ne, return_dict=False)[0]
+        with h.branch("cond"):
+            c = model(x, t.expand(1), pe, return_dict=False)[0]
+        with h.branch("degraded"):
+            d = model(x, t.expand(1), de, return_dict=False)[0]
+    ref = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5, mode="cfg_zero_star")
+    ref.set_state(step=0, num_inference_steps=2, timestep=t)
+    torch.testing.assert_close(got, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d).pred,
+                               atol=1e-5, rtol=1e-5)

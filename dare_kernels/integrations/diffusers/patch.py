@@ -210,7 +210,8 @@ class DAREHandle:
                 pass stays stock.
             degraded: weights of the degraded branch (e.g. 0 on the high-density tokens, SPEC §3);
                 default: the same as the conditional branch.
-        A TokenDensity-like object with a ``weights`` tensor attribute is accepted too.
+        From a fitted ``TokenDensity``: ``set_token_weights(density.weights(token_ids))`` (it gives padding weight 0,
+        i.e. drops Wan's padding keys, which stock Wan attends; pass ``pad_id=None`` to keep them at the floor).
         """
         if isinstance(weights, dict):
             unknown = set(weights) - set(BRANCHES)
@@ -289,8 +290,6 @@ class DAREHandle:
     def _check_weight(w, what: str):
         if w is None:
             return None
-        if not isinstance(w, torch.Tensor) and isinstance(getattr(w, "weights", None), torch.Tensor):
-            w = w.weights
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"set_token_weights: {what} must be a torch.Tensor [B, M] or [M], got {type(w).__name__}")
         if not w.is_floating_point():

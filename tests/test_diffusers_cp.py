@@ -26,7 +26,6 @@ pytest.importorskip("diffusers")
 from dare_kernels.integrations.diffusers import apply_dare  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("diffusers")
 
 _WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist

@@ -10,7 +10,6 @@ pytest.importorskip("diffusers")
 from dare_kernels.integrations.diffusers import DAREGuidance, apply_dare, dare_guidance  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("diffusers")
 
 
 def _preds(shape=(2, 4, 3, 5, 6), dtype=torch.float32):

@@ -19,7 +19,6 @@ from dare_kernels.integrations.diffusers import apply_dare  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 from dare_kernels.reference import sra_attention_ref  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("diffusers")
 
 T_STEP = 500.0
 

@@ -11,7 +11,6 @@ pytest.importorskip("matplotlib")
 from dare_kernels.integrations.diffusers import apply_dare, tiny  # noqa: E402
 from dare_kernels.viz import maps_to_grid, render_maps  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("diffusers")
 
 
 def test_maps_to_grid_layout_and_layer_mean():

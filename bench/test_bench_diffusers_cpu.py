@@ -170,9 +170,44 @@ def _bench(benchmark, model_name, provider, pass_name):
         handle.remove()
 
 
+def interleaved_ratios(pairs: int = 7) -> list[dict]:
+    """Time provider pairs alternately (A, B, A, B, ...) on two copies of one model: robust to slow load drift.
+
+    Returns one row per (model, peer pair) with min and median times and the ratio B / A of each.
+    """
+    import time
+
+    rows = []
+    for model_name in MODELS:
+        for a, b in (("stock", "dare_ones"), ("dare_maps", "eager_maps")):
+            ma, call_a, M, shape = build(model_name)
+            mb, call_b, _, _ = build(model_name)
+            ha, hb = setup_provider(ma, a, M), setup_provider(mb, b, M)
+            ta, tb = [], []
+            with torch.no_grad():
+                call_a(), call_b()
+                for _ in range(pairs):
+                    for call, acc in ((call_a, ta), (call_b, tb)):
+                        t0 = time.perf_counter()
+                        call()
+                        acc.append(time.perf_counter() - t0)
+            for h in (ha, hb):
+                if h is not None:
+                    h.remove()
+            ta.sort()
+            tb.sort()
+            med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+            rows.append({"shape": shape, "a": a, "b": b, "a_min": ta[0], "b_min": tb[0], "a_median": med(ta),
+                         "b_median": med(tb), "ratio_min": tb[0] / ta[0], "ratio_median": med(tb) / med(ta)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--peak":
         print(json.dumps({"peak_mem_bytes": _measure_peak_here(sys.argv[2], sys.argv[3])}))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "--ratios":
+        interleaved_ratios(int(sys.argv[2]) if len(sys.argv) > 2 else 7)
     else:
         print(__doc__)
         sys.exit(2 if len(sys.argv) > 1 else 0)

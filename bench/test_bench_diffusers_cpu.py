@@ -3,7 +3,11 @@
 Per model (4 layers, 512 video tokens, real text lengths: Wan 512, LTX 128, CogVideoX 226), one forward of the
 whole transformer, batch 2, float32:
 
-- group "diffusers <model> fwd":  ``stock`` (diffusers' processors) vs ``dare_ones`` (patched, all weights 1)
+- group "diffusers <model> fwd":  ``stock`` (diffusers' processors) vs ``dare_ones`` (patched, all weights 1:
+  the handle's fast path hands the call to diffusers' own attention), ``dare_ones_kernel`` (the same through
+  sra_attention, fast path off) and ``dare_weights`` (patched, weights != 1, no maps: the SRA kernel)
+- group "diffusers <model> layer-maps": one text-attention layer (projections included) with maps,
+  ``dare_maps`` vs ``eager_maps`` (and ``stock`` for scale): the attention core dominates here
 - group "diffusers <model> maps": ``dare_maps`` (patched, weights, maps captured by the fused kernel) vs
   ``eager_maps`` (the same processors with the attention core written as explicit PyTorch:
   scores + γ·log w, softmax, P·V, P.mean(heads) — what one writes without dare_kernels)
@@ -96,7 +100,8 @@ def setup_provider(model, provider: str, M: int):
     if provider == "stock":
         return None
     handle = apply_dare(model, capture_maps=provider in ("dare_maps", "eager_maps"))
-    if provider == "dare_ones":
+    handle.fast_path = provider != "dare_ones_kernel"
+    if provider in ("dare_ones", "dare_ones_kernel"):
         handle.set_token_weights(torch.ones(BATCH, M))
     else:
         g = torch.Generator().manual_seed(1)
@@ -139,7 +144,7 @@ def _measure_peak_here(model_name: str, provider: str) -> int:
     return peak - before
 
 
-@pytest.mark.parametrize("provider", ["stock", "dare_ones"])
+@pytest.mark.parametrize("provider", ["stock", "dare_ones", "dare_ones_kernel", "dare_weights"])
 @pytest.mark.parametrize("model_name", MODELS)
 def test_bench_patched_vs_stock(benchmark, model_name, provider):
     _bench(benchmark, model_name, provider, "fwd")
@@ -149,6 +154,45 @@ def test_bench_patched_vs_stock(benchmark, model_name, provider):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_bench_maps_vs_eager(benchmark, model_name, provider):
     _bench(benchmark, model_name, provider, "maps")
+
+
+def build_layer(model_name: str):
+    """(model, call of one patched text-attention layer with its projections, M, shape name): the attention
+    layer alone, so the attention core is most of the time (model-level runs dilute it with FFN and attn1)."""
+    model, _, M, shape = build(model_name)
+    torch.manual_seed(2)
+    B = BATCH
+    if model_name == "wan":
+        attn, hs, text = model.blocks[0].attn2, torch.randn(B, 512, 768), torch.randn(B, M, 768)
+        kwargs = {}
+    elif model_name == "ltx":
+        attn, hs, text = model.transformer_blocks[0].attn2, torch.randn(B, 512, 512), torch.randn(B, M, 512)
+        mask = torch.zeros(B, 1, M)
+        mask[:, :, 100:] = -10000.0
+        kwargs = {"attention_mask": mask}
+    else:
+        attn, hs, text = model.transformer_blocks[0].attn1, torch.randn(B, 512, 512), torch.randn(B, M, 512)
+        kwargs = {}
+
+    def call():
+        return attn(hs, text, **kwargs)
+
+    return model, call, M, shape.replace("4L", "layer")
+
+
+@pytest.mark.parametrize("provider", ["dare_maps", "eager_maps", "stock"])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_bench_layer_maps_vs_eager(benchmark, model_name, provider):
+    model, call, M, shape = build_layer(model_name)
+    handle = setup_provider(model, provider, M)
+    benchmark.group = f"diffusers {model_name} layer-maps {shape} float32"
+    benchmark.extra_info.update({"kernel": "diffusers_attention_layer", "provider": provider, "mode": "fwd",
+                                 "shape": shape, "dtype": "float32", "batch": BATCH, "video_tokens": 512,
+                                 "text_tokens": M})
+    with torch.no_grad():
+        benchmark.pedantic(call, rounds=15, iterations=1, warmup_rounds=2)
+    if handle is not None:
+        handle.remove()
 
 
 def _bench(benchmark, model_name, provider, pass_name):
@@ -173,34 +217,40 @@ def _bench(benchmark, model_name, provider, pass_name):
 def interleaved_ratios(pairs: int = 7) -> list[dict]:
     """Time provider pairs alternately (A, B, A, B, ...) on two copies of one model: robust to slow load drift.
 
-    Returns one row per (model, peer pair) with min and median times and the ratio B / A of each.
+    Returns one row per (level, model, peer pair) with min and median times and the ratio B / A of each.
     """
+    rows = []
+    for level, builder in (("layer", build_layer), ("model", build)):
+        for model_name in MODELS:
+            for a, b in (("stock", "dare_ones"), ("stock", "dare_weights"), ("dare_maps", "eager_maps")):
+                rows.append(_interleave(builder, model_name, a, b, pairs))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _interleave(builder, model_name, a, b, pairs):
+    """One row of interleaved_ratios: A and B on two copies of the model, called alternately."""
     import time
 
-    rows = []
-    for model_name in MODELS:
-        for a, b in (("stock", "dare_ones"), ("dare_maps", "eager_maps")):
-            ma, call_a, M, shape = build(model_name)
-            mb, call_b, _, _ = build(model_name)
-            ha, hb = setup_provider(ma, a, M), setup_provider(mb, b, M)
-            ta, tb = [], []
-            with torch.no_grad():
-                call_a(), call_b()
-                for _ in range(pairs):
-                    for call, acc in ((call_a, ta), (call_b, tb)):
-                        t0 = time.perf_counter()
-                        call()
-                        acc.append(time.perf_counter() - t0)
-            for h in (ha, hb):
-                if h is not None:
-                    h.remove()
-            ta.sort()
-            tb.sort()
-            med = lambda xs: xs[len(xs) // 2]  # noqa: E731
-            rows.append({"shape": shape, "a": a, "b": b, "a_min": ta[0], "b_min": tb[0], "a_median": med(ta),
-                         "b_median": med(tb), "ratio_min": tb[0] / ta[0], "ratio_median": med(tb) / med(ta)})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+    ma, call_a, M, shape = builder(model_name)
+    mb, call_b, _, _ = builder(model_name)
+    ha, hb = setup_provider(ma, a, M), setup_provider(mb, b, M)
+    ta, tb = [], []
+    with torch.no_grad():
+        call_a(), call_b()
+        for _ in range(pairs):
+            for call, acc in ((call_a, ta), (call_b, tb)):
+                t0 = time.perf_counter()
+                call()
+                acc.append(time.perf_counter() - t0)
+    for h in (ha, hb):
+        if h is not None:
+            h.remove()
+    ta.sort()
+    tb.sort()
+    med = lambda xs: xs[len(xs) // 2]  # noqa: E731
+    return {"shape": shape, "a": a, "b": b, "a_min": ta[0], "b_min": tb[0], "a_median": med(ta),
+            "b_median": med(tb), "ratio_min": tb[0] / ta[0], "ratio_median": med(tb) / med(ta)}
 
 
 if __name__ == "__main__":

@@ -184,12 +184,27 @@ def _weights(B, M, mask=None):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def test_all_weights_one_equals_stock(case):
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_all_weights_one_equals_stock(case, fast_path):
+    """fast_path=False: the SRA kernel with w = 1 against stock SDPA; True: diffusers' own call, bitwise."""
     stock = case["call"]()
     with apply_dare(case["model"]) as h:
+        h.fast_path = fast_path
         h.set_token_weights(torch.ones(case["B"], case["M"]))
         out = case["call"]()
-    assert _rel(out, stock) <= 1e-5, _rel(out, stock)
+        if not fast_path:
+            with pytest.MonkeyPatch.context() as mp:  # prove the kernel path ran
+                import dare_kernels.integrations.diffusers.processors as procs
+
+                calls = []
+                real = procs.sra_attention
+                mp.setattr(procs, "sra_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+                case["call"]()
+                assert len(calls) == len(h.layers)
+    if fast_path:
+        assert torch.equal(out, stock)
+    else:
+        assert _rel(out, stock) <= 1e-5, _rel(out, stock)
 
 
 @torch.no_grad()

@@ -189,6 +189,7 @@ def test_ltx_mask_must_be_padding_mask():
     model = tiny.tiny_ltx(num_layers=1)
     x, e = torch.randn(1, 8, 8), torch.randn(1, 6, 32)
     bias = torch.full((1, 1, 6), -0.5)
-    with apply_dare(model):
+    with apply_dare(model) as h:
+        h.set_token_weights(torch.rand(1, 6) + 0.1)  # the SRA path (the fast path hands the bias to diffusers)
         with pytest.raises(ValueError, match="key-padding masks"):
             model(x, e, torch.tensor([500.0]), bias, num_frames=2, height=2, width=2)

@@ -170,6 +170,8 @@ class DAREHandle:
         map_grids: {layer: (frames, height, width)} of the latent token grid behind N (None when N is a
             context-parallel shard or the grid is unknown).
         layers: names of the patched layers.
+        fast_path: when a forward needs neither weights (none set, or all exactly 1) nor maps, run diffusers'
+            own attention call instead of sra_attention (bitwise stock output, stock speed). Default True.
     """
 
     def __init__(self, strength: float, capture_maps: bool, backend: str):
@@ -188,6 +190,7 @@ class DAREHandle:
         self._fwd: dict[str, Any] = {}  # per-forward state: batch, frames, latent grid, layout
         self._wcache: dict[tuple, torch.Tensor | None] = {}
         self._active = False
+        self.fast_path = True
 
     # -- public API -------------------------------------------------------------------------
 
@@ -224,6 +227,8 @@ class DAREHandle:
             w = self._check_weight(weights, "weights")
             d = self._check_weight(degraded, "degraded") if degraded is not None else w
             spec = {"cond": w, "uncond": None if only_cond else w, "degraded": d}
+        # all-ones weights change nothing (SPEC §1): drop them so the fast path can run (one check, here)
+        spec = {b: (None if v is not None and bool((v == 1).all()) else v) for b, v in spec.items()}
         self._spec = None if all(v is None for v in spec.values()) else spec
         self._wcache.clear()
         return self

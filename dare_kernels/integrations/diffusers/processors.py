@@ -51,6 +51,14 @@ def _key_padding_from_bias(mask: torch.Tensor, batch: int, m: int, layer: str) -
     return mask == 0
 
 
+def _prepared_mask(attn, attention_mask, sequence_length: int, batch_size: int):
+    """The mask exactly as diffusers' AttnProcessor2_0 / CogVideoXAttnProcessor2_0 hand it to SDPA."""
+    if attention_mask is None:
+        return None
+    mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+    return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+
+
 class _DAREProcessorBase:
     """Shared state: the owning handle and the layer's name; diffusers' backend / parallel attributes."""
 
@@ -65,18 +73,25 @@ class _DAREProcessorBase:
         self._parallel_config = getattr(original, "_parallel_config", None)
 
     def _attend(self, query, key, value, *, text_slice=None, key_padding_mask=None, map_rows=None,
-                frames=1):
+                frames=1, stock=None):
         """SRA attention on [B, H, N, D] tensors with this layer's weights; records the map when asked.
 
         ``text_slice`` = (start, stop) of the text keys inside ``key`` (joint attention), default all keys.
+        ``key_padding_mask``: bool [B, M] or a callable returning it (evaluated only on the SRA path).
         ``map_rows`` = (start, stop) of the query rows kept in the map (default all).
         ``frames``: the attention batch is the model batch times ``frames`` (AnimateDiff).
+        ``stock``: callable giving diffusers' own attention output [B, H, N, Dv]; used when this forward needs
+        neither weights nor maps and ``handle.fast_path`` is on (then the output is bitwise stock).
         """
         handle = self._handle
         B, H, N, _ = query.shape
         M = key.shape[2]
         t0, t1 = (0, M) if text_slice is None else text_slice
         weight = handle._weights_for(self.layer_name, B, t1 - t0, frames, query.device, query.dtype)
+        if stock is not None and weight is None and not handle._capturing and handle.fast_path:
+            return stock()
+        if callable(key_padding_mask):
+            key_padding_mask = key_padding_mask()
         if weight is not None and (t0, t1) != (0, M):
             ones = torch.ones(B, M, device=weight.device, dtype=weight.dtype)
             weight = torch.cat([ones[:, :t0], weight, ones[:, t1:]], dim=1)
@@ -142,7 +157,11 @@ class DAREWanAttnProcessor(_DAREProcessorBase):
             hidden_states_img = hidden_states_img.flatten(2, 3).type_as(query)
 
         # [B, N, H, D] -> [B, H, N, D] views; each rank of a context-parallel run attends its query shard
-        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        def stock():
+            return dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                         backend=self._attention_backend, parallel_config=None).transpose(1, 2)
+
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), stock=stock)
         hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if hidden_states_img is not None:
             hidden_states = hidden_states + hidden_states_img
@@ -155,6 +174,7 @@ class DARELTXAttnProcessor(_DAREProcessorBase):
     """Replaces ``LTXVideoAttnProcessor`` on ``transformer_blocks[i].attn2`` of LTX-Video."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         if encoder_hidden_states is None:
@@ -162,7 +182,7 @@ class DARELTXAttnProcessor(_DAREProcessorBase):
         batch_size, m, _ = encoder_hidden_states.shape
         key_padding_mask = None
         if attention_mask is not None:
-            key_padding_mask = _key_padding_from_bias(attention_mask, batch_size, m, self.layer_name)
+            key_padding_mask = lambda: _key_padding_from_bias(attention_mask, batch_size, m, self.layer_name)  # noqa: E731
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(encoder_hidden_states)
@@ -176,8 +196,17 @@ class DARELTXAttnProcessor(_DAREProcessorBase):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
+        def stock():
+            mask = attention_mask
+            if mask is not None:
+                mask = attn.prepare_attention_mask(mask, m, batch_size)
+                mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+            return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                         backend=self._attention_backend,
+                                         parallel_config=self._parallel_config).transpose(1, 2)
+
         out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                           key_padding_mask=key_padding_mask)
+                           key_padding_mask=key_padding_mask, stock=stock)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -197,7 +226,8 @@ class DARECogVideoXAttnProcessor(_DAREProcessorBase):
         batch_size, sequence_length, _ = hidden_states.shape
         key_padding_mask = None
         if attention_mask is not None:
-            key_padding_mask = _key_padding_from_bias(attention_mask, batch_size, sequence_length, self.layer_name)
+            key_padding_mask = lambda: _key_padding_from_bias(  # noqa: E731
+                attention_mask, batch_size, sequence_length, self.layer_name)
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
@@ -218,8 +248,13 @@ class DARECogVideoXAttnProcessor(_DAREProcessorBase):
             if not attn.is_cross_attention:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
 
+        def stock():
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=_prepared_mask(attn, attention_mask, sequence_length, batch_size),
+                dropout_p=0.0, is_causal=False)
+
         out = self._attend(query, key, value, text_slice=(0, text_seq_length), key_padding_mask=key_padding_mask,
-                           map_rows=(text_seq_length, sequence_length))
+                           map_rows=(text_seq_length, sequence_length), stock=stock)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -250,7 +285,8 @@ class DAREAttnProcessor(_DAREProcessorBase):
         batch_size, sequence_length, _ = encoder_hidden_states.shape
         key_padding_mask = None
         if attention_mask is not None:
-            key_padding_mask = _key_padding_from_bias(attention_mask, batch_size, sequence_length, self.layer_name)
+            key_padding_mask = lambda: _key_padding_from_bias(  # noqa: E731
+                attention_mask, batch_size, sequence_length, self.layer_name)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -270,7 +306,12 @@ class DAREAttnProcessor(_DAREProcessorBase):
             key = attn.norm_k(key)
 
         frames = self._handle._frames_folded(batch_size)
-        out = self._attend(query, key, value, key_padding_mask=key_padding_mask, frames=frames)
+        def stock():
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=_prepared_mask(attn, attention_mask, sequence_length, batch_size),
+                dropout_p=0.0, is_causal=False)
+
+        out = self._attend(query, key, value, key_padding_mask=key_padding_mask, frames=frames, stock=stock)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

@@ -69,7 +69,8 @@ def build(model_name: str):
     return model, call, M, f"{model_name}-4L-N512-M{M}"
 
 
-def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=None, map_rows=None, frames=1):
+def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=None, map_rows=None, frames=1,
+                  stock=None):
     """Explicit-softmax DARE attention (the peer): materialises the [B, H, N, M] scores and probabilities."""
     handle = self._handle
     B, H, N, D = query.shape
@@ -81,6 +82,8 @@ def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=
         bias = torch.zeros(B, M, dtype=s.dtype)
         bias[:, t0:t1] = handle.strength * torch.log(w)  # log 0 = -inf drops the key
         s = s + bias[:, None, None, :]
+    if callable(key_padding_mask):
+        key_padding_mask = key_padding_mask()
     if key_padding_mask is not None:
         s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1)

@@ -15,10 +15,20 @@ __version__ = "0.1.0"
 __all__ = ["sra_attention", "info", "__version__"]
 
 # --- rectified CFG combine (SPEC §2) ---
+from .cfg import rectified_cfg  # noqa: E402
+
+__all__ += ["rectified_cfg"]
 
 
 
 # --- DR-CFG token density, suppression, consistency loss (SPEC §3, §4) ---
+from .density import TokenDensity
+from .losses import sra_consistency_loss
+from .suppression import (DegradedPrompt, Suppressed, TokenSuppressor, build_degraded_branch,
+                          prompt_dropout)
+
+__all__ += ["TokenDensity", "TokenSuppressor", "Suppressed", "prompt_dropout", "build_degraded_branch",
+            "DegradedPrompt", "sra_consistency_loss"]
 
 
 
@@ -55,8 +65,9 @@ def info() -> dict:
         "cpu": (ext_ok, "fused C++ kernels in dare_kernels._C" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}"),
     }
     if _ext.has_cuda_kernels():
+        from .tuning import CUDA_SRA_STATUS
         backends["cuda"] = (torch.cuda.is_available(),
-                            "CUDA kernels built" + ("" if torch.cuda.is_available() else ", but no CUDA device"))
+                            CUDA_SRA_STATUS + ("" if torch.cuda.is_available() else "; no CUDA device"))
     else:
         backends["cuda"] = (False, "extension built without CUDA kernels" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}")
     backends["triton"] = _ext.triton_status()

@@ -9,6 +9,8 @@ import sys
 
 # modules that add subcommands (bench, report, maps, selftest, ...): one line each
 _SUBCOMMAND_MODULES: list[str] = [
+    "dare_kernels.benchmarking.cli",  # bench, report
+    "dare_kernels.selftest",
     "dare_kernels.maps_cli",
 ]
 

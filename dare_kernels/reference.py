@@ -86,6 +86,79 @@ def sra_attention_ref(
 # SPEC §2: rectified CFG combine (rectified_cfg_ref) - section of the rectified-CFG work
 # =============================================================================================
 
+CFG_MODES = ("cfg", "cfg_zero_star", "apg")
+
+
+def split_cfg_branches(preds, num_branches=None) -> list:
+    """The K branch tensors [B, ...] of ``preds`` ([K*B, ...] stacked along dim 0, or a sequence of K tensors)."""
+    if isinstance(preds, torch.Tensor):
+        k = 2 if num_branches is None else int(num_branches)
+        return list(preds.chunk(k, dim=0))
+    return list(preds)
+
+
+def rectified_cfg_ref(
+    preds,
+    guidance_scale: float,
+    *,
+    num_branches: int | None = None,
+    mode: str = "cfg",
+    rectify_scale: float = 0.0,
+    guidance_rescale: float = 0.0,
+    eta: float = 1.0,
+    norm_threshold: float = 0.0,
+    momentum: float | None = None,
+    momentum_buffer: torch.Tensor | None = None,
+    reduce_dims=None,
+) -> torch.Tensor:
+    """Rectified CFG combine exactly as SPEC.md §2 states it (no input checks; see dare_kernels.rectified_cfg).
+
+    Branch order uncond, cond[, degraded]. Computes in float32 (float64 for float64 inputs) and returns the
+    input dtype. With ``momentum`` (mode "apg") ``momentum_buffer`` is updated in place: buf <- (c - u) + momentum * buf.
+    """
+    branches = split_cfg_branches(preds, num_branches)
+    in_dtype = branches[0].dtype
+    acc = torch.float64 if in_dtype == torch.float64 else torch.float32
+    u, c = branches[0].to(acc), branches[1].to(acc)
+    d = branches[2].to(acc) if len(branches) == 3 else None
+    nd = u.dim()
+    if isinstance(reduce_dims, int):
+        reduce_dims = (reduce_dims,)
+    dims = list(range(1, nd)) if reduce_dims is None else sorted({int(x) % nd for x in reduce_dims})
+    s = float(guidance_scale)
+
+    def dot(a, b):
+        return (a * b).sum(dim=dims, keepdim=True)
+
+    if mode == "cfg":
+        g = u + s * (c - u)
+    elif mode == "cfg_zero_star":
+        alpha = dot(c, u) / (dot(u, u) + 1e-8)
+        u_star = alpha * u
+        g = u_star + s * (c - u_star)
+    elif mode == "apg":
+        delta = c - u
+        if momentum is not None:
+            delta = delta + float(momentum) * momentum_buffer.to(acc)
+            with torch.no_grad():
+                momentum_buffer.copy_(delta)
+        if norm_threshold > 0:
+            norm = dot(delta, delta).sqrt()
+            delta = delta * torch.clamp(float(norm_threshold) / norm, max=1.0)
+        c_hat = c / dot(c, c).sqrt().clamp_min(1e-12)
+        parallel = dot(delta, c_hat) * c_hat
+        g = u + s * ((delta - parallel) + float(eta) * parallel)
+    else:
+        raise ValueError(f"mode must be one of {CFG_MODES}, got {mode!r}")
+    if d is not None:
+        g = g + float(rectify_scale) * (c - d)
+    if guidance_rescale > 0:
+        phi = float(guidance_rescale)
+        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
+        g = phi * (g * ratio) + (1.0 - phi) * g
+    return g.to(in_dtype)
+
+
 
 
 # (keep these separator lines: they let the sections above and below change independently)
@@ -95,3 +168,28 @@ def sra_attention_ref(
 # =============================================================================================
 # SPEC §4: SRA consistency loss (sra_consistency_loss_ref) - section of the DR-CFG training work
 # =============================================================================================
+
+def sra_consistency_loss_ref(maps, token_weight, key_padding_mask=None, eps: float = 1e-6,
+                             detach_target: bool = True, compute_dtype: torch.dtype | None = None):
+    """SPEC.md §4 transcribed literally (stacks all L maps; float64 when the maps are float64).
+
+    maps: sequence of L tensors [B, N, M]; token_weight [B, M] (>= 0); key_padding_mask bool [B, M]
+    (True = valid) or None. Returns a 0-dim tensor in the compute dtype.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if maps[0].dtype == torch.float64 else torch.float32
+    A = torch.stack([m.to(compute_dtype) for m in maps])                  # [L, B, N, M]
+    L, B, N, M = A.shape
+    a = A / (A.sum(dim=2, keepdim=True) + eps)                            # a^(l)_bj over i
+    a_bar = a.mean(dim=0, keepdim=True)                                   # ensemble
+    if detach_target:
+        a_bar = a_bar.detach()
+    valid = torch.ones(B, M, dtype=torch.bool, device=A.device)
+    if key_padding_mask is not None:
+        valid = valid & key_padding_mask.to(torch.bool)
+    w = torch.where(valid, token_weight.to(compute_dtype), torch.zeros((), dtype=compute_dtype, device=A.device))
+    w_sum = w.sum(dim=1, keepdim=True)
+    w_hat = w / torch.where(w_sum > 0, w_sum, torch.ones_like(w_sum))     # a sample with no valid weight adds 0
+    sq = ((a - a_bar) ** 2).sum(dim=2)                                    # ‖a^(l)_bj − ā_bj‖², [L, B, M]
+    per_token = N * sq.mean(dim=0)                                        # (1/L) Σ_l N ‖·‖²
+    return (w_hat * per_token).sum() / B

@@ -206,6 +206,9 @@ def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str 
         if not _ext.has_cuda_kernels():
             return "the extension was built without CUDA kernels" if _ext.EXT is not None else \
                 f"the compiled extension is not loaded ({_ext.EXT_ERROR})"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return (f"the CUDA kernels take float16 and bfloat16, got {dtype} "
+                    "(use backend='triton' for float32, or cast)")
         return None
     if backend == "triton":
         ok, why = _ext.triton_status()

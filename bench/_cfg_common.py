@@ -1,0 +1,73 @@
+"""Shared set-up of the rectified-CFG benchmarks: inputs, diffusers guiders and the dare call per mode."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from shapes import LATENT_SHAPES
+
+MODES = ("cfg", "cfg_zero_star", "apg")
+RESCALE = 0.7            # guidance_rescale φ of every provider
+SCALE = 5.0              # guidance scale s
+APG_THRESHOLD = 15.0     # diffusers' default adaptive_projected_guidance_rescale (norm threshold τ)
+ROTATE = 3               # input sets cycled between calls so no provider runs from a warm cache alone
+
+
+def latent_inputs(shape_name: str, dtype: torch.dtype, device: str = "cpu", batch: int = 1):
+    """ROTATE stacked predictions [2*batch, C, F, H, W] (uncond, cond; cond correlated with uncond)."""
+    shape = (batch,) + LATENT_SHAPES[shape_name]
+    sets = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(ROTATE):
+        u = torch.randn(shape, generator=g)
+        c = u + 0.3 * torch.randn(shape, generator=g)
+        sets.append(torch.cat([u, c]).to(dtype=dtype, device=device))
+    return sets
+
+
+def make_guider(mode: str):
+    import diffusers.guiders as G
+
+    if mode == "cfg":
+        guider = G.ClassifierFreeGuidance(guidance_scale=SCALE, guidance_rescale=RESCALE)
+    elif mode == "cfg_zero_star":
+        guider = G.ClassifierFreeZeroStarGuidance(guidance_scale=SCALE, zero_init_steps=0, guidance_rescale=RESCALE)
+    else:
+        guider = G.AdaptiveProjectedGuidance(guidance_scale=SCALE, adaptive_projected_guidance_rescale=APG_THRESHOLD,
+                                             guidance_rescale=RESCALE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guider.set_state(step=1, num_inference_steps=10, timestep=torch.tensor(500))
+    return guider
+
+
+def guider_fn(mode: str):
+    """preds [2B, ...] -> guided prediction, through the diffusers guider (the chunk is a free view)."""
+    guider = make_guider(mode)
+
+    def run(preds):
+        u, c = preds.chunk(2)
+        return guider.forward(pred_cond=c, pred_uncond=u)["pred"]
+
+    return run
+
+
+def dare_kwargs(mode: str) -> dict:
+    kw = dict(mode=mode, guidance_rescale=RESCALE)
+    if mode == "apg":
+        kw["norm_threshold"] = APG_THRESHOLD
+    return kw
+
+
+def cycling(fn, inputs):
+    """A zero-argument callable running fn on the next input set each call."""
+    state = {"i": 0}
+
+    def call():
+        x = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        return fn(x)
+
+    return call

@@ -1,0 +1,247 @@
+"""Benchmark-suite plumbing: every pytest-benchmark result (and every skip) becomes a CSV row.
+
+Rows go to ``bench/results/<device-slug>.csv`` (appended; ``--bench-csv-dir`` or DARE_BENCH_CSV_DIR
+moves them, ``--bench-no-csv`` turns writing off). Before the first benchmark on a device and again
+at the end of the session, the physical floors of that device (matmul peak, copy bandwidth) are
+measured and written as rows of the same run, so the report's "fraction of the floor" uses numbers
+from the same machine and load.
+
+Options: ``--bench-quick`` (≈2-minute subset; same as DARE_BENCH_QUICK=1, read by harness.quick()).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:  # so bench files can `import harness, peers, shapes`
+    sys.path.insert(0, str(BENCH_DIR))
+
+from dare_kernels.benchmarking import results as _results  # noqa: E402
+from dare_kernels.benchmarking.timing import quantiles  # noqa: E402
+
+_INFO_KEYS = ("kernel", "provider", "mode", "shape", "dims", "dtype", "flops", "bytes", "peak_mem_bytes",
+              "scale", "timer")
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("dare-bench", "dare_kernels benchmark suite")
+    g.addoption("--bench-quick", action="store_true", default=False,
+                help="quick subset: fewer/smaller shapes and rounds (also DARE_BENCH_QUICK=1)")
+    g.addoption("--bench-csv-dir", default=None,
+                help="folder of the result CSVs (default bench/results, or DARE_BENCH_CSV_DIR)")
+    g.addoption("--bench-no-csv", action="store_true", default=False, help="do not write result rows")
+    g.addoption("--bench-run-id", default=None, help="run id written in every row (default: time + pid)")
+    g.addoption("--bench-budget-s", type=float, default=None,
+                help="skip (with that reason) every benchmark that would start after this many seconds "
+                     "(also DARE_BENCH_BUDGET_S; keeps a GPU run inside one device call)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _Recorder:
+    """Collects rows per device and appends them to that device's CSV as they come."""
+
+    def __init__(self, config):
+        self.config = config
+        self.enabled = not config.getoption("--bench-no-csv")
+        d = config.getoption("--bench-csv-dir") or os.environ.get("DARE_BENCH_CSV_DIR") or BENCH_DIR / "results"
+        self.csv_dir = Path(d)
+        self.run_id = (config.getoption("--bench-run-id") or os.environ.get("DARE_BENCH_RUN_ID")
+                       or _results.new_run_id())
+        self.quick = bool(config.getoption("--bench-quick")) or os.environ.get("DARE_BENCH_QUICK", "0") not in (
+            "", "0", "false", "no")
+        self._env: dict[str, dict] = {}
+        self._floors_done: set[str] = set()
+        self.floor_devices: list[str] = []  # devices whose floors were measured at the start
+        self.rows_written = 0
+        budget = config.getoption("--bench-budget-s") or float(os.environ.get("DARE_BENCH_BUDGET_S", "0") or 0)
+        self.budget_s = budget if budget > 0 else None
+        self.start = time.monotonic()
+
+    def env(self, device_type: str) -> dict:
+        if device_type not in self._env:
+            self._env[device_type] = _results.environment(device_type, cwd=BENCH_DIR)
+        return self._env[device_type]
+
+    def csv_path(self, device_type: str) -> Path:
+        return self.csv_dir / f"{_results.device_slug(device_type)}.csv"
+
+    def write(self, device_type: str, rows: list[dict]) -> None:
+        if not self.enabled or not rows:
+            return
+        if device_type == "cuda" and not _cuda_available():
+            device_type = "cpu"  # GPU cases skipped on a machine without one: rows of this machine's file
+        env = self.env(device_type)
+        stamped = [dict(env, run_id=self.run_id, timestamp=_results.utc_now(), **r) for r in rows]
+        self.rows_written += _results.append_rows(self.csv_path(device_type), stamped)
+
+    def ensure_floors(self, device_type: str) -> None:
+        if device_type in self._floors_done or not self.enabled:
+            return
+        self._floors_done.add(device_type)
+        if device_type == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return
+        self.floor_devices.append(device_type)
+        self.measure_floors(device_type, "floors-start")
+
+    def measure_floors(self, device_type: str, label: str) -> None:
+        from dare_kernels.benchmarking.floors import measure_floors
+
+        try:
+            rows = measure_floors(device_type, quick=self.quick)
+        except Exception as e:  # noqa: BLE001 - a failed floor is recorded, not fatal
+            rows = [dict(kernel="floor", provider="matmul", mode="floor", metric="throughput", status="error",
+                         reason=f"{type(e).__name__}: {e}"[:300])]
+        self.write(device_type, [dict(r, test=label) for r in rows])
+
+
+def pytest_configure(config):
+    if config.getoption("--bench-quick"):
+        os.environ["DARE_BENCH_QUICK"] = "1"
+    config._dare_recorder = _Recorder(config)
+
+
+def pytest_sessionstart(session):
+    rec = session.config._dare_recorder
+    bs = getattr(session.config, "_benchmarksession", None)
+    if rec.quick and bs is not None:  # fewer rounds: enough for a median, not for a paper
+        bs.options.update(max_time=0.25, min_rounds=3, min_time=0.000005, warmup=True, warmup_iterations=1)
+
+
+def pytest_report_header(config):
+    rec = config._dare_recorder
+    where = rec.csv_dir if rec.enabled else "not written (--bench-no-csv)"
+    return [f"dare bench: run {rec.run_id}, quick={rec.quick}, CSV rows -> {where}"]
+
+
+def _is_bench(item) -> bool:
+    return "benchmark" in getattr(item, "fixturenames", ())
+
+
+def _device_of(item, info: dict) -> str:
+    dev = str(info.get("device") or "").lower()
+    if dev.startswith("cuda"):
+        return "cuda"
+    if dev == "cpu":
+        return "cpu"
+    return "cuda" if item.path.name.endswith("_gpu.py") else "cpu"  # by the file-name convention
+
+
+def _meta_from_item(item) -> dict:
+    """What a row can say about a test that never filled extra_info (skipped before it ran)."""
+    meta: dict = {}
+    fx = getattr(item, "funcargs", {}).get("benchmark")
+    if fx is not None:
+        meta.update({k: v for k, v in fx.extra_info.items()})
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for k in ("kernel", "provider", "mode", "shape", "dtype"):
+        for name in (k, f"{k}_name"):
+            if k not in meta and name in params:
+                v = params[name]
+                meta[k] = getattr(v, "name", None) or str(v).replace("torch.", "")
+    marker = item.get_closest_marker("benchmark")
+    group = (getattr(fx, "group", None) if fx is not None else None) or (marker.kwargs.get("group") if marker else None)
+    if group and "kernel" not in meta:  # convention: "<kernel> <pass> <shape> <dtype>"
+        parts = str(group).split()
+        for key, val in zip(("kernel", "mode", "shape", "dtype"), parts):
+            meta.setdefault(key, val)
+    meta.setdefault("kernel", item.path.stem.replace("test_bench_", "").rsplit("_", 1)[0])
+    test_name = getattr(item, "originalname", None) or item.name
+    meta.setdefault("provider", test_name)
+    meta.setdefault("mode", test_name.removeprefix("test_"))
+    meta["group"] = group or ""
+    return meta
+
+
+def _ms(v):
+    return v / 1e3 if isinstance(v, (int, float)) else None
+
+
+def _row(item, info: dict, **extra) -> dict:
+    row = {k: info.get(k) for k in _INFO_KEYS if info.get(k) is not None}
+    for k, v in info.items():  # any other scalar extra_info travels too (e.g. notes)
+        if k not in row and k not in ("device",) and isinstance(v, (int, float, str)) and k not in _results.COLUMNS:
+            row[k] = v
+    row.setdefault("metric", "time")
+    row.setdefault("unit", "s")
+    if "dtype" in row:
+        row["dtype"] = _results.normalize_dtype(row["dtype"])
+    if "dims" not in row and all(k in info for k in "BHNMD"):
+        row["dims"] = " ".join(f"{k}={info[k]}" for k in "BHNMD")
+    row["test"] = item.nodeid
+    row.update(extra)
+    return row
+
+
+def pytest_runtest_setup(item):
+    if _is_bench(item) and not item.config.getoption("benchmark_disable", False):
+        rec = item.config._dare_recorder
+        if rec.budget_s is not None and time.monotonic() - rec.start > rec.budget_s:
+            pytest.skip(f"time budget of {rec.budget_s:.0f} s for this run reached before this case")
+        # device of the file: measure its floors before the first benchmark of the session on it
+        rec.ensure_floors("cuda" if item.path.name.endswith("_gpu.py") else "cpu")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not _is_bench(item):
+        return
+    rec = item.config._dare_recorder
+    if report.skipped and call.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if reason.startswith("Skipped: "):
+            reason = reason[len("Skipped: "):]
+        if "--benchmark-skip" in reason or "--benchmark-only" in reason:
+            return
+        meta = _meta_from_item(item)
+        rec.write(_device_of(item, meta), [_row(item, meta, status="skipped", reason=reason)])
+    elif report.failed and call.when in ("setup", "call"):
+        meta = _meta_from_item(item)
+        msg = str(call.excinfo.value).strip().splitlines()[0] if call.excinfo else "failed"
+        reason = f"{call.excinfo.typename if call.excinfo else 'error'}: {msg}"[:300]
+        rec.write(_device_of(item, meta), [_row(item, meta, status="error", reason=reason)])
+    elif report.passed and call.when == "call":
+        fx = getattr(item, "funcargs", {}).get("benchmark")
+        stats = getattr(fx, "stats", None)
+        data = list(getattr(getattr(stats, "stats", None), "data", []) or [])
+        meta = _meta_from_item(item)
+        if not data:
+            return  # benchmarks disabled: nothing measured
+        p20, p50, p80 = quantiles(data)
+        timing = dict(p50=p50, p20=p20, p80=p80, mean=sum(data) / len(data), rounds=len(data))
+        if isinstance(meta.get("median_ms"), (int, float)):
+            # a device-side median (e.g. triton.testing.do_bench) beats host timing of async launches
+            timing = dict(p50=meta["median_ms"] / 1e3, p20=_ms(meta.get("p20_ms")), p80=_ms(meta.get("p80_ms")),
+                          mean=None, rounds=meta.get("rounds"))
+            meta.setdefault("timer", "device_median_ms")
+        meta.setdefault("timer", "perf_counter")
+        rec.write(_device_of(item, meta), [_row(item, meta, status="ok", **timing)])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    rec = session.config._dare_recorder
+    if rec.rows_written:  # floors again at the end: load drift during the run shows up as two rows
+        for device_type in rec.floor_devices:
+            rec.measure_floors(device_type, "floors-end")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rec = config._dare_recorder
+    if rec.enabled and rec.rows_written:
+        terminalreporter.write_line(f"dare bench: {rec.rows_written} rows appended under {rec.csv_dir} "
+                                    f"(run {rec.run_id}); `dare-kernels report` renders them")

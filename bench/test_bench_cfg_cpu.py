@@ -1,0 +1,70 @@
+"""rectified_cfg on CPU vs diffusers' guiders (eager and torch.compile'd) and a plain copy, side by side.
+
+Bytes: the fused path reads the K=2 branches twice (statistics, combine) and writes one branch:
+2.5x the input bytes. The copy provider copies the input tensor (reads and writes 1x: 2x the input
+bytes), so bandwidth fractions compare like with like.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dare_kernels as dk
+from _cfg_common import MODES, cycling, dare_kwargs, guider_fn, latent_inputs
+from shapes import LATENT_SHAPES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROVIDERS = ("dare_cpu", "diffusers_guider", "diffusers_guider_compiled", "copy")
+
+
+def _info(benchmark, provider, mode, shape, dtype, nbytes):
+    benchmark.extra_info.update(kernel="rectified_cfg", provider=provider, mode=mode, shape=shape, dtype=dtype,
+                                bytes=nbytes, device="cpu", threads=torch.get_num_threads())
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"{t}thr")
+def threads(request):
+    """Thread count of the run (on a loaded shared machine 1 thread gives the steadiest ratios)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", list(LATENT_SHAPES))
+def test_bench_rectified_cfg_cpu(benchmark, shape, mode, dtype, provider, threads):
+    benchmark.group = f"rectified_cfg fwd {shape} {mode} {dtype} {threads}thr"
+    dt = DTYPES[dtype]
+    inputs = latent_inputs(shape, dt)
+    in_bytes = inputs[0].numel() * inputs[0].element_size()
+    if provider == "dare_cpu":
+        if dk.cfg._unavailable("cpu", inputs[0].device, dt) is not None:
+            pytest.skip(dk.cfg._unavailable("cpu", inputs[0].device, dt))
+        out = torch.empty_like(inputs[0][: inputs[0].shape[0] // 2])
+        kw = dare_kwargs(mode)
+        fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="cpu", **kw), inputs)
+        nbytes = int(2.5 * in_bytes)
+    elif provider == "diffusers_guider":
+        pytest.importorskip("diffusers")
+        fn = cycling(guider_fn(mode), inputs)
+        nbytes = int(2.5 * in_bytes)
+    elif provider == "diffusers_guider_compiled":
+        pytest.importorskip("diffusers")
+        if dtype != "fp32":
+            pytest.skip("compiled guider measured in fp32 only (compile time on a 2-core machine)")
+        torch._dynamo.reset()
+        compiled = torch.compile(guider_fn(mode), fullgraph=False, dynamic=False)
+        compiled(inputs[0])  # compile outside the timing
+        fn = cycling(compiled, inputs)
+        nbytes = int(2.5 * in_bytes)
+    else:
+        dst = torch.empty_like(inputs[0])
+        fn = cycling(lambda p: dst.copy_(p), inputs)
+        nbytes = 2 * in_bytes
+    fn()
+    _info(benchmark, provider, mode, shape, dtype, nbytes)
+    benchmark(fn)

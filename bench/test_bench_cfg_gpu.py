@@ -1,0 +1,71 @@
+"""rectified_cfg on a GPU: CUDA two-pass and single-pass, Triton, the eager diffusers guider, and a copy.
+
+Bytes recorded per provider are what its algorithm must move (K=2): two-pass and Triton 2.5x the
+input bytes (read twice, write once); single-pass 1.5x (read once, write once: the floor). The copy
+provider moves 2x the input bytes; bandwidth fraction = (bytes/time) / (copy bytes/copy time).
+Skips without CUDA.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import dare_kernels as dk
+from _cfg_common import MODES, cycling, dare_kwargs, guider_fn, latent_inputs
+from shapes import LATENT_SHAPES
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PROVIDERS = ("dare_cuda_two_pass", "dare_cuda_single_pass", "dare_triton", "diffusers_guider", "copy")
+
+
+def _synced(fn):
+    def call():
+        r = fn()
+        torch.cuda.synchronize()
+        return r
+
+    return call
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", list(LATENT_SHAPES))
+def test_bench_rectified_cfg_gpu(benchmark, shape, mode, dtype, provider, monkeypatch):
+    benchmark.group = f"rectified_cfg fwd {shape} {mode} {dtype} gpu"
+    dt = DTYPES[dtype]
+    inputs = latent_inputs(shape, dt, device="cuda")
+    in_bytes = inputs[0].numel() * inputs[0].element_size()
+    out = torch.empty_like(inputs[0][: inputs[0].shape[0] // 2])
+    kw = dare_kwargs(mode)
+    if provider.startswith("dare_cuda"):
+        why = dk.cfg._unavailable("cuda", inputs[0].device, dt)
+        if why is not None:
+            pytest.skip(why)
+        path = "two_pass" if provider.endswith("two_pass") else "single_pass"
+        monkeypatch.setenv("DARE_KERNELS_CFG_CUDA_PATH", path)
+        fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="cuda", **kw), inputs)
+        nbytes = int((2.5 if path == "two_pass" else 1.5) * in_bytes)
+    elif provider == "dare_triton":
+        why = dk.cfg._unavailable("triton", inputs[0].device, dt)
+        if why is not None:
+            pytest.skip(why)
+        fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="triton", **kw), inputs)
+        nbytes = int(2.5 * in_bytes)
+    elif provider == "diffusers_guider":
+        pytest.importorskip("diffusers")
+        fn = cycling(guider_fn(mode), inputs)
+        nbytes = int(2.5 * in_bytes)
+    else:
+        dst = torch.empty_like(inputs[0])
+        fn = cycling(lambda p: dst.copy_(p), inputs)
+        nbytes = 2 * in_bytes
+    fn = _synced(fn)
+    fn()
+    benchmark.extra_info.update(kernel="rectified_cfg", provider=provider, mode=mode, shape=shape, dtype=dtype,
+                                bytes=nbytes, device=torch.cuda.get_device_name())
+    benchmark(fn)

@@ -1,0 +1,38 @@
+"""Peer baselines on CPU at the scaled model shapes: SDPA (with/without bias), eager attention with
+maps, compiled FlexAttention, FlashAttention / xFormers (skipped here with the reason), and
+diffusers' guiders eager and compiled. The floors (matmul peak, copy bandwidth) are measured by
+bench/conftest.py in the same run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peers
+from harness import attn_shapes, latent_shapes, quick
+from peer_cases import ATTN_CASES, run_attn_peer, run_guider_peer
+
+DEVICE = "cpu"
+DTYPES = (torch.float32,) if quick() else (torch.float32, torch.bfloat16)
+ATTN = [(s, p, m, d) for s in attn_shapes(DEVICE) for d in DTYPES for p, m in ATTN_CASES]
+LATENTS = latent_shapes(DEVICE)
+GUIDER_MODES = ("cfg", "rescale") if quick() else peers.GUIDER_MODES
+GUIDE = [(n, p, m, d) for n in LATENTS for d in DTYPES for m in GUIDER_MODES for p in peers.GUIDER_PEERS]
+
+
+def _dt(d):
+    return str(d).replace("torch.", "")
+
+
+@pytest.mark.parametrize("shape,provider,mode,dtype", ATTN,
+                         ids=[f"{s.name}-{p}-{m}-{_dt(d)}" for s, p, m, d in ATTN])
+def test_attn_peer(benchmark, shape, provider, mode, dtype):
+    benchmark.group = f"sra_attention {mode} {shape.name} {_dt(dtype)}"
+    run_attn_peer(benchmark, provider, mode, shape, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("latent,provider,mode,dtype", GUIDE,
+                         ids=[f"{n}-{p}-{m}-{_dt(d)}" for n, p, m, d in GUIDE])
+def test_guider_peer(benchmark, latent, provider, mode, dtype):
+    benchmark.group = f"rectified_cfg {mode} {latent} {_dt(dtype)}"
+    run_guider_peer(benchmark, provider, mode, latent, LATENTS[latent], dtype, DEVICE)

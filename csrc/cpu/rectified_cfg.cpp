@@ -1,0 +1,352 @@
+// Rectified CFG combine on CPU (SPEC.md §2). One vectorised read of the inputs for the per-group
+// statistics (fixed kChunk-element chunks: float accumulation inside a chunk, chunk partials added in
+// float64 in chunk order, so results do not depend on the thread count), a per-group coefficient
+// step in float64 (rectified_cfg_params.h), then one read + one write for the combine.
+#include "cpu/rectified_cfg.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "rectified_cfg_params.h"
+
+namespace dare::cpu {
+namespace {
+
+using at::vec::Vectorized;
+namespace rc = dare::rcfg;
+
+constexpr int64_t kChunk = 4096;                       // elements per reduction chunk (fixed)
+constexpr int kBlock = 2 * Vectorized<float>::size();  // elements per vector step
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+// A block of kBlock elements of T <-> kV vectors of the accumulation type.
+template <typename T> struct IO;
+template <> struct IO<float> {
+  using V = Vectorized<float>;
+  static constexpr int kV = kBlock / V::size();
+  static void load(const float* p, V* v) { for (int i = 0; i < kV; ++i) v[i] = V::loadu(p + i * V::size()); }
+  static void store(float* p, const V* v) { for (int i = 0; i < kV; ++i) v[i].store(p + i * V::size()); }
+};
+template <> struct IO<double> {
+  using V = Vectorized<double>;
+  static constexpr int kV = kBlock / V::size();
+  static void load(const double* p, V* v) { for (int i = 0; i < kV; ++i) v[i] = V::loadu(p + i * V::size()); }
+  static void store(double* p, const V* v) { for (int i = 0; i < kV; ++i) v[i].store(p + i * V::size()); }
+};
+template <typename R> struct IOReduced {
+  using V = Vectorized<float>;
+  static constexpr int kV = 2;
+  static_assert(Vectorized<R>::size() == kBlock, "reduced-float vector must hold one block");
+  static void load(const R* p, V* v) { at::vec::load_to_float<R>(p, v[0], v[1]); }
+  static void store(R* p, const V* v) { at::vec::convert_from_float<R>(v[0], v[1]).store(p); }
+};
+template <> struct IO<c10::BFloat16> : IOReduced<c10::BFloat16> {};
+template <> struct IO<c10::Half> : IOReduced<c10::Half> {};
+
+// Partial statistics of one chunk of one group (14 values, float64).
+template <typename T, typename Bt, bool K3, bool MOM>
+void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, double beta, double* out) {
+  using A = typename AccOf<T>::type;
+  using V = typename IO<T>::V;
+  constexpr int kV = IO<T>::kV;
+  static_assert(std::is_same_v<V, typename IO<Bt>::V> && IO<Bt>::kV == kV, "buffer/input vector mismatch");
+  constexpr bool P[rc::kNumSlots] = {true, true, K3, MOM};
+  V acc[rc::kNumStats];
+  for (auto& a : acc) a = V(A(0));
+  const V vbeta(static_cast<A>(beta));
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    V xu[kV], xc[kV], xd[kV], xb[kV];
+    IO<T>::load(u + i, xu);
+    IO<T>::load(c + i, xc);
+    if constexpr (K3) IO<T>::load(d + i, xd);
+    if constexpr (MOM) IO<Bt>::load(b + i, xb);
+    for (int k = 0; k < kV; ++k) {
+      V v[rc::kNumSlots];
+      v[0] = xu[k];
+      v[1] = xc[k] - xu[k];
+      if constexpr (MOM) v[1] = at::vec::fmadd(vbeta, xb[k], v[1]);
+      if constexpr (K3) v[2] = xc[k] - xd[k];
+      if constexpr (MOM) v[3] = xc[k];
+      for (int s = 0; s < rc::kNumSlots; ++s)
+        if (P[s]) acc[s] = acc[s] + v[s];
+      for (int s = 0; s < rc::kNumSlots; ++s)
+        for (int t = s; t < rc::kNumSlots; ++t)
+          if (P[s] && P[t]) acc[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], acc[rc::pair_index(s, t)]);
+    }
+  }
+  for (int s = 0; s < rc::kNumStats; ++s) {
+    A lanes[V::size()];
+    acc[s].store(lanes);
+    double t = 0.0;
+    for (int l = 0; l < V::size(); ++l) t += static_cast<double>(lanes[l]);
+    out[s] = t;
+  }
+  for (; i < len; ++i) {  // tail, in float64
+    const double xu = static_cast<double>(static_cast<A>(u[i]));
+    const double xc = static_cast<double>(static_cast<A>(c[i]));
+    double v[rc::kNumSlots] = {xu, xc - xu, 0.0, 0.0};
+    if constexpr (MOM) v[1] += beta * static_cast<double>(static_cast<A>(b[i]));
+    if constexpr (K3) v[2] = xc - static_cast<double>(static_cast<A>(d[i]));
+    if constexpr (MOM) v[3] = xc;
+    for (int s = 0; s < rc::kNumSlots; ++s)
+      if (P[s]) out[s] += v[s];
+    for (int s = 0; s < rc::kNumSlots; ++s)
+      for (int t = s; t < rc::kNumSlots; ++t)
+        if (P[s] && P[t]) out[rc::pair_index(s, t)] += v[s] * v[t];
+  }
+}
+
+// out = γ_u u + γ_c c + γ_d d + γ_b b_old over one chunk; with momentum also b_new = c - u + β b_old.
+template <typename T, typename Bt, bool K3, bool MOM>
+void combine_chunk(const T* u, const T* c, const T* d, const Bt* b_old, Bt* b_new, T* out, int64_t len,
+                   const double* gamma, double beta) {
+  using A = typename AccOf<T>::type;
+  using V = typename IO<T>::V;
+  constexpr int kV = IO<T>::kV;
+  const A gu = static_cast<A>(gamma[0]), gc = static_cast<A>(gamma[1]);
+  const A gd = static_cast<A>(gamma[2]), gb = static_cast<A>(gamma[3]), bt = static_cast<A>(beta);
+  const V vgu(gu), vgc(gc), vgd(gd), vgb(gb), vbt(bt);
+  int64_t i = 0;
+  for (; i + kBlock <= len; i += kBlock) {
+    V xu[kV], xc[kV], xd[kV], xb[kV], o[kV], nb[kV];
+    IO<T>::load(u + i, xu);
+    IO<T>::load(c + i, xc);
+    if constexpr (K3) IO<T>::load(d + i, xd);
+    if constexpr (MOM) IO<Bt>::load(b_old + i, xb);
+    for (int k = 0; k < kV; ++k) {
+      V r = xu[k] * vgu;
+      r = at::vec::fmadd(vgc, xc[k], r);
+      if constexpr (K3) r = at::vec::fmadd(vgd, xd[k], r);
+      if constexpr (MOM) {
+        r = at::vec::fmadd(vgb, xb[k], r);
+        nb[k] = at::vec::fmadd(vbt, xb[k], xc[k] - xu[k]);
+      }
+      o[k] = r;
+    }
+    IO<T>::store(out + i, o);
+    if constexpr (MOM) IO<Bt>::store(b_new + i, nb);
+  }
+  for (; i < len; ++i) {
+    const A xu = static_cast<A>(u[i]), xc = static_cast<A>(c[i]);
+    A r = xu * gu;
+    r = std::fma(gc, xc, r);
+    if constexpr (K3) r = std::fma(gd, static_cast<A>(d[i]), r);
+    if constexpr (MOM) {
+      const A xb = static_cast<A>(b_old[i]);
+      r = std::fma(gb, xb, r);
+      b_new[i] = static_cast<Bt>(std::fma(bt, xb, xc - xu));
+    }
+    out[i] = static_cast<T>(r);
+  }
+}
+
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(Tag<T>, Tag<Bt>, bool_constant<K3>, bool_constant<MOM>) for the runtime combination.
+template <typename F>
+void dispatch(at::ScalarType st, bool buf_f32, bool k3, bool mom, F&& f) {
+  auto flags = [&](auto t, auto b) {
+    if (k3) {
+      if (mom) f(t, b, std::true_type{}, std::true_type{});
+      else f(t, b, std::true_type{}, std::false_type{});
+    } else {
+      if (mom) f(t, b, std::false_type{}, std::true_type{});
+      else f(t, b, std::false_type{}, std::false_type{});
+    }
+  };
+  switch (st) {
+    case at::kFloat: flags(Tag<float>{}, Tag<float>{}); break;
+    case at::kDouble: flags(Tag<double>{}, Tag<double>{}); break;
+    case at::kBFloat16:
+      if (buf_f32) flags(Tag<c10::BFloat16>{}, Tag<float>{});
+      else flags(Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
+      break;
+    case at::kHalf:
+      if (buf_f32) flags(Tag<c10::Half>{}, Tag<float>{});
+      else flags(Tag<c10::Half>{}, Tag<c10::Half>{});
+      break;
+    default: TORCH_CHECK(false, "rectified_cfg: unsupported dtype ", st);
+  }
+}
+
+struct Inputs {
+  at::Tensor u, c, d, b;  // contiguous; d / b undefined when absent
+  int64_t groups = 0, n = 0;
+  bool k3 = false, mom = false, buf_f32 = false;
+};
+
+Inputs prepare(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
+               const std::optional<at::Tensor>& buf, int64_t n_reduce) {
+  TORCH_CHECK(u.device().is_cpu(), "rectified_cfg (cpu): inputs must be CPU tensors, got ", u.device());
+  TORCH_CHECK(n_reduce >= 0 && n_reduce <= u.dim(), "rectified_cfg: n_reduce=", n_reduce, " out of range for ", u.dim(), "-D inputs");
+  Inputs in;
+  auto check = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == u.sizes(), "rectified_cfg: ", name, " has shape ", t.sizes(), ", expected ", u.sizes());
+    TORCH_CHECK(t.device() == u.device(), "rectified_cfg: ", name, " is on ", t.device(), ", expected ", u.device());
+  };
+  check(c, "cond");
+  TORCH_CHECK(c.scalar_type() == u.scalar_type(), "rectified_cfg: branch dtypes differ");
+  in.u = u.contiguous();
+  in.c = c.contiguous();
+  if (d.has_value()) {
+    check(*d, "degraded");
+    TORCH_CHECK(d->scalar_type() == u.scalar_type(), "rectified_cfg: branch dtypes differ");
+    in.d = d->contiguous();
+    in.k3 = true;
+  }
+  if (buf.has_value()) {
+    check(*buf, "momentum_buffer");
+    const auto bt = buf->scalar_type();
+    TORCH_CHECK(bt == u.scalar_type() || (bt == at::kFloat && u.scalar_type() != at::kDouble),
+                "rectified_cfg: momentum_buffer must be float32 or the predictions' dtype, got ", bt);
+    in.b = buf->contiguous();
+    in.mom = true;
+    in.buf_f32 = bt == at::kFloat && u.scalar_type() != at::kFloat;
+  }
+  in.n = 1;
+  for (int64_t i = u.dim() - n_reduce; i < u.dim(); ++i) in.n *= u.size(i);
+  in.groups = in.n == 0 ? 0 : u.numel() / in.n;
+  return in;
+}
+
+int mode_id(c10::string_view mode) {
+  if (mode == "cfg") return rc::kModeCfg;
+  if (mode == "cfg_zero_star") return rc::kModeZeroStar;
+  if (mode == "apg") return rc::kModeApg;
+  TORCH_CHECK(false, "rectified_cfg: unknown mode '", std::string(mode), "' (expected cfg, cfg_zero_star or apg)");
+}
+
+int64_t num_chunks(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
+
+// Per-group statistics, float64 [G * 14].
+std::vector<double> compute_stats(const Inputs& in, double beta) {
+  const int64_t G = in.groups, N = in.n, nch = num_chunks(N);
+  std::vector<double> partial(static_cast<size_t>(G * nch * rc::kNumStats), 0.0);
+  std::vector<double> stats(static_cast<size_t>(G * rc::kNumStats), 0.0);
+  if (G == 0) return stats;
+  dispatch(in.u.scalar_type(), in.buf_f32, in.k3, in.mom, [&](auto t, auto b, auto k3, auto mom) {
+    using T = typename decltype(t)::type;
+    using Bt = typename decltype(b)::type;
+    constexpr bool K3 = decltype(k3)::value, MOM = decltype(mom)::value;
+    const T* pu = in.u.const_data_ptr<T>();
+    const T* pc = in.c.const_data_ptr<T>();
+    const T* pd = K3 ? in.d.const_data_ptr<T>() : nullptr;
+    const Bt* pb = MOM ? in.b.const_data_ptr<Bt>() : nullptr;
+    at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / nch, ch = task % nch;
+        const int64_t off = g * N + ch * kChunk, len = std::min(kChunk, N - ch * kChunk);
+        stats_chunk<T, Bt, K3, MOM>(pu + off, pc + off, K3 ? pd + off : nullptr, MOM ? pb + off : nullptr, len,
+                                    beta, partial.data() + task * rc::kNumStats);
+      }
+    });
+  });
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t ch = 0; ch < nch; ++ch)
+      for (int s = 0; s < rc::kNumStats; ++s)
+        stats[g * rc::kNumStats + s] += partial[(g * nch + ch) * rc::kNumStats + s];
+  return stats;
+}
+
+// out (contiguous) = Σ γ x per group; gamma is float64 [G * 4]; b_new written with momentum.
+void combine(const Inputs& in, const double* gamma, double beta, at::Tensor& out, at::Tensor* b_new) {
+  const int64_t G = in.groups, N = in.n, nch = num_chunks(N);
+  if (G == 0) return;
+  dispatch(in.u.scalar_type(), in.buf_f32, in.k3, in.mom, [&](auto t, auto b, auto k3, auto mom) {
+    using T = typename decltype(t)::type;
+    using Bt = typename decltype(b)::type;
+    constexpr bool K3 = decltype(k3)::value, MOM = decltype(mom)::value;
+    const T* pu = in.u.const_data_ptr<T>();
+    const T* pc = in.c.const_data_ptr<T>();
+    const T* pd = K3 ? in.d.const_data_ptr<T>() : nullptr;
+    const Bt* pb = MOM ? in.b.const_data_ptr<Bt>() : nullptr;
+    Bt* pbn = (MOM && b_new != nullptr) ? b_new->mutable_data_ptr<Bt>() : nullptr;
+    T* po = out.mutable_data_ptr<T>();
+    at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Bt> scratch;  // b_new target when the caller does not want the buffer written
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / nch, ch = task % nch;
+        const int64_t off = g * N + ch * kChunk, len = std::min(kChunk, N - ch * kChunk);
+        Bt* dst = nullptr;
+        if constexpr (MOM) {
+          if (pbn != nullptr) {
+            dst = pbn + off;
+          } else {
+            scratch.resize(static_cast<size_t>(len));
+            dst = scratch.data();
+          }
+        }
+        combine_chunk<T, Bt, K3, MOM>(pu + off, pc + off, K3 ? pd + off : nullptr, MOM ? pb + off : nullptr, dst,
+                                      po + off, len, gamma + g * rc::kNumCoeffs, beta);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void rectified_cfg_fused(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
+                         const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& out,
+                         int64_t n_reduce, c10::string_view mode, double guidance_scale,
+                         double rectify_scale, double guidance_rescale, double eta,
+                         double norm_threshold, double momentum) {
+  Inputs in = prepare(u, c, d, momentum_buffer, n_reduce);
+  TORCH_CHECK(out.sizes() == u.sizes() && out.scalar_type() == u.scalar_type() && out.device() == u.device(),
+              "rectified_cfg: out must match the branch shape ", u.sizes(), " and dtype ", u.scalar_type());
+  rc::CoeffParams p{mode_id(mode), in.k3 ? 3 : 2, in.mom ? 1 : 0, guidance_scale, rectify_scale,
+                    guidance_rescale, eta, norm_threshold, momentum};
+  TORCH_CHECK(!in.mom || p.mode == rc::kModeApg, "rectified_cfg: a momentum buffer is only used by mode 'apg'");
+  const int64_t G = in.groups;
+  std::vector<double> gamma(static_cast<size_t>(G * rc::kNumCoeffs));
+  if (rc::needs_stats(p)) {
+    const std::vector<double> stats = compute_stats(in, momentum);
+    for (int64_t g = 0; g < G; ++g)
+      rc::coefficients(stats.data() + g * rc::kNumStats, static_cast<double>(in.n), p, gamma.data() + g * rc::kNumCoeffs);
+  } else {
+    double st[rc::kNumStats] = {};
+    double g0[rc::kNumCoeffs];
+    rc::coefficients(st, static_cast<double>(in.n), p, g0);
+    for (int64_t g = 0; g < G; ++g) std::copy(g0, g0 + rc::kNumCoeffs, gamma.begin() + g * rc::kNumCoeffs);
+  }
+  at::Tensor o = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+  at::Tensor bnew;
+  if (in.mom) bnew = momentum_buffer->is_contiguous() ? *momentum_buffer : in.b;  // in.b is a private copy then
+  combine(in, gamma.data(), momentum, o, in.mom ? &bnew : nullptr);
+  if (!o.is_same(out)) out.copy_(o);
+  if (in.mom && !bnew.is_same(*momentum_buffer)) momentum_buffer->copy_(bnew);
+}
+
+at::Tensor rectified_cfg_stats(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
+                               const std::optional<at::Tensor>& momentum_buffer, int64_t n_reduce,
+                               double momentum) {
+  Inputs in = prepare(u, c, d, momentum_buffer, n_reduce);
+  const std::vector<double> stats = compute_stats(in, momentum);
+  at::Tensor res = at::empty({in.groups, rc::kNumStats}, u.options().dtype(at::kDouble));
+  std::copy(stats.begin(), stats.end(), res.mutable_data_ptr<double>());
+  return u.scalar_type() == at::kDouble ? res : res.to(at::kFloat);
+}
+
+at::Tensor rectified_cfg_combine(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
+                                 const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& coeffs,
+                                 int64_t n_reduce) {
+  Inputs in = prepare(u, c, d, momentum_buffer, n_reduce);
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == in.groups && coeffs.size(1) == rc::kNumCoeffs,
+              "rectified_cfg: coeffs must be [G=", in.groups, ", 4], got ", coeffs.sizes());
+  at::Tensor gamma = coeffs.to(at::kDouble).contiguous();
+  at::Tensor out = at::empty(u.sizes(), u.options().memory_format(at::MemoryFormat::Contiguous));
+  combine(in, gamma.const_data_ptr<double>(), 0.0, out, nullptr);
+  return out;
+}
+
+}  // namespace dare::cpu

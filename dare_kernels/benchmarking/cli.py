@@ -1,0 +1,127 @@
+"""``dare-kernels bench`` (run the suite, then the table) and ``dare-kernels report`` (table + plots from CSVs)."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def find_bench_dir(explicit: str | None = None) -> Path:
+    """The repository's bench/ folder: --bench-dir, ./bench, or next to the (editable) package."""
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [Path.cwd() / "bench", Path(__file__).resolve().parents[2] / "bench"]
+    for c in candidates:
+        if (c / "conftest.py").is_file():
+            return c.resolve()
+    raise SystemExit("dare-kernels bench: no bench/ folder with conftest.py found (run it from the repository "
+                     "root or pass --bench-dir)")
+
+
+def _bench_files(bench_dir: Path, device: str) -> list[str]:
+    pats = {"cpu": ["test_bench_*_cpu.py"], "cuda": ["test_bench_*_gpu.py"],
+            "all": ["test_bench_*_cpu.py", "test_bench_*_gpu.py"]}[device]
+    files = sorted({f for p in pats for f in glob.glob(str(bench_dir / p))})
+    return files
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import report
+    from .results import device_slug, new_run_id
+
+    if os.environ.get("DARE_BENCH_QUICK", "0") not in ("", "0", "false", "no"):
+        args.quick = True  # `DARE_BENCH_QUICK=1 make bench`
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    bench_dir = find_bench_dir(args.bench_dir)
+    files = _bench_files(bench_dir, device)
+    if not files:
+        print(f"no bench files for --device {device} under {bench_dir}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or (bench_dir / "results"))
+    csv_dir = Path(args.csv_dir or out_dir)
+    run_id = new_run_id()
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-p", "no:cacheprovider",
+           "-p", "dare_kernels.benchmarking.progress", "-q", "--no-header", "-rN",
+           f"--rootdir={bench_dir.parent}", "--bench-run-id", run_id, "--bench-csv-dir", str(csv_dir),
+           "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+    if args.quick:
+        cmd.append("--bench-quick")
+    budget = args.budget_s if args.budget_s is not None else (480.0 if device == "cuda" else 0.0)
+    if budget > 0:
+        cmd += ["--bench-budget-s", str(budget)]
+    if args.filter:
+        cmd += ["-k", args.filter]
+    cmd += args.pytest_args or []
+    env = dict(os.environ)
+    if args.quick:
+        env["DARE_BENCH_QUICK"] = "1"
+    print(f"dare-kernels bench: {len(files)} file(s), device {device}, run {run_id}"
+          f"{' (quick)' if args.quick else ''}", flush=True)
+    rc = subprocess.call(cmd, cwd=str(bench_dir.parent), env=env)
+    if rc not in (0, 1):  # 1: some benchmark failed (recorded as error rows); still report
+        print(f"pytest exited with {rc}", file=sys.stderr)
+    # both files: GPU cases skipped on a machine without a GPU are rows of the CPU file; the
+    # report keeps only this run's rows
+    csvs = sorted({p for p in (csv_dir / f"{device_slug(d)}.csv" for d in ("cpu", "cuda")) if p.is_file()})
+    if not csvs:
+        print("no result rows were written", file=sys.stderr)
+        return rc or 1
+    written = report.write_report(csvs, out_dir, run=run_id, plots=not args.no_plots)
+    for md in written["md"]:
+        print()
+        print(md.read_text())
+    for p in written["md"] + written["png"]:
+        print(f"wrote {p}")
+    return 0 if rc in (0, 1, 5) else rc
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    csvs = args.csv or sorted(glob.glob(str(find_bench_dir(args.bench_dir) / "results" / "*.csv")))
+    if not csvs:
+        print("no result CSVs (run `dare-kernels bench` first, or pass --csv)", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else Path(csvs[0]).parent
+    written = report.write_report(csvs, out, run=args.run, plots=not args.no_plots)
+    if args.print:
+        for md in written["md"]:
+            print(md.read_text())
+    for p in written["md"] + written["png"]:
+        print(f"wrote {p}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``bench`` and ``report``."""
+    p = subparsers.add_parser("bench", help="run the benchmark suite (pytest bench/ --benchmark-only), then the table")
+    p.add_argument("--quick", action="store_true", help="≈2-minute subset: small CPU shapes, few rounds")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "all"), default="auto",
+                   help="which bench files: *_cpu.py, *_gpu.py or both (auto: cuda if available, else cpu)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no benchmark after this many seconds; later ones are recorded as skipped "
+                        "(default 480 for --device cuda, so the run and its report fit one 10-minute device call; "
+                        "0 = no limit)")
+    p.add_argument("--filter", "-k", default=None, help="pytest -k expression (e.g. 'sra and not bf16')")
+    p.add_argument("--out", default=None, help="folder of the report and plots (default bench/results)")
+    p.add_argument("--csv-dir", default=None, help="folder of the result CSVs (default: --out)")
+    p.add_argument("--bench-dir", default=None, help="the bench/ folder (default: ./bench)")
+    p.add_argument("--no-plots", action="store_true", help="Markdown table only")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.set_defaults(func=_cmd_bench)
+
+    r = subparsers.add_parser("report", help="Markdown table and PNG plots from bench/results/*.csv")
+    r.add_argument("--csv", action="append", default=None, help="result CSV (repeatable; default bench/results/*.csv)")
+    r.add_argument("--out", default=None, help="output folder (default: the first CSV's folder)")
+    r.add_argument("--run", default="latest", help="'latest' run per device (default), 'all', or a run id")
+    r.add_argument("--bench-dir", default=None, help=argparse.SUPPRESS)
+    r.add_argument("--no-plots", action="store_true", help="Markdown table only")
+    r.add_argument("--print", action="store_true", help="also print the Markdown")
+    r.set_defaults(func=_cmd_report)

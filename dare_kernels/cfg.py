@@ -1,0 +1,598 @@
+"""Rectified CFG combine (SPEC.md §2): public function, input checks, backend choice, custom ops and autograd.
+
+Every mode is g = Σ_k γ_k x_k over x = (u, c, d, b_old) with per-sample γ computed from statistics
+of a small basis of the branches (layout in csrc/include/rectified_cfg_params.h: sums of the slots
+u, D = c - u (+ β b_old), E = c - d, c, then their Gram entries 00 01 02 03 11 12 13 22 23 33).
+Each compiled backend is a triple of torch custom ops with one schema shape:
+
+    <fused>(Tensor u, Tensor c, Tensor? d, Tensor(a!)? momentum_buffer, Tensor(b!) out, int n_reduce,
+            str guidance_mode, float guidance_scale, float rectify_scale, float guidance_rescale, float eta,
+            float norm_threshold, float momentum) -> ()
+    <stats>(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, int n_reduce, float momentum) -> Tensor [G, 14]
+    <combine>(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, Tensor coeffs [G, 4], int n_reduce) -> Tensor
+
+All tensors share the shape [*groups, *reduced] (the last ``n_reduce`` dims are reduced). The fused op
+is the inference path (statistics, coefficients and combine in the kernels, no host sync). When a
+gradient is needed the function runs stats -> coefficients (PyTorch ops, so autograd sees how γ
+depends on the statistics) -> combine; both ops have closed-form backward formulas below.
+
+Conventions where SPEC.md and diffusers 0.42.1 differ or are silent (tests/test_cfg.py holds them):
+- Branch order u, c[, d] along dim 0 (diffusers pipelines chunk uncond first; guiders take
+  ``forward(pred_cond, pred_uncond)``). APG momentum: buf <- (c - u) + β buf, exactly diffusers'
+  MomentumBuffer; a zero buffer on the first step reproduces its fresh buffer.
+- Statistics stay in float32 for every input dtype. diffusers rounds CFG-Zero*'s α and the rescale
+  standard deviations to the input dtype (bf16/fp16); we do not, so low-precision results match
+  the guider run on the float64 upcast of the same inputs.
+- APG normalises c like ``F.normalize`` (c / max(‖c‖, 1e-12)), so c = 0 gives Δ∥ = 0, not NaN.
+- ``reduce_dims`` applies to every statistic, the rescale σ included (diffusers' APG ``norm_dim``
+  leaves ``rescale_noise_cfg`` over all non-batch dims): per-frame guidance rescales per frame.
+- ``rectify_scale`` != 0 with two branches is an error rather than a silently dropped term.
+- diffusers' CFG-Zero* ``zero_init_steps`` (returning zeros on the first steps) is sampler policy and
+  stays with the caller.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+from . import _ext
+from .reference import CFG_MODES, rectified_cfg_ref
+
+__all__ = ["rectified_cfg", "CFG_MODES", "BACKENDS"]
+
+BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NUM_STATS = 14
+NUM_COEFFS = 4
+_MODE_ID = {"cfg": 0, "cfg_zero_star": 1, "apg": 2}
+
+
+def _pair(i: int, j: int) -> int:
+    return 4 + i * 4 - (i * (i - 1)) // 2 + (j - i)
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------
+
+def _check_number(name, value, *, low=None, high=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (float), got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and value < low or high is not None and value > high:
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def _split_branches(preds, num_branches) -> list[torch.Tensor]:
+    if num_branches is not None:
+        if isinstance(num_branches, bool) or not isinstance(num_branches, int):
+            raise TypeError(f"num_branches must be an int (2 or 3) or None, got {type(num_branches).__name__}")
+        if num_branches not in (2, 3):
+            raise ValueError(f"num_branches must be 2 (uncond, cond) or 3 (uncond, cond, degraded), got {num_branches}")
+    if isinstance(preds, torch.Tensor):
+        k = 2 if num_branches is None else num_branches
+        if preds.dim() < 2:
+            raise ValueError(f"preds must be [K*B, ...] with at least one non-batch dim, got shape {tuple(preds.shape)}")
+        if preds.shape[0] % k != 0 or preds.shape[0] == 0:
+            raise ValueError(f"preds' batch {preds.shape[0]} is not divisible by num_branches={k} "
+                             f"(branches are stacked along dim 0: uncond, cond[, degraded])")
+        branches = list(preds.chunk(k, dim=0))
+    elif isinstance(preds, (list, tuple)):
+        branches = list(preds)
+        if len(branches) not in (2, 3):
+            raise ValueError(f"preds must hold 2 or 3 branch tensors (uncond, cond[, degraded]), got {len(branches)}")
+        if num_branches is not None and num_branches != len(branches):
+            raise ValueError(f"num_branches={num_branches} but preds holds {len(branches)} tensors")
+        for i, t in enumerate(branches):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"preds[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    else:
+        raise TypeError(f"preds must be a torch.Tensor [K*B, ...] or a sequence of K tensors, got {type(preds).__name__}")
+    ref = branches[0]
+    if ref.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"preds must be float16, bfloat16, float32 or float64, got {ref.dtype}")
+    if ref.dim() < 2:
+        raise ValueError(f"each branch must be [B, ...] with at least one non-batch dim, got shape {tuple(ref.shape)}")
+    names = ("uncond", "cond", "degraded")
+    for i, t in enumerate(branches[1:], 1):
+        if t.dtype != ref.dtype:
+            raise TypeError(f"branch {names[i]} has dtype {t.dtype}, uncond has {ref.dtype}: branches must share a dtype")
+        if t.device != ref.device:
+            raise ValueError(f"branch {names[i]} is on {t.device}, uncond on {ref.device}: branches must share a device")
+        if t.shape != ref.shape:
+            raise ValueError(f"branch {names[i]} has shape {tuple(t.shape)}, uncond {tuple(ref.shape)}: shapes must match")
+    return branches
+
+
+def _normalize_reduce_dims(reduce_dims, ndim: int) -> list[int]:
+    if reduce_dims is None:
+        return list(range(1, ndim))
+    if isinstance(reduce_dims, bool):
+        raise TypeError("reduce_dims must be an int, a sequence of ints or None, got bool")
+    if isinstance(reduce_dims, int):
+        reduce_dims = (reduce_dims,)
+    try:
+        dims = [int(d) for d in reduce_dims if not isinstance(d, bool) and int(d) == d]
+        if len(dims) != len(reduce_dims):
+            raise TypeError
+    except TypeError:
+        raise TypeError(f"reduce_dims must be an int, a sequence of ints or None, got {reduce_dims!r}") from None
+    if not dims:
+        raise ValueError("reduce_dims must name at least one non-batch dim")
+    out = []
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(f"reduce_dims entry {d} is out of range for {ndim}-D branch tensors [B, ...]")
+        d %= ndim
+        if d == 0:
+            raise ValueError("reduce_dims must not include the batch dim 0: statistics are per sample")
+        if d in out:
+            raise ValueError(f"reduce_dims has dim {d} twice")
+        out.append(d)
+    return sorted(out)
+
+
+class _Args:
+    """Validated arguments of one call."""
+
+
+def _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guidance_rescale, eta,
+                  norm_threshold, momentum, momentum_buffer, reduce_dims, out, backend) -> _Args:
+    a = _Args()
+    a.branches = _split_branches(preds, num_branches)
+    a.K = len(a.branches)
+    ref = a.branches[0]
+    if not isinstance(mode, str) or mode not in CFG_MODES:
+        raise ValueError(f"mode must be one of {CFG_MODES}, got {mode!r}")
+    a.mode = mode
+    a.s = _check_number("guidance_scale", guidance_scale)
+    a.sr = _check_number("rectify_scale", rectify_scale)
+    if a.K == 2 and a.sr != 0.0:
+        raise ValueError("rectify_scale weighs the degraded branch (c - d): pass 3 branches (uncond, cond, degraded) "
+                         "or rectify_scale=0")
+    a.phi = _check_number("guidance_rescale", guidance_rescale, low=0.0, high=1.0)
+    a.eta = _check_number("eta", eta)
+    a.tau = _check_number("norm_threshold", norm_threshold, low=0.0)
+    a.beta = _check_number("momentum", momentum, allow_none=True)
+    if a.beta is not None:
+        if mode != "apg":
+            raise ValueError(f"momentum is an APG option (mode='apg'), got mode={mode!r}")
+        if momentum_buffer is None:
+            raise ValueError("momentum needs a momentum_buffer: a caller-owned tensor of the branch shape "
+                             f"{tuple(ref.shape)} (zeros on the first step), updated in place")
+    if momentum_buffer is not None:
+        if a.beta is None:
+            raise ValueError("momentum_buffer was given but momentum is None")
+        if not isinstance(momentum_buffer, torch.Tensor):
+            raise TypeError(f"momentum_buffer must be a torch.Tensor, got {type(momentum_buffer).__name__}")
+        if momentum_buffer.shape != ref.shape:
+            raise ValueError(f"momentum_buffer must have the branch shape {tuple(ref.shape)}, "
+                             f"got {tuple(momentum_buffer.shape)}")
+        if momentum_buffer.device != ref.device:
+            raise ValueError(f"momentum_buffer is on {momentum_buffer.device}, preds on {ref.device}")
+        ok = (momentum_buffer.dtype == ref.dtype
+              or (momentum_buffer.dtype == torch.float32 and ref.dtype != torch.float64))
+        if not ok:
+            raise TypeError(f"momentum_buffer must be float32 or the predictions' dtype {ref.dtype}, "
+                            f"got {momentum_buffer.dtype}")
+        if momentum_buffer.requires_grad:
+            raise ValueError("momentum_buffer is sampler state updated in place and must not require grad")
+    a.buf = momentum_buffer
+    a.dims = _normalize_reduce_dims(reduce_dims, ref.dim())
+    a.n = math.prod([ref.shape[d] for d in a.dims])
+    if a.phi > 0 and a.n < 2:
+        raise ValueError(f"guidance_rescale > 0 needs at least 2 elements per sample to take a standard deviation, "
+                         f"reduce_dims={a.dims} hold {a.n}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        if out.shape != ref.shape or out.dtype != ref.dtype or out.device != ref.device:
+            raise ValueError(f"out must be a {ref.dtype} tensor of shape {tuple(ref.shape)} on {ref.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        for t in a.branches + ([momentum_buffer] if momentum_buffer is not None else []):
+            if _overlaps(out, t):
+                raise ValueError("out must not share memory with preds or momentum_buffer")
+    a.out = out
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return a
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+            return False
+    except Exception:  # noqa: BLE001 - tensors without storage (fake, functional) cannot overlap here
+        return False
+    def span(t):
+        lo = t.data_ptr()
+        hi = lo + (sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        return lo, hi
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+# ---------------------------------------------------------------------------------------------
+# coefficients from statistics (PyTorch ops: the differentiable mirror of rcfg::coefficients)
+# ---------------------------------------------------------------------------------------------
+
+def coefficients_from_stats(stats: torch.Tensor, n: int, *, K: int, mode: str, momentum: bool, guidance_scale: float,
+                            rectify_scale: float = 0.0, guidance_rescale: float = 0.0, eta: float = 1.0,
+                            norm_threshold: float = 0.0, beta: float = 0.0) -> torch.Tensor:
+    """γ [G, 4] over (u, c, d, b_old) from statistics [G, 14]; same math as csrc/include/rectified_cfg_params.h."""
+    st = stats
+
+    def S(i):
+        if i == 3 and not momentum:
+            return st[:, 0] + st[:, 1]
+        return st[:, i]
+
+    def Gm(i, j):
+        i, j = min(i, j), max(i, j)
+        if j == 3 and not momentum:
+            if i == 3:
+                return st[:, _pair(0, 0)] + 2.0 * st[:, _pair(0, 1)] + st[:, _pair(1, 1)]
+            return Gm(i, 0) + Gm(i, 1)
+        return st[:, _pair(i, j)]
+
+    s = float(guidance_scale)
+    sr = float(rectify_scale) if K == 3 else 0.0
+    zero = torch.zeros_like(st[:, 0])
+    gb = [zero + 1.0, zero + s, zero + sr, zero]
+    used = [True, True, K == 3, False]
+    if mode == "cfg_zero_star":
+        uu, ud = Gm(0, 0), Gm(0, 1)
+        alpha = (uu + ud) / (uu + 1e-8)
+        gb[0] = alpha + s * ((1e-8 - ud) / (uu + 1e-8))
+    elif mode == "apg":
+        dd = Gm(1, 1)
+        rho = torch.ones_like(dd)
+        if norm_threshold > 0:
+            safe = torch.where(dd > 0, dd, torch.ones_like(dd))
+            rho = torch.where(dd > 0, torch.clamp(norm_threshold / safe.sqrt(), max=1.0), rho)
+        cnorm = Gm(3, 3).sqrt().clamp_min(1e-12)
+        proj = Gm(1, 3) / (cnorm * cnorm)
+        b = s * rho * (eta - 1.0) * proj
+        gb[1] = s * rho
+        if momentum:
+            gb[3] = b
+            used[3] = True
+        else:
+            gb[0] = gb[0] + b
+            gb[1] = gb[1] + b
+    lam = None
+    if guidance_rescale > 0:
+        idx = [i for i in range(4) if used[i]]
+        sg = sum(gb[i] * S(i) for i in idx)
+        sgg = sum(gb[i] * gb[j] * Gm(i, j) for i in idx for j in idx)
+        sc = S(3)
+        var_g = torch.clamp(sgg - sg * sg / n, min=0.0) / (n - 1)
+        var_c = torch.clamp(Gm(3, 3) - sc * sc / n, min=0.0) / (n - 1)
+        lam = guidance_rescale * var_c.sqrt() / var_g.sqrt() + (1.0 - guidance_rescale)
+    gamma = [gb[0] - gb[1], gb[1] + gb[2] + gb[3], -gb[2], beta * gb[1] if momentum else zero]
+    out = torch.stack(gamma, dim=1)
+    return out if lam is None else out * lam.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: fake implementations and autograd, shared by every compiled backend
+# ---------------------------------------------------------------------------------------------
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _groups(shape, n_reduce: int):
+    return math.prod(shape[: len(shape) - n_reduce])
+
+
+def _fake_fused(u, c, d, momentum_buffer, out, n_reduce, guidance_mode, guidance_scale, rectify_scale, guidance_rescale,
+                eta, norm_threshold, momentum):
+    return None
+
+
+def _fake_stats(u, c, d, momentum_buffer, n_reduce, momentum):
+    return u.new_empty((_groups(u.shape, n_reduce), NUM_STATS), dtype=_stats_dtype(u.dtype))
+
+
+def _fake_combine(u, c, d, momentum_buffer, coeffs, n_reduce):
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
+
+
+def _as_rows(t: torch.Tensor, n_reduce: int, dtype: torch.dtype) -> torch.Tensor:
+    n = math.prod(t.shape[t.dim() - n_reduce:])
+    return t.reshape(-1, n).to(dtype)
+
+
+def _stats_setup(ctx, inputs, output):
+    u, c, d, buf, n_reduce, momentum = inputs
+    ctx.save_for_backward(u, c, d, buf)
+    ctx.n_reduce = n_reduce
+    ctx.momentum = momentum
+
+
+def _stats_backward(ctx, g_stats):
+    u, c, d, buf = ctx.saved_tensors
+    acc = _stats_dtype(u.dtype)
+    nr = ctx.n_reduce
+    U, C = _as_rows(u, nr, acc), _as_rows(c, nr, acc)
+    D = C - U
+    if buf is not None:
+        D = D + ctx.momentum * _as_rows(buf, nr, acc)
+    slots = [U, D, (C - _as_rows(d, nr, acc)) if d is not None else None, C if buf is not None else None]
+    gs = g_stats.to(acc)
+    gv = []
+    for i, vi in enumerate(slots):
+        if vi is None:
+            gv.append(None)
+            continue
+        g = gs[:, i:i + 1].expand_as(vi)
+        for j, vj in enumerate(slots):
+            if vj is None:
+                continue
+            w = gs[:, _pair(min(i, j), max(i, j))].unsqueeze(1)
+            g = g + (2.0 * w if i == j else w) * vj
+        gv.append(g)
+    gu = gv[0] - gv[1]
+    gc = gv[1] + (gv[2] if gv[2] is not None else 0) + (gv[3] if gv[3] is not None else 0)
+    gd = -gv[2] if gv[2] is not None else None
+    shape = u.shape
+    return (gu.reshape(shape).to(u.dtype), gc.reshape(shape).to(c.dtype),
+            gd.reshape(shape).to(d.dtype) if gd is not None else None, None, None, None)
+
+
+def _combine_setup(ctx, inputs, output):
+    u, c, d, buf, coeffs, n_reduce = inputs
+    ctx.save_for_backward(u, c, d, buf, coeffs)
+    ctx.n_reduce = n_reduce
+
+
+def _combine_backward(ctx, g_out):
+    u, c, d, buf, coeffs = ctx.saved_tensors
+    acc = _stats_dtype(u.dtype)
+    nr = ctx.n_reduce
+    go = _as_rows(g_out, nr, acc)
+    gam = coeffs.to(acc)
+    xs = [u, c, d, buf]
+    grads = []
+    g_coeffs = torch.zeros_like(gam)
+    for k, x in enumerate(xs):
+        if x is None:
+            grads.append(None)
+            continue
+        if k < 3 and ctx.needs_input_grad[k]:
+            grads.append((gam[:, k:k + 1] * go).reshape(x.shape).to(x.dtype))
+        else:
+            grads.append(None)
+        if ctx.needs_input_grad[4]:
+            g_coeffs[:, k] = (go * _as_rows(x, nr, acc)).sum(dim=1)
+    return grads[0], grads[1], grads[2], None, g_coeffs.to(coeffs.dtype), None
+
+
+def register_backend_ops(fused_name: str, stats_name: str, combine_name: str) -> None:
+    """Give a (fused, stats, combine) triple of custom ops the shared fake impls and autograd."""
+    torch.library.register_fake(fused_name)(_fake_fused)
+    torch.library.register_fake(stats_name)(_fake_stats)
+    torch.library.register_fake(combine_name)(_fake_combine)
+    torch.library.register_autograd(stats_name, _stats_backward, setup_context=_stats_setup)
+    torch.library.register_autograd(combine_name, _combine_backward, setup_context=_combine_setup)
+
+
+def _resolve(qualname: str):
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+_OP_NAMES = {
+    "cpu": ("dare_kernels::rectified_cfg_fused", "dare_kernels::rectified_cfg_stats",
+            "dare_kernels::rectified_cfg_combine"),
+    "cuda": ("dare_kernels::rectified_cfg_fused", "dare_kernels::rectified_cfg_stats",
+             "dare_kernels::rectified_cfg_combine"),
+    "triton": ("dare_kernels::rectified_cfg_fused_triton", "dare_kernels::rectified_cfg_stats_triton",
+               "dare_kernels::rectified_cfg_combine_triton"),
+}
+
+
+def _ops_for(backend: str):
+    """(fused, stats, combine) custom ops of a compiled backend."""
+    if backend == "triton":
+        from .triton import rectified_cfg as _triton_cfg  # noqa: F401  (defines and registers the ops)
+    return tuple(_resolve(n) for n in _OP_NAMES[backend])
+
+
+def _cpu_ops_registered() -> bool:
+    return _ext.EXT is not None and hasattr(torch.ops.dare_kernels, "rectified_cfg_fused")
+
+
+if _cpu_ops_registered():
+    register_backend_ops(*_OP_NAMES["cpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------
+
+def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run on these inputs, or None when it can."""
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' needs CPU tensors, got {device}"
+        if not _cpu_ops_registered():
+            return f"the compiled extension is not loaded ({_ext.EXT_ERROR})" if _ext.EXT is None else \
+                "the extension has no rectified_cfg ops (rebuild it)"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' needs CUDA tensors, got {device}"
+        if not _ext.has_cuda_kernels():
+            return "the extension was built without CUDA kernels" if _ext.EXT is not None else \
+                f"the compiled extension is not loaded ({_ext.EXT_ERROR})"
+        if dtype == torch.float64:
+            return "the CUDA kernels take float16, bfloat16 and float32"
+        return None
+    if backend == "triton":
+        ok, why = _ext.triton_status()
+        if not ok:
+            return why
+        if device.type != "cuda" and why.startswith("triton "):
+            return f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
+        if dtype == torch.float64:
+            return "the Triton kernels take float16, bfloat16 and float32"
+        try:
+            _ops_for("triton")
+        except ImportError as exc:
+            return f"the Triton rectified-CFG kernels are not available ({exc})"
+        return None
+    return None
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    # The CUDA kernels are compile-checked only; "auto" never picks them until a GPU session has
+    # validated and measured them (then add "cuda" here, first).
+    if device.type == "cuda":
+        return ("triton",)
+    if device.type == "cpu":
+        return ("cpu",)
+    return ()
+
+
+def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve ``backend`` for inputs on ``device``; explicit but unusable backends raise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend != "auto":
+        why = _unavailable(backend, device, dtype)
+        if why is not None:
+            raise RuntimeError(f"rectified_cfg: backend={backend!r} is not available: {why}")
+        return backend
+    reasons = []
+    for candidate in _auto_order(device):
+        why = _unavailable(candidate, device, dtype)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    _ext.warn_once(
+        f"cfg-ref-{device.type}-{dtype}",
+        f"dare_kernels.rectified_cfg: no compiled backend for {device.type} {dtype} inputs "
+        f"({'; '.join(reasons) or 'none exists for this device'}); using the PyTorch reference.",
+    )
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+def rectified_cfg(
+    preds: torch.Tensor | Sequence[torch.Tensor],
+    guidance_scale: float,
+    *,
+    num_branches: int | None = None,
+    mode: str = "cfg",
+    rectify_scale: float = 0.0,
+    guidance_rescale: float = 0.0,
+    eta: float = 1.0,
+    norm_threshold: float = 0.0,
+    momentum: float | None = None,
+    momentum_buffer: torch.Tensor | None = None,
+    reduce_dims: int | Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused classifier-free guidance combine with DR-CFG rectification (SPEC.md §2).
+
+    Args:
+        preds: [K*B, ...] branch predictions stacked along dim 0 as diffusers batches them, or a sequence
+            of K tensors [B, ...]; order uncond, cond[, degraded]. float16, bfloat16, float32 (float64 on
+            cpu/reference). Any strides.
+        guidance_scale: s. num_branches: K (2 or 3) for a stacked tensor, default 2.
+        mode: "cfg" (u + s(c-u)), "cfg_zero_star" (CFG-Zero*: u scaled by <c,u>/‖u‖²) or "apg"
+            (adaptive projected guidance; ``eta`` weighs the part of c-u parallel to c, ``norm_threshold``
+            τ > 0 caps ‖c-u‖, ``momentum`` β with ``momentum_buffer`` keeps buf <- (c-u) + β buf).
+        rectify_scale: s_r, weighs the DR-CFG term s_r (c - d) (K = 3 only).
+        guidance_rescale: φ in [0, 1]; g <- φ g σ(c)/σ(g) + (1-φ) g with σ = torch.std (Bessel).
+        momentum_buffer: caller-owned state of the branch shape [B, ...], float32 or the preds' dtype,
+            updated in place (start with zeros: diffusers' behaviour).
+        reduce_dims: non-batch dims (of a branch [B, ...]) the per-sample statistics run over; default all.
+        out: optional [B, ...] tensor in the preds' dtype to write the result into.
+        backend: "auto", "cpu", "triton", "cuda" or "reference".
+
+    Returns:
+        The guided prediction g [B, ...] in the preds' dtype (statistics in float32). Differentiable
+        w.r.t. preds (not with ``out=``).
+    """
+    a = _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guidance_rescale, eta,
+                      norm_threshold, momentum, momentum_buffer, reduce_dims, out, backend)
+    ref = a.branches[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a.branches)
+    if needs_grad and a.out is not None:
+        raise ValueError("out= does not support autograd: the predictions require grad")
+    chosen = choose_backend(backend, ref.device, ref.dtype)
+    if chosen == "reference":
+        res = rectified_cfg_ref(a.branches, a.s, mode=a.mode, rectify_scale=a.sr, guidance_rescale=a.phi,
+                                eta=a.eta, norm_threshold=a.tau, momentum=a.beta, momentum_buffer=a.buf,
+                                reduce_dims=a.dims)
+        if a.out is not None:
+            a.out.copy_(res)
+            return a.out
+        return res
+
+    fused, stats_op, combine_op = _ops_for(chosen)
+    nd = ref.dim()
+    keep = [i for i in range(nd) if i not in a.dims]
+    perm = keep + a.dims
+    identity = perm == list(range(nd))
+
+    def arrange(t):
+        return t if t is None or identity else t.permute(perm)
+
+    xs = [arrange(t) for t in a.branches]
+    u, c = xs[0], xs[1]
+    d = xs[2] if a.K == 3 else None
+    buf = arrange(a.buf)
+    n_reduce = len(a.dims)
+    beta = 0.0 if a.beta is None else a.beta
+
+    if not needs_grad:
+        res = a.out if a.out is not None else torch.empty_like(ref, memory_format=torch.contiguous_format)
+        fused(u, c, d, buf, arrange(res), n_reduce, a.mode, a.s, a.sr, a.phi, a.eta, a.tau, beta)
+        return res
+
+    if buf is not None:  # the ops save b_old for backward; the in-place update below must not touch it
+        buf = buf.detach().clone()
+    params = dict(K=a.K, mode=a.mode, momentum=buf is not None, guidance_scale=a.s, rectify_scale=a.sr,
+                  guidance_rescale=a.phi, eta=a.eta, norm_threshold=a.tau, beta=beta)
+    if a.mode != "cfg" or a.phi > 0:
+        stats = stats_op(u, c, d, buf, n_reduce, beta)
+        gamma = coefficients_from_stats(stats, a.n, **params)
+    else:
+        G = _groups(u.shape, n_reduce)
+        st = torch.zeros((G, NUM_STATS), dtype=_stats_dtype(ref.dtype), device=ref.device)
+        gamma = coefficients_from_stats(st, a.n, **params)
+    res = combine_op(u, c, d, buf, gamma, n_reduce)
+    if buf is not None:
+        with torch.no_grad():
+            acc = _stats_dtype(ref.dtype)
+            a.buf.copy_(a.branches[1].to(acc) - a.branches[0].to(acc) + beta * a.buf.to(acc))
+    if not identity:
+        inv = [0] * nd
+        for i, p in enumerate(perm):
+            inv[p] = i
+        res = res.permute(inv)
+    return res

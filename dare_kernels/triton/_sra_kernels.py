@@ -1,0 +1,419 @@
+"""@triton.jit kernels of SRA attention (SPEC.md §1). Launch logic lives in ``sra_attention.py``.
+
+Conventions shared by every kernel:
+- Scores are kept in the base-2 domain: ``s2 = scale·log2(e)·<q, k> + γ·log2(w)`` so that
+  ``exp2(s2 - lse2)`` is the probability; ``lse`` is stored in natural log (``lse2 · ln 2``).
+- A key is valid when it is in range, its mask bit is set and ``w > 0``; an invalid key gets
+  ``s2 = -inf`` and so ``P = 0``. A row with no valid key has ``lse = -inf``; kernels that read the
+  LSE turn it into ``+inf`` so every ``P`` of that row is 0 (never NaN).
+- Head dims are padded to the power-of-two ``BLOCK_D`` / ``BLOCK_DV`` and masked.
+- Every tensor is addressed through its strides; batch/head offsets are computed in int64.
+- ``IEEE``: float32 inputs use exact float32 dot products (no TF32), half inputs use tensor cores
+  (see ``_dot``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host side (Python float)
+LN2 = tl.constexpr(0.6931471805599453)  # inside kernels (a global must be a constexpr)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """IEEE = 0: native tensor-core dot; 1: exact float32 (no TF32); 2: upcast to float32 first (the
+    interpreter computes bfloat16 dots wrongly, Triton 3.7)."""
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _key_bias2(W, MASK, w_base, mask_base, offs_m, M, stride_wm, stride_maskm, strength,
+               HAS_W: tl.constexpr, HAS_MASK: tl.constexpr):
+    """γ·log2(w_j) for valid keys, -inf otherwise; also returns w (1 where absent) and validity."""
+    valid = offs_m < M
+    w = tl.full(offs_m.shape, 1.0, tl.float32)
+    if HAS_MASK:
+        mk = tl.load(MASK + mask_base + offs_m * stride_maskm, mask=valid, other=0)
+        valid = valid & (mk != 0)
+    if HAS_W:
+        w = tl.load(W + w_base + offs_m * stride_wm, mask=offs_m < M, other=1.0).to(tl.float32)
+        valid = valid & (w > 0)
+        w = tl.where(valid, w, 1.0)
+        bias = strength * tl.log2(w)
+    else:
+        bias = tl.zeros(offs_m.shape, tl.float32)
+    return tl.where(valid, bias, float("-inf")), w, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: online softmax over key blocks, one program per (query block, b·h)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def sra_fwd_kernel(
+    Q, K, V, W, MASK, O, LSE,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    svb, svh, svm, svd,
+    swb, swh, swm,
+    smb, smm,
+    sob, soh, son, sod,
+    H, N, M, D: tl.constexpr, DV: tl.constexpr,
+    qk_scale, strength,
+    HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_n < N
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
+                                       HAS_W, HAS_MASK)
+        kt = tl.load(k_base + offs_m[None, :] * skm + offs_d[:, None] * skd,
+                     mask=(offs_m[None, :] < M) & (offs_d[:, None] < D), other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale + bias2[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+                    mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    has_key = l_i > 0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    m_safe = tl.where(has_key, m_i, 0.0)
+    lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * LN2, float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_n, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward with the map, all keys in one block: one program per (query block, b), loop over heads
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def sra_fwd_map_kernel(
+    Q, K, V, W, MASK, O, LSE, AMAP,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    svb, svh, svm, svd,
+    swb, swh, swm,
+    smb, smm,
+    sob, soh, son, sod,
+    sab, san, sam,
+    H, N, M, D: tl.constexpr, DV: tl.constexpr, map_start, map_stop,
+    qk_scale, strength, inv_heads,
+    HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The map tile stays in registers while the heads are summed in order: deterministic, no atomics."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_n < N
+
+    amap = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for hh in range(0, H):
+        h = b * 0 + hh  # int64
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
+                                       HAS_W, HAS_MASK)
+        kt = tl.load(K + b * skb + h * skh + offs_m[None, :] * skm + offs_d[:, None] * skd,
+                     mask=(offs_m[None, :] < M) & (offs_d[:, None] < D), other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale + bias2[None, :]
+        m = tl.max(s, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m_safe[:, None])
+        l = tl.sum(p, 1)
+        has_key = l > 0
+        l_safe = tl.where(has_key, l, 1.0)
+        p = p * (1.0 / l_safe)[:, None]
+        v = tl.load(V + b * svb + h * svh + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+                    mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
+        out = _dot(p.to(v.dtype), v, IEEE)
+        tl.store(O + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * LN2, float("-inf"))
+        tl.store(LSE + (b * H + h) * N + offs_n, lse, mask=row_ok)
+        amap += p
+
+    amap = amap * inv_heads
+    in_map = (offs_m >= map_start) & (offs_m < map_stop)
+    tl.store(AMAP + b * sab + offs_n[:, None] * san + (offs_m - map_start)[None, :] * sam, amap,
+             mask=row_ok[:, None] & in_map[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# map from the final LSE (keys beyond one block): one program per (query block, map key block, b)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def sra_map_kernel(
+    Q, K, W, MASK, LSE, AMAP,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    swb, swh, swm,
+    smb, smm,
+    sab, san, sam,
+    H, N, M, D: tl.constexpr, map_start, map_stop,
+    qk_scale, strength, inv_heads,
+    HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Recomputes the scores of the map's keys only, head by head in order (deterministic)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = map_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    col_ok = offs_m < map_stop
+
+    amap = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for hh in range(0, H):
+        h = b * 0 + hh  # int64
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, map_stop, swm, smm,
+                                       strength, HAS_W, HAS_MASK)
+        kt = tl.load(K + b * skb + h * skh + offs_m[None, :] * skm + offs_d[:, None] * skd,
+                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale + bias2[None, :]
+        lse = tl.load(LSE + (b * H + h) * N + offs_n, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        amap += tl.exp2(s - lse2[:, None])
+
+    amap = amap * inv_heads
+    tl.store(AMAP + b * sab + offs_n[:, None] * san + (offs_m - map_start)[None, :] * sam, amap,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def sra_bwd_delta_kernel(
+    Q, K, W, MASK, O, DO, LSE, GLSE, GMAP, DELTA,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    swb, swh, swm,
+    smb, smm,
+    sob, soh, son, sod,
+    sdob, sdoh, sdon, sdod,
+    sglb, sglh, sgln,
+    sgb, sgn, sgm,
+    H, N, M, D: tl.constexpr, DV: tl.constexpr, map_start, map_stop,
+    qk_scale, strength, inv_heads,
+    HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GMAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Δ_i = dO_i·O_i + Σ_{j in map} P_ij dA_ij / H − grad_lse_i (float32 [B, H, N])."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_n < N
+    dv_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod, mask=dv_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_n[:, None] * sdon + offs_dv[None, :] * sdod, mask=dv_mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + b * sglb + h * sglh + offs_n * sgln, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_GMAP:
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_n, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        for start in range(map_start, map_stop, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            col_ok = offs_m < map_stop
+            bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, map_stop, swm, smm,
+                                           strength, HAS_W, HAS_MASK)
+            kt = tl.load(K + b * skb + h * skh + offs_m[None, :] * skm + offs_d[:, None] * skd,
+                         mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            p = tl.exp2(_dot(q, kt, IEEE) * qk_scale + bias2[None, :] - lse2[:, None])
+            da = tl.load(GMAP + b * sgb + offs_n[:, None] * sgn + (offs_m - map_start)[None, :] * sgm,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            delta += tl.sum(p * da, 1) * inv_heads
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_n, delta, mask=row_ok)
+
+
+@triton.jit
+def sra_bwd_dkdv_kernel(
+    Q, K, V, W, MASK, DO, LSE, DELTA, GMAP, DK, DV_, DW,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    svb, svh, svm, svd,
+    swb, swh, swm,
+    smb, smm,
+    sdob, sdoh, sdon, sdod,
+    sgb, sgn, sgm,
+    sdks, sdkb, sdkh, sdkm, sdkd,
+    sdvs, sdvb, sdvh, sdvm, sdvd,
+    sdws,
+    H, N, M, D: tl.constexpr, DV: tl.constexpr, map_start, map_stop, rows_per_split,
+    qk_scale, sm_scale, strength, inv_heads,
+    HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GMAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dk, dv and dw of one key block over the queries [split·rows_per_split, +rows_per_split).
+
+    With one split the results are final; with several, each split writes float32 partials (slot
+    ``split`` of DK/DV_/DW, strides ``sdks``...) that the host sums in a fixed order (deterministic).
+    Splitting keeps the GPU busy when M is short (cross-attention: few key blocks, many queries).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_m < M
+    bias2, w, valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
+                                 HAS_W, HAS_MASK)
+    k = tl.load(K + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    in_map = (offs_m >= map_start) & (offs_m < map_stop)
+
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    colsum = tl.zeros([BLOCK_M], tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    row_base = pid_bh.to(tl.int64) * N
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, N)
+    for start in range(row_start, row_stop, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < row_stop
+        q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_base + offs_n[:, None] * sdon + offs_dv[None, :] * sdod,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + row_base + offs_n, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + row_base + offs_n, mask=row_ok, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale + bias2[:, None]       # [BLOCK_M, BLOCK_N]
+        pt = tl.exp2(st - lse2[None, :])
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        if HAS_GMAP:
+            dat = tl.load(GMAP + b * sgb + offs_n[None, :] * sgn + (offs_m - map_start)[:, None] * sgm,
+                          mask=in_map[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
+            dpt += dat * inv_heads
+        dst = pt * (dpt - delta[None, :])
+        colsum += tl.sum(dst, 1)
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+
+    dk = dk * sm_scale
+    slot = split.to(tl.int64)
+    tl.store(DK + slot * sdks + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + slot * sdvs + b * sdvb + h * sdvh + offs_m[:, None] * sdvm + offs_dv[None, :] * sdvd,
+             dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    if HAS_W:
+        dw = tl.where(valid, strength * colsum / w, 0.0)
+        tl.store(DW + slot * sdws + pid_bh.to(tl.int64) * M + offs_m, dw, mask=col_ok)
+
+
+@triton.jit
+def sra_bwd_dq_kernel(
+    Q, K, V, W, MASK, DO, LSE, DELTA, GMAP, DQ,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skm, skd,
+    svb, svh, svm, svd,
+    swb, swh, swm,
+    smb, smm,
+    sdob, sdoh, sdon, sdod,
+    sgb, sgn, sgm,
+    sdqb, sdqh, sdqn, sdqd,
+    H, N, M, D: tl.constexpr, DV: tl.constexpr, map_start, map_stop,
+    qk_scale, sm_scale, strength, inv_heads,
+    HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GMAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dq of one query block, looping over all keys."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_n < N
+    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_n[:, None] * sdon + offs_dv[None, :] * sdod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row_base = pid_bh.to(tl.int64) * N
+    lse = tl.load(LSE + row_base + offs_n, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row_base + offs_n, mask=row_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for start in range(0, M, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        col_ok = offs_m < M
+        bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
+                                       HAS_W, HAS_MASK)
+        kt = tl.load(k_base + offs_m[None, :] * skm + offs_d[:, None] * skd,
+                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v_base + offs_m[None, :] * svm + offs_dv[:, None] * svd,
+                     mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        p = tl.exp2(_dot(q, kt, IEEE) * qk_scale + bias2[None, :] - lse2[:, None])
+        dp = _dot(do, vt, IEEE)
+        if HAS_GMAP:
+            in_map = (offs_m >= map_start) & (offs_m < map_stop)
+            da = tl.load(GMAP + b * sgb + offs_n[:, None] * sgn + (offs_m - map_start)[None, :] * sgm,
+                         mask=row_ok[:, None] & in_map[None, :], other=0.0).to(tl.float32)
+            dp += da * inv_heads
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_n[:, None] * sdqn + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))

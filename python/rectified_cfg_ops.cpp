@@ -1,0 +1,24 @@
+// Schemas of the rectified CFG ops (SPEC.md §2) and their CPU implementations. Fake impls and
+// autograd are registered from Python (dare_kernels/cfg.py); CUDA impls in python/cuda/.
+#include <torch/library.h>
+
+#include "cpu/rectified_cfg.h"
+
+TORCH_LIBRARY_FRAGMENT(dare_kernels, m) {
+  m.def(
+      "rectified_cfg_fused(Tensor u, Tensor c, Tensor? d, Tensor(a!)? momentum_buffer, Tensor(b!) out, "
+      "int n_reduce, str guidance_mode, float guidance_scale, float rectify_scale, float guidance_rescale, "
+      "float eta, float norm_threshold, float momentum) -> ()");
+  m.def(
+      "rectified_cfg_stats(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, int n_reduce, "
+      "float momentum) -> Tensor");
+  m.def(
+      "rectified_cfg_combine(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, Tensor coeffs, "
+      "int n_reduce) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dare_kernels, CPU, m) {
+  m.impl("rectified_cfg_fused", &dare::cpu::rectified_cfg_fused);
+  m.impl("rectified_cfg_stats", &dare::cpu::rectified_cfg_stats);
+  m.impl("rectified_cfg_combine", &dare::cpu::rectified_cfg_combine);
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Small backend="cuda" SRA attention runs (forward + backward, every head-dim tier, odd sizes, masks, map
+ranges, strided inputs) for compute-sanitizer (tools/sanitize_sra_cuda.sh). Prints one line per case and
+the max error against the float64 reference; exits 1 on a NaN or a gross mismatch, 0 otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def main() -> int:
+    import dare_kernels as dk
+    from dare_kernels import _ext
+    from dare_kernels.reference import sra_attention_ref
+
+    if not torch.cuda.is_available() or not _ext.has_cuda_kernels():
+        print("sra_cuda_smoke: needs a CUDA device and the extension built with CUDA kernels", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    failed = 0
+    # (B, H, N, M, D, Dv, dtype, map keys, transposed layout, mask)
+    cases = [
+        (1, 2, 17, 5, 40, 40, torch.float16, (1, 4), False, True),
+        (2, 3, 70, 77, 80, 80, torch.bfloat16, None, True, False),
+        (1, 2, 65, 130, 160, 160, torch.float16, (64, 130), False, True),
+        (1, 1, 33, 600, 256, 256, torch.bfloat16, None, True, False),  # M > 512: online forward without a map
+        (1, 2, 40, 1, 64, 32, torch.float16, (0, 1), False, False),
+    ]
+    for B, H, N, M, D, Dv, dtype, keys, bnhd, masked in cases:
+        def make(n, d):
+            t = torch.randn(B, n, H, d, device="cuda").transpose(1, 2) if bnhd else torch.randn(B, H, n, d, device="cuda")
+            return t.to(dtype).requires_grad_(True)
+
+        q, k, v = make(N, D), make(M, D), make(M, Dv)
+        w = (torch.rand(B, M, device="cuda") + 0.1).requires_grad_(True)
+        kpm = (torch.rand(B, M, device="cuda") > 0.3) if masked else None
+        if kpm is not None:
+            kpm[:, 0] = True
+        with_map = keys is not None
+        res = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, return_attn_map=with_map, attn_map_keys=keys,
+                               return_lse=True, backend="cuda")
+        o, lse = res[0], res[-1]
+        loss = o.float().square().sum() + lse.sum() + (res[1].square().sum() if with_map else 0)
+        loss.backward()
+        torch.cuda.synchronize()
+        ref = sra_attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), w.detach().double(),
+                                key_padding_mask=kpm, compute_dtype=torch.float64)
+        err = float((o.detach().double() - ref).abs().max())
+        bad = any(torch.isnan(t).any() for t in (o, q.grad, k.grad, v.grad, w.grad)) or err > 0.1
+        failed += bad
+        print(f"B={B} H={H} N={N} M={M} D={D} Dv={Dv} {dtype} map={keys} bnhd={bnhd} mask={masked}: "
+              f"max|o - ref| = {err:.2e} {'FAIL' if bad else 'ok'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,61 +33,11 @@ __all__ = ["DAREGuidance", "dare_guidance", "CFG_MODES", "combine"]
 CFG_MODES = ("cfg", "cfg_zero_star", "apg")
 
 
-def _standin_rectified_cfg(preds, guidance_scale, *, num_branches=None, mode="cfg", rectify_scale=0.0,
-                           guidance_rescale=0.0, eta=1.0, norm_threshold=0.0, momentum=None,
-                           momentum_buffer=None, reduce_dims=None, out=None, backend="auto"):
-    """SPEC §2 in plain PyTorch, used only while ``dare_kernels.rectified_cfg`` is not available."""
-    if isinstance(preds, (list, tuple)):
-        branches = list(preds)
-    else:
-        k = num_branches or 2
-        branches = list(preds.chunk(k, dim=0))
-    dtype = branches[0].dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    u, c = branches[0].to(acc), branches[1].to(acc)
-    d = branches[2].to(acc) if len(branches) == 3 else None
-    nd = u.dim()
-    dims = list(range(1, nd)) if reduce_dims is None else sorted({int(x) % nd for x in reduce_dims})
-    s = float(guidance_scale)
-
-    def dot(a, b):
-        return (a * b).sum(dim=dims, keepdim=True)
-
-    if mode == "cfg":
-        g = u + s * (c - u)
-    elif mode == "cfg_zero_star":
-        u_star = dot(c, u) / (dot(u, u) + 1e-8) * u
-        g = u_star + s * (c - u_star)
-    elif mode == "apg":
-        delta = c - u
-        if momentum is not None:
-            delta = delta + float(momentum) * momentum_buffer.to(acc)
-            momentum_buffer.copy_(delta)
-        if norm_threshold > 0:
-            delta = delta * torch.clamp(float(norm_threshold) / dot(delta, delta).sqrt(), max=1.0)
-        c_hat = c / dot(c, c).sqrt().clamp_min(1e-12)
-        par = dot(delta, c_hat) * c_hat
-        g = u + s * ((delta - par) + float(eta) * par)
-    else:
-        raise ValueError(f"mode must be one of {CFG_MODES}, got {mode!r}")
-    if d is not None:
-        g = g + float(rectify_scale) * (c - d)
-    if guidance_rescale > 0:
-        ratio = c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True)
-        g = guidance_rescale * (g * ratio) + (1.0 - guidance_rescale) * g
-    g = g.to(dtype)
-    if out is not None:
-        out.copy_(g)
-        return out
-    return g
-
-
 def combine(preds, guidance_scale, **kwargs):
-    """``dare_kernels.rectified_cfg`` (the fused kernel) when present, else the SPEC §2 stand-in above."""
-    import dare_kernels
+    """The fused rectified-CFG combine, :func:`dare_kernels.rectified_cfg` (SPEC §2); same arguments."""
+    from ...cfg import rectified_cfg
 
-    fn = getattr(dare_kernels, "rectified_cfg", None) or _standin_rectified_cfg
-    return fn(preds, guidance_scale, **kwargs)
+    return rectified_cfg(preds, guidance_scale, **kwargs)
 
 
 def _check_mode_args(mode, guidance_scale, rectify_scale, guidance_rescale, eta, norm_threshold, momentum):

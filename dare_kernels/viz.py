@@ -112,10 +112,15 @@ def render_maps(maps, tokens: Sequence[int], *, token_labels: Sequence[str] | No
     fig, axes = plt.subplots(frames, ntok, figsize=(0.6 + cell * aspect * ntok + 0.5, 0.6 + cell * frames),
                              squeeze=False, constrained_layout=True)
     for j in range(ntok):
-        vmax = float(data[:, j].max()) or 1.0
+        vmax = float(data[:, j].max())
+        empty = vmax == 0.0
         for i in range(frames):
             ax = axes[i][j]
-            im = ax.imshow(data[i, j].numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
+            im = ax.imshow(data[i, j].numpy(), cmap=cmap, vmin=0.0, vmax=vmax if not empty else 1.0,
+                           interpolation="nearest")
+            if empty:
+                ax.text(0.5, 0.5, "no attention", color="white", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

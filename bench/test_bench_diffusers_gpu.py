@@ -46,7 +46,8 @@ def test_bench_wan13b_step(benchmark, provider):
     model, call = _build()
     handle = setup_provider(model, provider, 512)  # weights [2, 512] (CPU; moved to the device once per forward)
     benchmark.group = "diffusers wan-1.3b step bfloat16"
-    benchmark.extra_info.update({"kernel": "diffusers_transformer", "provider": provider, "mode": "fwd",
+    benchmark.extra_info.update({"kernel": "diffusers_transformer", "provider": provider,
+                                 "mode": "fwd+map" if provider.endswith("maps") else "fwd",
                                  "shape": "wan-1.3b", "dtype": "bfloat16", "batch": BATCH, "layers": 30})
     with torch.no_grad():
         call()

@@ -33,6 +33,23 @@ __all__ += ["TokenDensity", "TokenSuppressor", "Suppressed", "prompt_dropout", "
 
 
 # --- diffusers integration ---
+# lazy: `import dare_kernels` must not import diffusers / matplotlib (PEP 562 module __getattr__)
+_LAZY_DIFFUSERS = {
+    "apply_dare": "dare_kernels.integrations.diffusers",
+    "DAREHandle": "dare_kernels.integrations.diffusers",
+    "DAREGuidance": "dare_kernels.integrations.diffusers",
+    "dare_guidance": "dare_kernels.integrations.diffusers",
+    "render_maps": "dare_kernels.viz",
+}
+__all__ += list(_LAZY_DIFFUSERS)
+
+
+def __getattr__(name):
+    if name in _LAZY_DIFFUSERS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_DIFFUSERS[name]), name)
+    raise AttributeError(f"module 'dare_kernels' has no attribute {name!r}")
 
 
 

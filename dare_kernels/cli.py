@@ -11,6 +11,7 @@ import sys
 _SUBCOMMAND_MODULES: list[str] = [
     "dare_kernels.benchmarking.cli",  # bench, report
     "dare_kernels.selftest",
+    "dare_kernels.maps_cli",
 ]
 
 

@@ -1,0 +1,111 @@
+"""Tiny randomly initialised diffusers video models and pipelines (nothing downloaded).
+
+Used by the tests, the CPU benchmarks and ``dare-kernels maps``. Every builder takes a seed and
+returns a model in eval mode (float32, CPU). Pipelines have no text encoder, tokenizer or VAE:
+call them with ``prompt_embeds`` / ``negative_prompt_embeds`` and ``output_type="latent"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "tiny_wan", "tiny_ltx", "tiny_cogvideox", "tiny_animatediff",
+    "tiny_wan_pipeline", "tiny_ltx_pipeline", "tiny_cogvideox_pipeline",
+]
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def tiny_wan(*, num_layers: int = 2, heads: int = 2, head_dim: int = 16, text_dim: int = 32,
+             in_channels: int = 4, image: bool = False, seed: int = 0):
+    """WanTransformer3DModel (patch (1, 2, 2)); ``image=True`` adds the I2V image cross-attention keys."""
+    from diffusers import WanTransformer3DModel
+
+    _seeded(seed)
+    inner = heads * head_dim
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
+        out_channels=in_channels, text_dim=text_dim, freq_dim=32, ffn_dim=2 * inner, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+        image_dim=24 if image else None, added_kv_proj_dim=inner if image else None,
+    )
+    return model.eval()
+
+
+def tiny_ltx(*, num_layers: int = 2, heads: int = 2, head_dim: int = 16, caption_channels: int = 32,
+             in_channels: int = 8, seed: int = 0):
+    """LTXVideoTransformer3DModel (patch 1); inputs are packed latents [B, F·H·W, in_channels]."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    _seeded(seed)
+    inner = heads * head_dim
+    model = LTXVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=in_channels, patch_size=1, patch_size_t=1,
+        num_attention_heads=heads, attention_head_dim=head_dim, cross_attention_dim=inner, num_layers=num_layers,
+        caption_channels=caption_channels,
+    )
+    return model.eval()
+
+
+def tiny_cogvideox(*, num_layers: int = 2, heads: int = 2, head_dim: int = 16, text_dim: int = 32,
+                   in_channels: int = 4, rope: bool = True, text_len: int = 16, frames: int = 2,
+                   height: int = 8, width: int = 8, seed: int = 0):
+    """CogVideoXTransformer3DModel (patch 2); ``rope=True`` as CogVideoX-5B / 1.5 (pass image_rotary_emb)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    _seeded(seed)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels, out_channels=in_channels,
+        time_embed_dim=16, text_embed_dim=text_dim, num_layers=num_layers, sample_width=width, sample_height=height,
+        sample_frames=(frames - 1) * 4 + 1, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=text_len, use_rotary_positional_embeddings=rope,
+    )
+    return model.eval()
+
+
+def tiny_animatediff(*, cross_attention_dim: int = 32, seed: int = 0):
+    """UNetMotionModel with two resolution levels, spatial cross-attention and motion modules."""
+    from diffusers import UNetMotionModel
+
+    _seeded(seed)
+    model = UNetMotionModel(
+        block_out_channels=(16, 32), layers_per_block=1, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        cross_attention_dim=cross_attention_dim, num_attention_heads=2, norm_num_groups=8,
+        motion_num_attention_heads=2, motion_max_seq_length=32,
+    )
+    return model.eval()
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def tiny_wan_pipeline(*, seed: int = 0, **model_kwargs):
+    """WanPipeline around :func:`tiny_wan` (no text encoder / VAE: prompt_embeds and output_type="latent")."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_flow_scheduler(),
+                       transformer=tiny_wan(seed=seed, **model_kwargs))
+
+
+def tiny_ltx_pipeline(*, seed: int = 0, **model_kwargs):
+    """LTXPipeline around :func:`tiny_ltx`."""
+    from diffusers import LTXPipeline
+
+    return LTXPipeline(scheduler=_flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                       transformer=tiny_ltx(seed=seed, **model_kwargs))
+
+
+def tiny_cogvideox_pipeline(*, seed: int = 0, **model_kwargs):
+    """CogVideoXPipeline around :func:`tiny_cogvideox`."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=CogVideoXDDIMScheduler(),
+                             transformer=tiny_cogvideox(seed=seed, **model_kwargs))

@@ -134,31 +134,3 @@ def run_attn_peer(benchmark, provider, mode, shape, dtype, device):
         bench_cuda(benchmark, timed, warmup=3, rounds=10 if quick() else 30)
     else:
         bench_cpu(benchmark, timed, rounds=cpu_rounds(timed))
-
-
-def latent_inputs(latent, dtype, device):
-    def make(g):
-        c = torch.randn(1, *latent, generator=g).to(device=device, dtype=dtype)
-        u = torch.randn(1, *latent, generator=g).to(device=device, dtype=dtype)
-        return c, u
-
-    return make_input_sets(make, n=N_SETS)
-
-
-def run_guider_peer(benchmark, provider, mode, latent_name, latent, dtype, device):
-    """Benchmark diffusers' guider (eager or compiled) for one CFG mode on one latent shape."""
-    numel = 1
-    for s in latent:
-        numel *= s
-    el = torch.empty((), dtype=dtype).element_size()
-    set_info(benchmark, kernel="rectified_cfg", provider=provider, mode=mode, shape=latent_name, dtype=dtype,
-             device=device, dims="x".join(map(str, (1, *latent))), bytes=3.0 * numel * el)
-    why = peers.unavailable(provider, device, dtype)
-    if why:
-        pytest.skip(why)
-    f = peers.guider_compiled if provider.endswith("compiled") else peers.guider_eager
-    timed = rotating(lambda c, u: f(mode, c, u), latent_inputs(latent, dtype, device))
-    if device == "cuda":
-        bench_cuda(benchmark, timed, warmup=3, rounds=10 if quick() else 30)
-    else:
-        bench_cpu(benchmark, timed, rounds=cpu_rounds(timed, most=10))

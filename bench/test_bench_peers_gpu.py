@@ -9,16 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import peers
-from harness import attn_shapes, latent_shapes, quick
-from peer_cases import ATTN_CASES, run_attn_peer, run_guider_peer
+from harness import attn_shapes, quick
+from peer_cases import ATTN_CASES, run_attn_peer
 
 DEVICE = "cuda"
 DTYPES = (torch.bfloat16,)
 ATTN = [(s, p, m, d) for s in attn_shapes(DEVICE) for d in DTYPES for p, m in ATTN_CASES]
-LATENTS = latent_shapes(DEVICE)
-GUIDER_MODES = ("cfg", "rescale") if quick() else peers.GUIDER_MODES
-GUIDE = [(n, p, m, d) for n in LATENTS for d in DTYPES for m in GUIDER_MODES for p in peers.GUIDER_PEERS]
 
 
 def _dt(d):
@@ -32,8 +28,5 @@ def test_attn_peer(benchmark, shape, provider, mode, dtype):
     run_attn_peer(benchmark, provider, mode, shape, dtype, DEVICE)
 
 
-@pytest.mark.parametrize("latent,provider,mode,dtype", GUIDE,
-                         ids=[f"{n}-{p}-{m}-{_dt(d)}" for n, p, m, d in GUIDE])
-def test_guider_peer(benchmark, latent, provider, mode, dtype):
-    benchmark.group = f"rectified_cfg {mode} {latent} {_dt(dtype)}"
-    run_guider_peer(benchmark, provider, mode, latent, LATENTS[latent], dtype, DEVICE)
+# diffusers' guiders (eager and compiled) are measured beside rectified_cfg, same modes and
+# rescale, in test_bench_cfg_<device>.py: one place, so report rows pair like with like.

@@ -63,3 +63,33 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(op: str, backend: str, choices: tuple[str, ...], device, dtype, unavailable, auto_order) -> str:
+    """The backend an op runs for inputs on ``device`` / ``dtype``.
+
+    ``unavailable(name, device, dtype)`` says why a backend cannot run (None when it can);
+    ``auto_order`` lists what ``"auto"`` tries, best first. An explicit but unusable backend raises;
+    ``"auto"`` with nothing usable falls back to ``"reference"`` with a one-time warning.
+    """
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend != "auto":
+        why = unavailable(backend, device, dtype)
+        if why is not None:
+            raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
+        return backend
+    reasons = []
+    for candidate in auto_order:
+        why = unavailable(candidate, device, dtype)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    warn_once(
+        f"{op}-ref-{device.type}-{dtype}",
+        f"dare_kernels.{op}: no compiled backend for {device.type} {dtype} inputs "
+        f"({'; '.join(reasons) or 'none exists for this device'}); using the slow PyTorch reference.",
+    )
+    return "reference"

@@ -472,10 +472,7 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
 
 def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve ``backend`` for inputs on ``device``; explicit but unusable backends raise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
+    return _ext.resolve_backend("rectified_cfg", backend, BACKENDS, device, dtype, _unavailable, _auto_order(device))
     if backend != "auto":
         why = _unavailable(backend, device, dtype)
         if why is not None:

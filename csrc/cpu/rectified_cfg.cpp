@@ -61,8 +61,14 @@ void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, d
   constexpr int kV = IO<T>::kV;
   static_assert(std::is_same_v<V, typename IO<Bt>::V> && IO<Bt>::kV == kV, "buffer/input vector mismatch");
   constexpr bool P[rc::kNumSlots] = {true, true, K3, MOM};
-  V acc[rc::kNumStats];
-  for (auto& a : acc) a = V(A(0));
+  // Independent accumulator sets (one per vector of a block) break the add/FMA latency chain; only
+  // when the used statistics fit the 16 AVX2 registers twice over (K = 2 without momentum: 5 stats).
+  constexpr int kUsed = 2 + K3 + MOM;
+  constexpr int kUsedStats = kUsed + kUsed * (kUsed + 1) / 2;
+  constexpr int kSets = (kV >= 2 && 2 * kUsedStats + 6 <= 16) ? 2 : 1;
+  V acc[kSets][rc::kNumStats];
+  for (auto& as : acc)
+    for (auto& a : as) a = V(A(0));
   const V vbeta(static_cast<A>(beta));
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
@@ -72,6 +78,7 @@ void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, d
     if constexpr (K3) IO<T>::load(d + i, xd);
     if constexpr (MOM) IO<Bt>::load(b + i, xb);
     for (int k = 0; k < kV; ++k) {
+      V* ac = acc[k % kSets];
       V v[rc::kNumSlots];
       v[0] = xu[k];
       v[1] = xc[k] - xu[k];
@@ -79,17 +86,19 @@ void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, d
       if constexpr (K3) v[2] = xc[k] - xd[k];
       if constexpr (MOM) v[3] = xc[k];
       for (int s = 0; s < rc::kNumSlots; ++s)
-        if (P[s]) acc[s] = acc[s] + v[s];
+        if (P[s]) ac[s] = ac[s] + v[s];
       for (int s = 0; s < rc::kNumSlots; ++s)
         for (int t = s; t < rc::kNumSlots; ++t)
-          if (P[s] && P[t]) acc[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], acc[rc::pair_index(s, t)]);
+          if (P[s] && P[t]) ac[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], ac[rc::pair_index(s, t)]);
     }
   }
   for (int s = 0; s < rc::kNumStats; ++s) {
-    A lanes[V::size()];
-    acc[s].store(lanes);
     double t = 0.0;
-    for (int l = 0; l < V::size(); ++l) t += static_cast<double>(lanes[l]);
+    for (int set = 0; set < kSets; ++set) {
+      A lanes[V::size()];
+      acc[set][s].store(lanes);
+      for (int l = 0; l < V::size(); ++l) t += static_cast<double>(lanes[l]);
+    }
     out[s] = t;
   }
   for (; i < len; ++i) {  // tail, in float64

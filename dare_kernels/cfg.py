@@ -62,7 +62,8 @@ def _pair(i: int, j: int) -> int:
 def _check_number(name, value, *, low=None, high=None, allow_none=False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # exact float/int first: the numbers.Real ABC check costs microseconds per call (bool is rejected below)
+    if type(value) not in (float, int) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number (float), got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -411,7 +412,13 @@ def _ops_for(backend: str):
     """(fused, stats, combine) custom ops of a compiled backend."""
     if backend == "triton":
         from .triton import rectified_cfg as _triton_cfg  # noqa: F401  (defines and registers the ops)
-    return tuple(_resolve(n) for n in _OP_NAMES[backend])
+    ops = _OPS_CACHE.get(backend)
+    if ops is None:
+        ops = _OPS_CACHE[backend] = tuple(_resolve(n) for n in _OP_NAMES[backend])
+    return ops
+
+
+_OPS_CACHE: dict[str, tuple] = {}  # resolved OpOverloads per backend (per-call lookups cost microseconds)
 
 
 def _cpu_ops_registered() -> bool:

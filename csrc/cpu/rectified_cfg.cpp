@@ -11,6 +11,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -53,25 +57,71 @@ template <typename R> struct IOReduced {
 template <> struct IO<c10::BFloat16> : IOReduced<c10::BFloat16> {};
 template <> struct IO<c10::Half> : IOReduced<c10::Half> {};
 
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+// bf16 in even/odd lane order: bf16 -> fp32 is a 16-bit shift (even elements) or a mask (odd
+// elements), with no cross-lane shuffles; the store rounds to nearest even (NaN -> 0x7FC0, as
+// c10::BFloat16 does) and merges the halves back. Only for code that is elementwise in the lanes
+// and whose other operands use the same order (see Split below).
+struct IOBf16Split {
+  using V = Vectorized<float>;
+  static constexpr int kV = 2;
+  static void load(const c10::BFloat16* p, V* v) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    v[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static __m256i round(__m256 x) {  // fp32 -> bf16 bits in the upper half of each lane (RNE, quiet NaN)
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), nan);
+  }
+  static void store(c10::BFloat16* p, const V* v) {
+    const __m256i even = _mm256_srli_epi32(round(v[0]), 16);
+    const __m256i odd = _mm256_and_si256(round(v[1]), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+  }
+};
+// The IO of T (and of the momentum buffer Bt) for one kernel: split bf16 when every bf16 operand
+// can use it (the buffer is bf16 too or absent), else the natural order.
+template <typename T, typename Bt, bool MOM>
+constexpr bool kSplit = std::is_same_v<T, c10::BFloat16> && (!MOM || std::is_same_v<Bt, T>);
+template <typename X, typename T, typename Bt, bool MOM>
+using IOFor = std::conditional_t<kSplit<T, Bt, MOM> && std::is_same_v<X, c10::BFloat16>, IOBf16Split, IO<X>>;
+#else
+template <typename X, typename T, typename Bt, bool MOM>
+using IOFor = IO<X>;
+#endif
+
 // Partial statistics of one chunk of one group (14 values, float64).
 template <typename T, typename Bt, bool K3, bool MOM>
 void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, double beta, double* out) {
   using A = typename AccOf<T>::type;
-  using V = typename IO<T>::V;
-  constexpr int kV = IO<T>::kV;
-  static_assert(std::is_same_v<V, typename IO<Bt>::V> && IO<Bt>::kV == kV, "buffer/input vector mismatch");
+  using IOT = IOFor<T, T, Bt, MOM>;
+  using IOB = IOFor<Bt, T, Bt, MOM>;
+  using V = typename IOT::V;
+  constexpr int kV = IOT::kV;
+  static_assert(std::is_same_v<V, typename IOB::V> && IOB::kV == kV, "buffer/input vector mismatch");
   constexpr bool P[rc::kNumSlots] = {true, true, K3, MOM};
-  V acc[rc::kNumStats];
-  for (auto& a : acc) a = V(A(0));
+  // Independent accumulator sets (one per vector of a block) break the add/FMA latency chain; only
+  // when the used statistics fit the 16 AVX2 registers twice over (K = 2 without momentum: 5 stats).
+  constexpr int kUsed = 2 + K3 + MOM;
+  constexpr int kUsedStats = kUsed + kUsed * (kUsed + 1) / 2;
+  constexpr int kSets = (kV >= 2 && 2 * kUsedStats + 6 <= 16) ? 2 : 1;
+  V acc[kSets][rc::kNumStats];
+  for (auto& as : acc)
+    for (auto& a : as) a = V(A(0));
   const V vbeta(static_cast<A>(beta));
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
     V xu[kV], xc[kV], xd[kV], xb[kV];
-    IO<T>::load(u + i, xu);
-    IO<T>::load(c + i, xc);
-    if constexpr (K3) IO<T>::load(d + i, xd);
-    if constexpr (MOM) IO<Bt>::load(b + i, xb);
+    IOT::load(u + i, xu);
+    IOT::load(c + i, xc);
+    if constexpr (K3) IOT::load(d + i, xd);
+    if constexpr (MOM) IOB::load(b + i, xb);
     for (int k = 0; k < kV; ++k) {
+      V* ac = acc[k % kSets];
       V v[rc::kNumSlots];
       v[0] = xu[k];
       v[1] = xc[k] - xu[k];
@@ -79,17 +129,19 @@ void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, d
       if constexpr (K3) v[2] = xc[k] - xd[k];
       if constexpr (MOM) v[3] = xc[k];
       for (int s = 0; s < rc::kNumSlots; ++s)
-        if (P[s]) acc[s] = acc[s] + v[s];
+        if (P[s]) ac[s] = ac[s] + v[s];
       for (int s = 0; s < rc::kNumSlots; ++s)
         for (int t = s; t < rc::kNumSlots; ++t)
-          if (P[s] && P[t]) acc[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], acc[rc::pair_index(s, t)]);
+          if (P[s] && P[t]) ac[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], ac[rc::pair_index(s, t)]);
     }
   }
   for (int s = 0; s < rc::kNumStats; ++s) {
-    A lanes[V::size()];
-    acc[s].store(lanes);
     double t = 0.0;
-    for (int l = 0; l < V::size(); ++l) t += static_cast<double>(lanes[l]);
+    for (int set = 0; set < kSets; ++set) {
+      A lanes[V::size()];
+      acc[set][s].store(lanes);
+      for (int l = 0; l < V::size(); ++l) t += static_cast<double>(lanes[l]);
+    }
     out[s] = t;
   }
   for (; i < len; ++i) {  // tail, in float64
@@ -112,18 +164,20 @@ template <typename T, typename Bt, bool K3, bool MOM>
 void combine_chunk(const T* u, const T* c, const T* d, const Bt* b_old, Bt* b_new, T* out, int64_t len,
                    const double* gamma, double beta) {
   using A = typename AccOf<T>::type;
-  using V = typename IO<T>::V;
-  constexpr int kV = IO<T>::kV;
+  using IOT = IOFor<T, T, Bt, MOM>;
+  using IOB = IOFor<Bt, T, Bt, MOM>;
+  using V = typename IOT::V;
+  constexpr int kV = IOT::kV;
   const A gu = static_cast<A>(gamma[0]), gc = static_cast<A>(gamma[1]);
   const A gd = static_cast<A>(gamma[2]), gb = static_cast<A>(gamma[3]), bt = static_cast<A>(beta);
   const V vgu(gu), vgc(gc), vgd(gd), vgb(gb), vbt(bt);
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
     V xu[kV], xc[kV], xd[kV], xb[kV], o[kV], nb[kV];
-    IO<T>::load(u + i, xu);
-    IO<T>::load(c + i, xc);
-    if constexpr (K3) IO<T>::load(d + i, xd);
-    if constexpr (MOM) IO<Bt>::load(b_old + i, xb);
+    IOT::load(u + i, xu);
+    IOT::load(c + i, xc);
+    if constexpr (K3) IOT::load(d + i, xd);
+    if constexpr (MOM) IOB::load(b_old + i, xb);
     for (int k = 0; k < kV; ++k) {
       V r = xu[k] * vgu;
       r = at::vec::fmadd(vgc, xc[k], r);
@@ -134,8 +188,8 @@ void combine_chunk(const T* u, const T* c, const T* d, const Bt* b_old, Bt* b_ne
       }
       o[k] = r;
     }
-    IO<T>::store(out + i, o);
-    if constexpr (MOM) IO<Bt>::store(b_new + i, nb);
+    IOT::store(out + i, o);
+    if constexpr (MOM) IOB::store(b_new + i, nb);
   }
   for (; i < len; ++i) {
     const A xu = static_cast<A>(u[i]), xc = static_cast<A>(c[i]);

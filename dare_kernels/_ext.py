@@ -93,3 +93,30 @@ def resolve_backend(op: str, backend: str, choices: tuple[str, ...], device, dty
         f"({'; '.join(reasons) or 'none exists for this device'}); using the slow PyTorch reference.",
     )
     return "reference"
+
+
+def common_unavailable(backend: str, device, dtype) -> str | None:
+    """Device, extension and Triton checks every op's backends share (op-specific checks follow them).
+
+    Returns why ``backend`` cannot run on ``device`` / ``dtype`` here, or None when these checks pass.
+    """
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' needs CPU tensors, got {device}"
+        if EXT is None:
+            return f"the compiled extension is not loaded ({EXT_ERROR})"
+    elif backend == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' needs CUDA tensors, got {device}"
+        if not has_cuda_kernels():
+            return "the extension was built without CUDA kernels" if EXT is not None else \
+                f"the compiled extension is not loaded ({EXT_ERROR})"
+    elif backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return why
+        if device.type != "cuda" and why.startswith("triton "):
+            return f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
+        if dtype == torch.float64:
+            return "the Triton kernels take float16, bfloat16 and float32"
+    return None

@@ -435,36 +435,20 @@ if _cpu_ops_registered():
 
 def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run on these inputs, or None when it can."""
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"backend='cpu' needs CPU tensors, got {device}"
-        if not _cpu_ops_registered():
-            return f"the compiled extension is not loaded ({_ext.EXT_ERROR})" if _ext.EXT is None else \
-                "the extension has no rectified_cfg ops (rebuild it)"
-        return None
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"backend='cuda' needs CUDA tensors, got {device}"
-        if not _ext.has_cuda_kernels():
-            return "the extension was built without CUDA kernels" if _ext.EXT is not None else \
-                f"the compiled extension is not loaded ({_ext.EXT_ERROR})"
-        if dtype == torch.float64:
-            return "the CUDA kernels take float16, bfloat16 and float32"
-        return None
+    why = _ext.common_unavailable(backend, device, dtype)
+    if why is not None:
+        return why
+    if backend == "cpu" and not _cpu_ops_registered():
+        return "the extension has no rectified_cfg ops (rebuild it)"
+    if backend == "cuda" and dtype == torch.float64:
+        return "the CUDA kernels take float16, bfloat16 and float32"
     if backend == "triton":
-        ok, why = _ext.triton_status()
-        if not ok:
-            return why
-        if device.type != "cuda" and why.startswith("triton "):
-            return f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
-        if dtype == torch.float64:
-            return "the Triton kernels take float16, bfloat16 and float32"
         try:
             _ops_for("triton")
         except ImportError as exc:
             return f"the Triton rectified-CFG kernels are not available ({exc})"
-        return None
     return None
+
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:

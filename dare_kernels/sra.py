@@ -194,36 +194,19 @@ if _ext.EXT is not None:
 
 def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run on these inputs, or None when it can."""
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"backend='cpu' needs CPU tensors, got {device}"
-        if not _ext.has_cpu_kernels():
-            return f"the compiled extension is not loaded ({_ext.EXT_ERROR})"
-        return None
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"backend='cuda' needs CUDA tensors, got {device}"
-        if not _ext.has_cuda_kernels():
-            return "the extension was built without CUDA kernels" if _ext.EXT is not None else \
-                f"the compiled extension is not loaded ({_ext.EXT_ERROR})"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return (f"the CUDA kernels take float16 and bfloat16, got {dtype} "
-                    "(use backend='triton' for float32, or cast)")
-        return None
+    why = _ext.common_unavailable(backend, device, dtype)
+    if why is not None:
+        return why
+    if backend == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        return (f"the CUDA kernels take float16 and bfloat16, got {dtype} "
+                "(use backend='triton' for float32, or cast)")
     if backend == "triton":
-        ok, why = _ext.triton_status()
-        if not ok:
-            return why
-        if device.type != "cuda" and why.startswith("triton "):
-            return f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
-        if dtype == torch.float64:
-            return "the Triton kernels take float16, bfloat16 and float32"
         try:
             _ops_for("triton")
         except ImportError as exc:
             return f"the Triton SRA kernels are not available ({exc})"
-        return None
     return None
+
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:

@@ -96,6 +96,11 @@ def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=
     return out
 
 
+def _no_attend(self, query, key, value, **_):
+    """No attention core at all (the ``no_attention`` provider): what is left of the layer's time."""
+    return query
+
+
 def setup_provider(model, provider: str, M: int):
     """Patch ``model`` for ``provider``; returns the handle (or None for stock)."""
     from dare_kernels.integrations.diffusers import apply_dare
@@ -109,9 +114,10 @@ def setup_provider(model, provider: str, M: int):
     else:
         g = torch.Generator().manual_seed(1)
         handle.set_token_weights(torch.rand(BATCH, M, generator=g) * 2 + 0.05)
-    if provider == "eager_maps":
+    if provider in ("eager_maps", "no_attention"):
+        attend = _eager_attend if provider == "eager_maps" else _no_attend
         for _, attn, _ in handle._layers:
-            attn.processor._attend = types.MethodType(_eager_attend, attn.processor)
+            attn.processor._attend = types.MethodType(attend, attn.processor)
     return handle
 
 
@@ -159,39 +165,42 @@ def test_bench_maps_vs_eager(benchmark, model_name, provider):
     _bench(benchmark, model_name, provider, "maps")
 
 
-def build_layer(model_name: str):
+def build_layer(model_name: str, video_tokens: int = 512):
     """(model, call of one patched text-attention layer with its projections, M, shape name): the attention
     layer alone, so the attention core is most of the time (model-level runs dilute it with FFN and attn1)."""
     model, _, M, shape = build(model_name)
     torch.manual_seed(2)
-    B = BATCH
+    B, N = BATCH, video_tokens
     if model_name == "wan":
-        attn, hs, text = model.blocks[0].attn2, torch.randn(B, 512, 768), torch.randn(B, M, 768)
+        attn, hs, text = model.blocks[0].attn2, torch.randn(B, N, 768), torch.randn(B, M, 768)
         kwargs = {}
     elif model_name == "ltx":
-        attn, hs, text = model.transformer_blocks[0].attn2, torch.randn(B, 512, 512), torch.randn(B, M, 512)
+        attn, hs, text = model.transformer_blocks[0].attn2, torch.randn(B, N, 512), torch.randn(B, M, 512)
         mask = torch.zeros(B, 1, M)
         mask[:, :, 100:] = -10000.0
         kwargs = {"attention_mask": mask}
     else:
-        attn, hs, text = model.transformer_blocks[0].attn1, torch.randn(B, 512, 512), torch.randn(B, M, 512)
+        attn, hs, text = model.transformer_blocks[0].attn1, torch.randn(B, N, 512), torch.randn(B, M, 512)
         kwargs = {}
 
     def call():
         return attn(hs, text, **kwargs)
 
-    return model, call, M, shape.replace("4L", "layer")
+    return model, call, M, shape.replace("4L", "layer").replace("N512", f"N{N}")
 
 
-@pytest.mark.parametrize("provider", ["dare_maps", "eager_maps", "stock"])
+@pytest.mark.parametrize("provider", ["dare_maps", "eager_maps", "stock", "no_attention"])
+@pytest.mark.parametrize("video_tokens", [512, 4096])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_bench_layer_maps_vs_eager(benchmark, model_name, provider):
-    model, call, M, shape = build_layer(model_name)
+def test_bench_layer_maps_vs_eager(benchmark, model_name, video_tokens, provider):
+    """``no_attention``: the same layer with the attention core replaced by a no-op (projections, norms and
+    output layer only): the part no attention kernel can speed up, which bounds the layer-level ratio."""
+    model, call, M, shape = build_layer(model_name, video_tokens)
     handle = setup_provider(model, provider, M)
     benchmark.group = f"diffusers {model_name} layer-maps {shape} float32"
-    mode = "fwd" if provider == "stock" else "fwd+map"  # the report pairs rows on (kernel, mode, shape, dtype)
+    mode = "fwd" if provider in ("stock", "no_attention") else "fwd+map"  # the report pairs rows on mode
     benchmark.extra_info.update({"kernel": "diffusers_attention_layer", "provider": provider, "mode": mode,
-                                 "shape": shape, "dtype": "float32", "batch": BATCH, "video_tokens": 512,
+                                 "shape": shape, "dtype": "float32", "batch": BATCH, "video_tokens": video_tokens,
                                  "text_tokens": M})
     with torch.no_grad():
         benchmark.pedantic(call, rounds=15, iterations=1, warmup_rounds=2)

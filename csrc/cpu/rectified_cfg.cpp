@@ -1,7 +1,8 @@
 // Rectified CFG combine on CPU (SPEC.md §2). One vectorised read of the inputs for the per-group
 // statistics (fixed kChunk-element chunks: float accumulation inside a chunk, chunk partials added in
 // float64 in chunk order, so results do not depend on the thread count), a per-group coefficient
-// step in float64 (rectified_cfg_params.h), then one read + one write for the combine.
+// step in float64 (rectified_cfg_params.h), then one read + one write for the combine. bfloat16
+// combines run the AVX-512 kernel (rectified_cfg_avx512.cpp) when the CPU has it: same bits.
 #include "cpu/rectified_cfg.h"
 
 #include <ATen/ATen.h>

@@ -89,28 +89,34 @@ struct Bf16IO {
   static inline void store(uint16_t* p, int n, const __m512* v) { _mm512_mask_storeu_epi16(p, mask(n), pack(v)); }
 };
 
+// γ and β broadcast, and one block's arithmetic: the operations of the AVX2 / scalar path in the same
+// order (r = u γu; r = fma(γc, c, r); r = fma(γd, d, r); r = fma(γb, b, r); b_new = fma(β, b, c - u)).
+// A plain function, not a lambda: the target region must cover it with every compiler.
+struct Coeffs {
+  __m512 gu, gc, gd, gb, bt;
+};
+
+template <bool K3, bool MOM>
+inline void combine_block(const Coeffs& g, const __m512* xu, const __m512* xc, const __m512* xd, const __m512* xb,
+                          __m512* o, __m512* nb) {
+  for (int k = 0; k < 2; ++k) {
+    __m512 r = _mm512_mul_ps(xu[k], g.gu);
+    r = _mm512_fmadd_ps(g.gc, xc[k], r);
+    if constexpr (K3) r = _mm512_fmadd_ps(g.gd, xd[k], r);
+    if constexpr (MOM) {
+      r = _mm512_fmadd_ps(g.gb, xb[k], r);
+      nb[k] = _mm512_fmadd_ps(g.bt, xb[k], _mm512_sub_ps(xc[k], xu[k]));
+    }
+    o[k] = r;
+  }
+}
+
 template <bool K3, bool MOM>
 void combine_impl(const uint16_t* u, const uint16_t* c, const uint16_t* d, const uint16_t* b_old, uint16_t* b_new,
-                  uint16_t* out, int64_t len,
-                  const double* gamma, double beta) {
-  const __m512 vgu = _mm512_set1_ps(static_cast<float>(gamma[0]));
-  const __m512 vgc = _mm512_set1_ps(static_cast<float>(gamma[1]));
-  const __m512 vgd = _mm512_set1_ps(static_cast<float>(gamma[2]));
-  const __m512 vgb = _mm512_set1_ps(static_cast<float>(gamma[3]));
-  const __m512 vbt = _mm512_set1_ps(static_cast<float>(beta));
-  // the operations of the AVX2 / scalar path, in the same order: r = u γu; r = fma(γc, c, r); ...
-  auto step = [&](const __m512* xu, const __m512* xc, const __m512* xd, const __m512* xb, __m512* o, __m512* nb) {
-    for (int k = 0; k < 2; ++k) {
-      __m512 r = _mm512_mul_ps(xu[k], vgu);
-      r = _mm512_fmadd_ps(vgc, xc[k], r);
-      if constexpr (K3) r = _mm512_fmadd_ps(vgd, xd[k], r);
-      if constexpr (MOM) {
-        r = _mm512_fmadd_ps(vgb, xb[k], r);
-        nb[k] = _mm512_fmadd_ps(vbt, xb[k], _mm512_sub_ps(xc[k], xu[k]));
-      }
-      o[k] = r;
-    }
-  };
+                  uint16_t* out, int64_t len, const double* gamma, double beta) {
+  const Coeffs g{_mm512_set1_ps(static_cast<float>(gamma[0])), _mm512_set1_ps(static_cast<float>(gamma[1])),
+                 _mm512_set1_ps(static_cast<float>(gamma[2])), _mm512_set1_ps(static_cast<float>(gamma[3])),
+                 _mm512_set1_ps(static_cast<float>(beta))};
   __m512 xu[2], xc[2], xd[2], xb[2], o[2], nb[2];
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
@@ -118,7 +124,7 @@ void combine_impl(const uint16_t* u, const uint16_t* c, const uint16_t* d, const
     Bf16IO::load(c + i, xc);
     if constexpr (K3) Bf16IO::load(d + i, xd);
     if constexpr (MOM) Bf16IO::load(b_old + i, xb);
-    step(xu, xc, xd, xb, o, nb);
+    combine_block<K3, MOM>(g, xu, xc, xd, xb, o, nb);
     Bf16IO::store(out + i, o);
     if constexpr (MOM) {
       if (b_new != nullptr) Bf16IO::store(b_new + i, nb);
@@ -130,7 +136,7 @@ void combine_impl(const uint16_t* u, const uint16_t* c, const uint16_t* d, const
     Bf16IO::load(c + i, n, xc);
     if constexpr (K3) Bf16IO::load(d + i, n, xd);
     if constexpr (MOM) Bf16IO::load(b_old + i, n, xb);
-    step(xu, xc, xd, xb, o, nb);
+    combine_block<K3, MOM>(g, xu, xc, xd, xb, o, nb);
     Bf16IO::store(out + i, n, o);
     if constexpr (MOM) {
       if (b_new != nullptr) Bf16IO::store(b_new + i, n, nb);

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/rectified_cfg_avx512.h"
@@ -165,15 +166,18 @@ void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, d
           if (P[s] && P[t]) ac[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], ac[rc::pair_index(s, t)]);
     }
   }
-  for (int s = 0; s < rc::kNumStats; ++s) {
-    if (!stat_used(s, P)) {  // its accumulators hold zeros
-      out[s] = 0.0;
-      continue;
-    }
-    A lanes[kSets * V::size()];
-    for (int set = 0; set < kSets; ++set) acc[set][s].store(lanes + set * V::size());
-    out[s] = tree_sum<A, kSets * V::size()>(lanes);
-  }
+  // every statistic, unrolled at compile time: unused ones (their accumulators hold zeros) are 0
+  [&]<int... S>(std::integer_sequence<int, S...>) {
+    ((out[S] = [&] {
+       if constexpr (!stat_used(S, P)) {
+         return 0.0;
+       } else {
+         A lanes[kSets * V::size()];
+         for (int set = 0; set < kSets; ++set) acc[set][S].store(lanes + set * V::size());
+         return tree_sum<A, kSets * V::size()>(lanes);
+       }
+     }()), ...);
+  }(std::make_integer_sequence<int, rc::kNumStats>{});
   for (; i < len; ++i) {  // tail, in float64
     const double xu = static_cast<double>(static_cast<A>(u[i]));
     const double xc = static_cast<double>(static_cast<A>(c[i]));

@@ -17,16 +17,15 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/rectified_cfg_avx512.h"
 #include "rectified_cfg_params.h"
-
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
 #ifndef DARE_KERNELS_CPU_VEC
 #define DARE_KERNELS_CPU_VEC "default"
@@ -115,7 +114,7 @@ constexpr bool stat_used(int s, const bool* present) {
 }
 
 // Σ x[0..n) in float64 as a fixed pairwise tree: the same order every time, and dependency chains of
-// log2(n) additions instead of n (a serial lane sum cost ~8% of the statistics pass).
+// log2(n) additions instead of n (the serial sum cost ~8% of the loop in a micro-benchmark).
 template <typename A, int n>
 inline double tree_sum(const A* x) {
   if constexpr (n == 1) {

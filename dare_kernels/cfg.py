@@ -60,6 +60,8 @@ def _pair(i: int, j: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _check_number(name, value, *, low=None, high=None, allow_none=False):
+    if type(value) is float and low is None and -math.inf < value < math.inf:  # the common case, cheaply
+        return value
     if value is None and allow_none:
         return None
     # exact float/int first: the numbers.Real ABC check costs microseconds per call (bool is rejected below)
@@ -530,7 +532,8 @@ def rectified_cfg(
     a = _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guidance_rescale, eta,
                       norm_threshold, momentum, momentum_buffer, reduce_dims, out, backend)
     ref = a.branches[0]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a.branches)
+    needs_grad = torch.is_grad_enabled() and (preds.requires_grad if isinstance(preds, torch.Tensor)
+                                              else any(t.requires_grad for t in a.branches))
     if needs_grad and a.out is not None:
         raise ValueError("out= does not support autograd: the predictions require grad")
     chosen = choose_backend(backend, ref.device, ref.dtype)

@@ -60,6 +60,8 @@ def _pair(i: int, j: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _check_number(name, value, *, low=None, high=None, allow_none=False):
+    if type(value) is float and low is None and -math.inf < value < math.inf:  # the common case, cheaply
+        return value
     if value is None and allow_none:
         return None
     # exact float/int first: the numbers.Real ABC check costs microseconds per call (bool is rejected below)
@@ -84,10 +86,14 @@ def _split_branches(preds, num_branches) -> list[torch.Tensor]:
         k = 2 if num_branches is None else num_branches
         if preds.dim() < 2:
             raise ValueError(f"preds must be [K*B, ...] with at least one non-batch dim, got shape {tuple(preds.shape)}")
-        if preds.shape[0] % k != 0 or preds.shape[0] == 0:
-            raise ValueError(f"preds' batch {preds.shape[0]} is not divisible by num_branches={k} "
+        kb = preds.shape[0]
+        if kb % k != 0 or kb == 0:
+            raise ValueError(f"preds' batch {kb} is not divisible by num_branches={k} "
                              f"(branches are stacked along dim 0: uncond, cond[, degraded])")
-        branches = list(preds.chunk(k, dim=0))
+        if preds.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"preds must be float16, bfloat16, float32 or float64, got {preds.dtype}")
+        # equal chunks of one tensor: the branches share dtype, device and shape (no per-branch checks)
+        return list(preds.chunk(k, dim=0))
     elif isinstance(preds, (list, tuple)):
         branches = list(preds)
         if len(branches) not in (2, 3):
@@ -200,7 +206,9 @@ def _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guid
         if out.shape != ref.shape or out.dtype != ref.dtype or out.device != ref.device:
             raise ValueError(f"out must be a {ref.dtype} tensor of shape {tuple(ref.shape)} on {ref.device}, "
                              f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-        for t in a.branches + ([momentum_buffer] if momentum_buffer is not None else []):
+        # a stacked preds tensor whose memory span misses out's cannot overlap it through any branch
+        branches = a.branches if not isinstance(preds, torch.Tensor) or _overlaps(out, preds) else []
+        for t in branches + ([momentum_buffer] if momentum_buffer is not None else []):
             if _overlaps(out, t):
                 raise ValueError("out must not share memory with preds or momentum_buffer")
     a.out = out
@@ -463,24 +471,20 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
 
 def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve ``backend`` for inputs on ``device``; explicit but unusable backends raise."""
-    return _ext.resolve_backend("rectified_cfg", backend, BACKENDS, device, dtype, _unavailable, _auto_order(device))
-    if backend != "auto":
-        why = _unavailable(backend, device, dtype)
-        if why is not None:
-            raise RuntimeError(f"rectified_cfg: backend={backend!r} is not available: {why}")
-        return backend
-    reasons = []
-    for candidate in _auto_order(device):
-        why = _unavailable(candidate, device, dtype)
-        if why is None:
-            return candidate
-        reasons.append(f"{candidate}: {why}")
-    _ext.warn_once(
-        f"cfg-ref-{device.type}-{dtype}",
-        f"dare_kernels.rectified_cfg: no compiled backend for {device.type} {dtype} inputs "
-        f"({'; '.join(reasons) or 'none exists for this device'}); using the PyTorch reference.",
-    )
-    return "reference"
+    cpu_key = (backend, dtype) if device.type == "cpu" and backend in ("auto", "cpu") else None
+    if cpu_key is not None:
+        hit = _CPU_CHOICE.get(cpu_key)
+        if hit is not None:
+            return hit
+    chosen = _ext.resolve_backend("rectified_cfg", backend, BACKENDS, device, dtype, _unavailable, _auto_order(device))
+    if cpu_key is not None and chosen == "cpu":
+        _CPU_CHOICE[cpu_key] = chosen
+    return chosen
+
+
+# (backend, dtype) -> "cpu" for CPU inputs once the extension's ops were found usable: that cannot change
+# within a process, and resolving it costs over a microsecond per call.
+_CPU_CHOICE: dict[tuple, str] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +532,8 @@ def rectified_cfg(
     a = _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guidance_rescale, eta,
                       norm_threshold, momentum, momentum_buffer, reduce_dims, out, backend)
     ref = a.branches[0]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in a.branches)
+    needs_grad = torch.is_grad_enabled() and (preds.requires_grad if isinstance(preds, torch.Tensor)
+                                              else any(t.requires_grad for t in a.branches))
     if needs_grad and a.out is not None:
         raise ValueError("out= does not support autograd: the predictions require grad")
     chosen = choose_backend(backend, ref.device, ref.dtype)
@@ -543,23 +548,22 @@ def rectified_cfg(
 
     fused, stats_op, combine_op = _ops_for(chosen)
     nd = ref.dim()
-    keep = [i for i in range(nd) if i not in a.dims]
-    perm = keep + a.dims
-    identity = perm == list(range(nd))
-
-    def arrange(t):
-        return t if t is None or identity else t.permute(perm)
-
-    xs = [arrange(t) for t in a.branches]
+    n_reduce = len(a.dims)
+    identity = a.dims == list(range(nd - n_reduce, nd))  # the reduced dims are already the last ones
+    if identity:
+        xs, buf = a.branches, a.buf
+    else:  # move the reduced dims last (views; the kernels take any strides)
+        perm = [i for i in range(nd) if i not in a.dims] + a.dims
+        xs = [t.permute(perm) for t in a.branches]
+        buf = None if a.buf is None else a.buf.permute(perm)
     u, c = xs[0], xs[1]
     d = xs[2] if a.K == 3 else None
-    buf = arrange(a.buf)
-    n_reduce = len(a.dims)
     beta = 0.0 if a.beta is None else a.beta
 
     if not needs_grad:
         res = a.out if a.out is not None else torch.empty_like(ref, memory_format=torch.contiguous_format)
-        fused(u, c, d, buf, arrange(res), n_reduce, a.mode, a.s, a.sr, a.phi, a.eta, a.tau, beta)
+        fused(u, c, d, buf, res if identity else res.permute(perm), n_reduce, a.mode, a.s, a.sr, a.phi, a.eta, a.tau,
+              beta)
         return res
 
     if buf is not None:  # the ops save b_old for backward; the in-place update below must not touch it

@@ -15,6 +15,8 @@ TORCH_LIBRARY_FRAGMENT(dare_kernels, m) {
   m.def(
       "rectified_cfg_combine(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, Tensor coeffs, "
       "int n_reduce) -> Tensor");
+  // Which CPU vector path the ops above take now ("avx512", "avx2" or "default"); see rectified_cfg.h.
+  m.def("rectified_cfg_cpu_isa() -> str", &dare::cpu::rectified_cfg_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(dare_kernels, CPU, m) {

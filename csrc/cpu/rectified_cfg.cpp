@@ -1,7 +1,8 @@
 // Rectified CFG combine on CPU (SPEC.md §2). One vectorised read of the inputs for the per-group
 // statistics (fixed kChunk-element chunks: float accumulation inside a chunk, chunk partials added in
 // float64 in chunk order, so results do not depend on the thread count), a per-group coefficient
-// step in float64 (rectified_cfg_params.h), then one read + one write for the combine.
+// step in float64 (rectified_cfg_params.h), then one read + one write for the combine. bfloat16
+// combines run the AVX-512 kernel (rectified_cfg_avx512.cpp) when the CPU has it: same bits.
 #include "cpu/rectified_cfg.h"
 
 #include <ATen/ATen.h>
@@ -16,10 +17,19 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "cpu/rectified_cfg_avx512.h"
 #include "rectified_cfg_params.h"
+
+#ifndef DARE_KERNELS_CPU_VEC
+#define DARE_KERNELS_CPU_VEC "default"
+#endif
 
 namespace dare::cpu {
 namespace {
@@ -94,6 +104,26 @@ template <typename X, typename T, typename Bt, bool MOM>
 using IOFor = IO<X>;
 #endif
 
+// True when statistic s (a sum S_i or a Gram entry G_ij) involves only slots marked in `present`.
+constexpr bool stat_used(int s, const bool* present) {
+  if (s < rc::kNumSlots) return present[s];
+  for (int i = 0; i < rc::kNumSlots; ++i)
+    for (int j = i; j < rc::kNumSlots; ++j)
+      if (rc::pair_index(i, j) == s) return present[i] && present[j];
+  return false;
+}
+
+// Σ x[0..n) in float64 as a fixed pairwise tree: the same order every time, and dependency chains of
+// log2(n) additions instead of n (the serial sum cost ~8% of the loop in a micro-benchmark).
+template <typename A, int n>
+inline double tree_sum(const A* x) {
+  if constexpr (n == 1) {
+    return static_cast<double>(x[0]);
+  } else {
+    return tree_sum<A, n / 2>(x) + tree_sum<A, n - n / 2>(x + n / 2);
+  }
+}
+
 // Partial statistics of one chunk of one group (14 values, float64).
 template <typename T, typename Bt, bool K3, bool MOM>
 void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, double beta, double* out) {
@@ -135,15 +165,18 @@ void stats_chunk(const T* u, const T* c, const T* d, const Bt* b, int64_t len, d
           if (P[s] && P[t]) ac[rc::pair_index(s, t)] = at::vec::fmadd(v[s], v[t], ac[rc::pair_index(s, t)]);
     }
   }
-  for (int s = 0; s < rc::kNumStats; ++s) {
-    double t = 0.0;
-    for (int set = 0; set < kSets; ++set) {
-      A lanes[V::size()];
-      acc[set][s].store(lanes);
-      for (int l = 0; l < V::size(); ++l) t += static_cast<double>(lanes[l]);
-    }
-    out[s] = t;
-  }
+  // every statistic, unrolled at compile time: unused ones (their accumulators hold zeros) are 0
+  [&]<int... S>(std::integer_sequence<int, S...>) {
+    ((out[S] = [&] {
+       if constexpr (!stat_used(S, P)) {
+         return 0.0;
+       } else {
+         A lanes[kSets * V::size()];
+         for (int set = 0; set < kSets; ++set) acc[set][S].store(lanes + set * V::size());
+         return tree_sum<A, kSets * V::size()>(lanes);
+       }
+     }()), ...);
+  }(std::make_integer_sequence<int, rc::kNumStats>{});
   for (; i < len; ++i) {  // tail, in float64
     const double xu = static_cast<double>(static_cast<A>(u[i]));
     const double xc = static_cast<double>(static_cast<A>(c[i]));
@@ -206,6 +239,30 @@ void combine_chunk(const T* u, const T* c, const T* d, const Bt* b_old, Bt* b_ne
 }
 
 template <typename T> struct Tag { using type = T; };
+
+// The AVX-512 combine takes bfloat16 (as its bits) with the momentum buffer absent or bf16 too
+// (dispatch() passes Bt = T when there is no buffer); every other combination runs the at::vec path.
+template <typename T, typename Bt>
+constexpr bool kAvx512Ok = std::is_same_v<T, c10::BFloat16> && std::is_same_v<Bt, T>;
+inline const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+inline uint16_t* bits(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+// True when this call runs the AVX-512 kernels: the CPU has them, unless DARE_KERNELS_CPU_ISA says
+// "avx2" (the build's at::vec path: AVX2, or generic code in a build without it) or ATEN_CPU_CAPABILITY
+// keeps PyTorch itself below AVX-512. Read on every call (a few hundred ns) so a process can switch.
+bool use_avx512() {
+  static const bool hw = avx512::supported();
+  const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
+  if (isa != nullptr && *isa != '\0' && std::strcmp(isa, "auto") != 0) {
+    if (std::strcmp(isa, "avx2") == 0) return false;
+    TORCH_CHECK(std::strcmp(isa, "avx512") == 0, "DARE_KERNELS_CPU_ISA must be auto, avx2 or avx512, got '", isa, "'");
+    TORCH_CHECK(hw, "DARE_KERNELS_CPU_ISA=avx512 but this CPU (or OS) lacks AVX-512 F/BW/VL/DQ/BF16");
+    return true;
+  }
+  if (!hw) return false;
+  const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
+  return aten == nullptr || (std::strcmp(aten, "default") != 0 && std::strcmp(aten, "avx2") != 0);
+}
 
 // Calls f(Tag<T>, Tag<Bt>, bool_constant<K3>, bool_constant<MOM>) for the runtime combination.
 template <typename F>
@@ -314,7 +371,7 @@ std::vector<double> compute_stats(const Inputs& in, double beta) {
 }
 
 // out (contiguous) = Σ γ x per group; gamma is float64 [G * 4]; b_new written with momentum.
-void combine(const Inputs& in, const double* gamma, double beta, at::Tensor& out, at::Tensor* b_new) {
+void combine(const Inputs& in, const double* gamma, double beta, at::Tensor& out, at::Tensor* b_new, bool avx512) {
   const int64_t G = in.groups, N = in.n, nch = num_chunks(N);
   if (G == 0) return;
   dispatch(in.u.scalar_type(), in.buf_f32, in.k3, in.mom, [&](auto t, auto b, auto k3, auto mom) {
@@ -327,6 +384,20 @@ void combine(const Inputs& in, const double* gamma, double beta, at::Tensor& out
     const Bt* pb = MOM ? in.b.const_data_ptr<Bt>() : nullptr;
     Bt* pbn = (MOM && b_new != nullptr) ? b_new->mutable_data_ptr<Bt>() : nullptr;
     T* po = out.mutable_data_ptr<T>();
+    if constexpr (kAvx512Ok<T, Bt>) {
+      if (avx512) {
+        at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t g = task / nch, ch = task % nch;
+            const int64_t off = g * N + ch * kChunk, len = std::min(kChunk, N - ch * kChunk);
+            avx512::combine_bf16_chunk<K3, MOM>(bits(pu + off), bits(pc + off), K3 ? bits(pd + off) : nullptr,
+                                                MOM ? bits(pb + off) : nullptr, pbn != nullptr ? bits(pbn + off) : nullptr,
+                                                bits(po + off), len, gamma + g * rc::kNumCoeffs, beta);
+          }
+        });
+        return;
+      }
+    }
     at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
       std::vector<Bt> scratch;  // b_new target when the caller does not want the buffer written
       for (int64_t task = begin; task < end; ++task) {
@@ -362,6 +433,7 @@ void rectified_cfg_fused(const at::Tensor& u, const at::Tensor& c, const std::op
                     guidance_rescale, eta, norm_threshold, momentum};
   TORCH_CHECK(!in.mom || p.mode == rc::kModeApg, "rectified_cfg: a momentum buffer is only used by mode 'apg'");
   const int64_t G = in.groups;
+  const bool avx512 = use_avx512();
   std::vector<double> gamma(static_cast<size_t>(G * rc::kNumCoeffs));
   if (rc::needs_stats(p)) {
     const std::vector<double> stats = compute_stats(in, momentum);
@@ -376,7 +448,7 @@ void rectified_cfg_fused(const at::Tensor& u, const at::Tensor& c, const std::op
   at::Tensor o = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
   at::Tensor bnew;
   if (in.mom) bnew = momentum_buffer->is_contiguous() ? *momentum_buffer : in.b;  // in.b is a private copy then
-  combine(in, gamma.data(), momentum, o, in.mom ? &bnew : nullptr);
+  combine(in, gamma.data(), momentum, o, in.mom ? &bnew : nullptr, avx512);
   if (!o.is_same(out)) out.copy_(o);
   if (in.mom && !bnew.is_same(*momentum_buffer)) momentum_buffer->copy_(bnew);
 }
@@ -399,8 +471,10 @@ at::Tensor rectified_cfg_combine(const at::Tensor& u, const at::Tensor& c, const
               "rectified_cfg: coeffs must be [G=", in.groups, ", 4], got ", coeffs.sizes());
   at::Tensor gamma = coeffs.to(at::kDouble).contiguous();
   at::Tensor out = at::empty(u.sizes(), u.options().memory_format(at::MemoryFormat::Contiguous));
-  combine(in, gamma.const_data_ptr<double>(), 0.0, out, nullptr);
+  combine(in, gamma.const_data_ptr<double>(), 0.0, out, nullptr, use_avx512());
   return out;
 }
+
+std::string rectified_cfg_cpu_isa() { return use_avx512() ? "avx512" : DARE_KERNELS_CPU_VEC; }
 
 }  // namespace dare::cpu

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace dare::cpu {
@@ -25,5 +26,10 @@ at::Tensor rectified_cfg_stats(const at::Tensor& u, const at::Tensor& c, const s
 at::Tensor rectified_cfg_combine(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
                                  const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& coeffs,
                                  int64_t n_reduce);
+
+// The vector path the CPU kernels take now: "avx512" (when the CPU has AVX-512 F/BW/VL/DQ/BF16 and
+// DARE_KERNELS_CPU_ISA is unset, "auto" or "avx512"), else the build's at::vec path ("avx2" or
+// "default"; DARE_KERNELS_CPU_ISA=avx2 forces it).
+std::string rectified_cfg_cpu_isa();
 
 }  // namespace dare::cpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -31,6 +32,36 @@ def has_cuda() -> bool:
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _import_triton_kernels_interpreted() -> None:
+    """Without CUDA, decorate our Triton kernels for the interpreter before any test module imports them.
+
+    ``@triton.jit`` reads TRITON_INTERPRET when it decorates, and that includes Triton's own library
+    functions (``tl.zeros`` ...), decorated when ``triton`` is first imported. If something imports triton
+    without the variable first (diffusers does), interpreted kernels fail later with "Cannot call
+    @triton.jit'd outside of the scope of a kernel". Importing triton and our kernels here, first, makes the
+    Triton tests independent of the order the test files run in. The environment is restored afterwards.
+    """
+    if torch.cuda.is_available() or "triton" in sys.modules:
+        return
+    had = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton itself is imported: its own @jit helpers too
+    try:
+        import triton  # noqa: F401
+
+        import dare_kernels.triton.rectified_cfg  # noqa: F401
+        import dare_kernels.triton.sra_attention  # noqa: F401
+    except ImportError:
+        pass  # no triton: the Triton tests skip with their own reason
+    finally:
+        if had is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = had
+
+
+_import_triton_kernels_interpreted()
 
 
 @pytest.fixture(autouse=True)

@@ -256,6 +256,19 @@ def test_huge_logits_stay_finite(M):
 # determinism and the portable GEMM
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("M", [77, 1100])
+def test_map_path_converts_kv_per_head(monkeypatch, dtype, M):
+    """With a map, K/V that the GEMM cannot read in place (reduced dtype, strided) are converted per head
+    inside the tasks when the up-front copy would be large; forced here on small inputs."""
+    monkeypatch.setenv("DARE_KERNELS_CPU_KV_UPFRONT_BYTES", "0")
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(2, 3, 29, M, 40, 24, dtype, layout="strided", gen=gen)
+    w = make_weight("bm", 2, 3, M, dtype, gen=gen)
+    res = run_both(q, k, v, w, None, 1.0, (3, M - 2), with_grad=False, gen=gen)
+    check_all(res, dtype, factor=2.0)
+
+
 def test_forward_and_backward_are_bitwise_deterministic():
     B, H, N, M, D = 1, 3, 300, 226, 40
     q, k, v = make_qkv(B, H, N, M, D, D, torch.float32)

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu/cpu_blas.h"
+#include "cpu/cpu_memory.h"
 
 namespace dare::cpu {
 namespace {
@@ -40,6 +41,14 @@ using at::vec::Vectorized;
 
 constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
 constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
+constexpr int64_t kUpfrontConvertBytes = int64_t(32) << 20;  // K+V converted before the tasks up to this
+
+// Up-front K/V conversion limit of the map path; DARE_KERNELS_CPU_KV_UPFRONT_BYTES overrides it (read on
+// every call: the tests set it to 0 to run the per-head conversion on small inputs).
+int64_t kv_upfront_bytes() {
+  const char* env = std::getenv("DARE_KERNELS_CPU_KV_UPFRONT_BYTES");
+  return env != nullptr ? std::atoll(env) : kUpfrontConvertBytes;
+}
 constexpr int64_t kScoreBudget = 262144;  // elements of score block + map rows of a task: 1 MiB fp32 (L2)
 
 // Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches).
@@ -62,32 +71,34 @@ constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 // row helpers (vectorised with at::vec)
 // ---------------------------------------------------------------------------------------------
 
-// s += bias (when given); returns max(s)
+// max(s + bias) (bias optional); s is only read (the exp pass adds the bias again)
 template <typename T>
-T add_bias_max(T* s, const T* bias, int64_t n) {
+T biased_max(const T* s, const T* bias, int64_t n) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  Vec vmax(neg_inf<T>());
+  Vec vmax0(neg_inf<T>()), vmax1(neg_inf<T>());
   int64_t j = 0;
   if (bias != nullptr) {
-    for (; j + W <= n; j += W) {
-      Vec x = Vec::loadu(s + j) + Vec::loadu(bias + j);
-      x.store(s + j);
-      vmax = at::vec::maximum(vmax, x);
+    for (; j + 2 * W <= n; j += 2 * W) {
+      vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j) + Vec::loadu(bias + j));
+      vmax1 = at::vec::maximum(vmax1, Vec::loadu(s + j + W) + Vec::loadu(bias + j + W));
     }
+    for (; j + W <= n; j += W) vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j) + Vec::loadu(bias + j));
   } else {
-    for (; j + W <= n; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    for (; j + 2 * W <= n; j += 2 * W) {
+      vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j));
+      vmax1 = at::vec::maximum(vmax1, Vec::loadu(s + j + W));
+    }
+    for (; j + W <= n; j += W) vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j));
   }
   if (j < n) {  // tail as one partial vector (padding lanes -inf)
     const int64_t rem = n - j;
     Vec x = Vec::loadu(s + j, rem);
-    if (bias != nullptr) {
-      x = x + Vec::loadu(bias + j, rem);
-      x.store(s + j, rem);
-    }
-    vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf<T>()), x, rem));
+    if (bias != nullptr) x = x + Vec::loadu(bias + j, rem);
+    vmax0 = at::vec::maximum(vmax0, Vec::set(Vec(neg_inf<T>()), x, rem));
   }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  vmax0 = at::vec::maximum(vmax0, vmax1);
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax0);
 }
 
 // s = exp(s + bias - m) (bias optional); returns the sum
@@ -309,6 +320,61 @@ Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int
 // forward
 // ---------------------------------------------------------------------------------------------
 
+// rows x cols acc block (ld = cols) -> rows of dst (row stride sl, unit columns), each row multiplied by
+// row_scale[r] and converted to the output dtype on the way
+template <typename acc_t, typename scalar_t>
+void store_rows_scaled(acc_t* src, int64_t rows, int64_t cols, const acc_t* row_scale, scalar_t* dst, int64_t sl) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = src + r * cols;
+    scalar_t* d = dst + r * sl;
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      using Vec = Vectorized<acc_t>;
+      constexpr int64_t W = Vec::size();
+      const Vec va(row_scale[r]);
+      int64_t j = 0;
+      for (; j + W <= cols; j += W) (Vec::loadu(s + j) * va).store(d + j);
+      for (; j < cols; ++j) d[j] = s[j] * row_scale[r];
+    } else {
+      scale_row(s, cols, row_scale[r]);
+      at::vec::convert(s, d, cols);
+    }
+  }
+}
+
+// K or V of one (batch, head) as acc-typed GEMM rows: either read in place from an acc tensor already
+// usable by the GEMM, or converted from the input on demand into a per-thread buffer (kept while
+// consecutive tasks use the same (b, h)), so no fp32 copy of all of K/V is ever made.
+template <typename scalar_t, typename acc_t>
+class OperandRows {
+ public:
+  // `t`: [B,H,L,Dx] tensor, either acc-typed with gemm_ld >= 0 (direct) or of dtype scalar_t (converted)
+  explicit OperandRows(const at::Tensor& t) : L_(t.size(2)), Dx_(t.size(3)), ld_(gemm_ld(t, acc_scalar())) {
+    if (ld_ >= 0) {
+      direct_ = View4<const acc_t>(t);
+    } else {
+      src_ = View4<const scalar_t>(t);
+    }
+  }
+  int64_t ld() const { return ld_ >= 0 ? ld_ : Dx_; }
+  // pointer to row 0 of (b, h); `buf` and `cached` are the calling thread's buffer and its (b, h) key
+  const acc_t* rows(int64_t b, int64_t h, int64_t H, std::vector<acc_t>& buf, int64_t& cached) const {
+    if (ld_ >= 0) return direct_.at(b, h, 0);
+    const int64_t key = b * H + h;
+    if (cached != key) {
+      buf.resize(L_ * Dx_);
+      load_block(src_.at(b, h, 0), src_.sl, src_.sd, L_, Dx_, buf.data());
+      cached = key;
+    }
+    return buf.data();
+  }
+
+ private:
+  static at::ScalarType acc_scalar() { return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat; }
+  int64_t L_, Dx_, ld_;
+  View4<const acc_t> direct_;
+  View4<const scalar_t> src_;
+};
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::Tensor& v_op, const at::Tensor& bias,
                     double scale_d, int64_t map_start, int64_t map_stop, at::Tensor& out, at::Tensor& lse,
@@ -321,8 +387,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
 
   const View4<const scalar_t> qv(query);
-  const View4<const acc_t> kv(k_op), vv(v_op);
-  const int64_t ldk = gemm_ld(k_op, k_op.scalar_type()), ldv = gemm_ld(v_op, v_op.scalar_type());
+  const OperandRows<scalar_t, acc_t> kops(k_op), vops(v_op);
+  const int64_t ldk = kops.ld(), ldv = vops.ld();
   const int64_t ldq_direct = kSame ? gemm_ld(query, query.scalar_type()) : -1;
   const acc_t* bias_p = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
   scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, N, H, Dv] memory
@@ -339,8 +405,11 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   const int64_t ntasks = B * head_groups * nqb;
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
-    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(kSame ? 0 : bq * Dv);
-    std::vector<acc_t> row_m(bq), row_l(bq);
+    // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and
+    // the online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
+    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(bq * Dv);
+    std::vector<acc_t> row_m(bq), row_l(bq), row_scale(bq), kbuf, vbuf;
+    int64_t k_cached = -1, v_cached = -1;
     for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t bg = task / nqb, b = bg / head_groups, h0 = (bg % head_groups) * heads_per_task;
       const int64_t i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
@@ -357,18 +426,11 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           qp = qbuf.data();
           ldq = D;
         }
-        const acc_t* kp = kv.at(b, h, 0);
-        const acc_t* vp = vv.at(b, h, 0);
+        const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
+        const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
         const acc_t* brow = bias_p != nullptr ? bias_p + (b * H + h) * M : nullptr;
-        acc_t* op;
-        int64_t ldo;
-        if constexpr (kSame) {
-          op = reinterpret_cast<acc_t*>(out_p + ((b * N + i0) * H + h) * Dv);
-          ldo = H * Dv;
-        } else {
-          op = obuf.data();
-          ldo = Dv;
-        }
+        acc_t* op = obuf.data();
+        const int64_t ldo = Dv;
         acc_t* lse_rows = lse_p + (b * H + h) * N + i0;
 
         if (exact) {
@@ -376,21 +438,19 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           blas::gemm(false, true, rows, M, D, scale, qp, ldq, kp, ldk, acc_t(0), s, M);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* sr = s + r * M;
-            const acc_t m = add_bias_max(sr, brow, M);
+            const acc_t m = biased_max(sr, brow, M);
             if (m == neg_inf<acc_t>()) {  // no valid key
               std::fill(sr, sr + M, acc_t(0));
               lse_rows[r] = neg_inf<acc_t>();
+              row_scale[r] = acc_t(0);
               continue;
             }
-            const acc_t l = exp_sum<acc_t>(sr, nullptr, M, m);  // unnormalised; O is divided by l below
-            row_l[r] = acc_t(1) / l;
+            const acc_t l = exp_sum<acc_t>(sr, brow, M, m);  // unnormalised; O is divided by l on the store
+            row_scale[r] = acc_t(1) / l;
             lse_rows[r] = m + std::log(l);
-            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_l[r]);
+            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_scale[r]);
           }
           blas::gemm(false, false, rows, Dv, M, acc_t(1), s, M, vp, ldv, acc_t(0), op, ldo);
-          for (int64_t r = 0; r < rows; ++r) {
-            if (lse_rows[r] != neg_inf<acc_t>()) scale_row(op + r * ldo, Dv, row_l[r]);
-          }
         } else {
           std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());
           std::fill(row_l.begin(), row_l.end(), acc_t(0));
@@ -400,7 +460,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* sr = s + r * cols;
-              const acc_t bm = add_bias_max(sr, brow != nullptr ? brow + j0 : nullptr, cols);
+              const acc_t* bj = brow != nullptr ? brow + j0 : nullptr;
+              const acc_t bm = biased_max(sr, bj, cols);
               const acc_t m_new = std::max(row_m[r], bm);
               acc_t* orow = op + r * ldo;
               if (m_new == neg_inf<acc_t>()) {  // nothing valid so far
@@ -409,7 +470,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
                 continue;
               }
               const acc_t alpha = std::exp(row_m[r] - m_new);  // 0 when row_m was -inf
-              row_l[r] = row_l[r] * alpha + exp_sum<acc_t>(sr, nullptr, cols, m_new);
+              row_l[r] = row_l[r] * alpha + exp_sum<acc_t>(sr, bj, cols, m_new);
               row_m[r] = m_new;
               if (j0 == 0) {
                 std::fill(orow, orow + Dv, acc_t(0));
@@ -420,12 +481,12 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             blas::gemm(false, false, rows, Dv, cols, acc_t(1), s, cols, vp + j0 * ldv, ldv, acc_t(1), op, ldo);
           }
           for (int64_t r = 0; r < rows; ++r) {
-            acc_t* orow = op + r * ldo;
             if (row_l[r] > acc_t(0)) {
-              scale_row(orow, Dv, acc_t(1) / row_l[r]);
+              row_scale[r] = acc_t(1) / row_l[r];
               lse_rows[r] = row_m[r] + std::log(row_l[r]);
             } else {
-              std::fill(orow, orow + Dv, acc_t(0));
+              std::fill(op + r * ldo, op + r * ldo + Dv, acc_t(0));
+              row_scale[r] = acc_t(0);
               lse_rows[r] = neg_inf<acc_t>();
             }
           }
@@ -443,9 +504,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             }
           }
         }
-        if constexpr (!kSame) {
-          store_block(op, ldo, rows, Dv, out_p + ((b * N + i0) * H + h) * Dv, H * Dv, int64_t(1));
-        }
+        store_rows_scaled(op, rows, Dv, row_scale.data(), out_p + ((b * N + i0) * H + h) * Dv, H * Dv);
       }
     }
   });
@@ -621,10 +680,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sra_attention_fwd(
 
   auto [bias, valid] = make_bias(token_weight, key_padding_mask, strength, B, H, M, acc);
   (void)valid;
-  at::Tensor k_op = as_operand(key, acc), v_op = as_operand(value, acc);
+  // K/V not usable by the GEMM in place are converted per (b, h) inside the tasks; with a map (a task
+  // loops over all heads) they are converted once up front when that copy is small.
+  const bool upfront = Mm > 0 && (key.numel() + value.numel()) * c10::elementSize(acc) <= kv_upfront_bytes();
+  at::Tensor k_op = upfront ? as_operand(key, acc) : key, v_op = upfront ? as_operand(value, acc) : value;
   at::Tensor out = at::empty({B, N, H, Dv}, query.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, N}, query.options().dtype(acc));
   at::Tensor amap = at::empty({B, N, Mm}, query.options().dtype(acc));
+  advise_huge_pages(out);
+  advise_huge_pages(amap);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "sra_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

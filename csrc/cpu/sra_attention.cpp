@@ -402,6 +402,56 @@ class OperandRows {
   View4<const scalar_t> src_;
 };
 
+// The forward's two block products. With `brg` (fp32, oneDNN micro-kernel available) they run through
+// blas::brgemm_f32 with K^T pre-scaled per (b, h) (the micro-kernel has no alpha); otherwise through
+// blas::gemm with K read in place and the scale as alpha.
+template <typename acc_t>
+struct FwdGemms {
+  bool brg = false;
+  acc_t scale = 1;
+  int64_t D = 0, M = 0;
+
+  // kt (brg only): scale·K^T of one (b, h), [D x M] row-major, rebuilt when the (b, h) key changes
+  void prepare(const acc_t* kp, int64_t ldk, int64_t key, std::vector<acc_t>& kt, int64_t& cached) const {
+    if (!brg || cached == key) return;
+    kt.resize(D * M);
+    constexpr int64_t T = 8;  // 8 key rows at a time: reads stay in L1, writes are 8-wide runs of kt rows
+    int64_t j0 = 0;
+    for (; j0 + T <= M; j0 += T) {
+      const acc_t* kr = kp + j0 * ldk;
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t* dst = kt.data() + d * M + j0;
+        for (int64_t t = 0; t < T; ++t) dst[t] = scale * kr[t * ldk + d];
+      }
+    }
+    for (; j0 < M; ++j0)
+      for (int64_t d = 0; d < D; ++d) kt[d * M + j0] = scale * kp[j0 * ldk + d];
+    cached = key;
+  }
+  // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
+  void scores(int64_t rows, int64_t cols, int64_t j0, const acc_t* qp, int64_t ldq, const acc_t* kp, int64_t ldk,
+              const std::vector<acc_t>& kt, acc_t* s) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (brg) {
+        blas::brgemm_f32(rows, cols, D, qp, ldq, kt.data() + j0, M, s, cols, false);
+        return;
+      }
+    }
+    blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+  }
+  // o[rows x Dv] (ld = ldo) (+)= p[rows x cols] V[j0 : j0 + cols]
+  void pv(int64_t rows, int64_t Dv, int64_t cols, const acc_t* p, const acc_t* vrows, int64_t ldv, bool add,
+          acc_t* o, int64_t ldo) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (brg) {
+        blas::brgemm_f32(rows, Dv, cols, p, cols, vrows, ldv, o, ldo, add);
+        return;
+      }
+    }
+    blas::gemm(false, false, rows, Dv, cols, acc_t(1), p, cols, vrows, ldv, add ? acc_t(1) : acc_t(0), o, ldo);
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::Tensor& v_op, const at::Tensor& bias,
                     double scale_d, int64_t map_start, int64_t map_stop, at::Tensor& out, at::Tensor& lse,
@@ -431,8 +481,15 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
 
   const bool stream_out = out.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= stream_out_bytes();
   const int64_t ntasks = B * head_groups * nqb;
+  FwdGemms<acc_t> gemms;
+  gemms.scale = scale;
+  gemms.D = D;
+  gemms.M = M;
+  if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
+    std::vector<acc_t> ktbuf;
+    int64_t kt_cached = -1;
     // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and
     // the online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
     std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(bq * Dv);
@@ -455,6 +512,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           ldq = D;
         }
         const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
+        gemms.prepare(kp, ldk, b * H + h, ktbuf, kt_cached);
         const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
         const acc_t* brow = bias_p != nullptr ? bias_p + (b * H + h) * M : nullptr;
         acc_t* op = obuf.data();
@@ -463,7 +521,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
 
         if (exact) {
           acc_t* s = sbuf.data();
-          blas::gemm(false, true, rows, M, D, scale, qp, ldq, kp, ldk, acc_t(0), s, M);
+          gemms.scores(rows, M, 0, qp, ldq, kp, ldk, ktbuf, s);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* sr = s + r * M;
             const acc_t m = biased_max(sr, brow, M);
@@ -478,14 +536,14 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             lse_rows[r] = m + std::log(l);
             if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_scale[r]);
           }
-          blas::gemm(false, false, rows, Dv, M, acc_t(1), s, M, vp, ldv, acc_t(0), op, ldo);
+          gemms.pv(rows, Dv, M, s, vp, ldv, false, op, ldo);
         } else {
           std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());
           std::fill(row_l.begin(), row_l.end(), acc_t(0));
           for (int64_t j0 = 0; j0 < M; j0 += bk) {
             const int64_t cols = std::min(bk, M - j0);
             acc_t* s = sbuf.data();
-            blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+            gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* sr = s + r * cols;
               const acc_t* bj = brow != nullptr ? brow + j0 : nullptr;
@@ -506,7 +564,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
                 scale_row(orow, Dv, alpha);
               }
             }
-            blas::gemm(false, false, rows, Dv, cols, acc_t(1), s, cols, vp + j0 * ldv, ldv, acc_t(1), op, ldo);
+            gemms.pv(rows, Dv, cols, s, vp + j0 * ldv, ldv, true, op, ldo);
           }
           for (int64_t r = 0; r < rows; ++r) {
             if (row_l[r] > acc_t(0)) {
@@ -522,7 +580,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             for (int64_t j0 = map_start; j0 < map_stop; j0 += bk) {
               const int64_t cols = std::min(bk, map_stop - j0);
               acc_t* s = sbuf.data();
-              blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+              gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
               for (int64_t r = 0; r < rows; ++r) {
                 if (lse_rows[r] == neg_inf<acc_t>()) continue;
                 acc_t* sr = s + r * cols;
@@ -538,6 +596,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
 #if defined(__AVX__)
     if (stream_out) _mm_sfence();  // non-temporal stores visible before the parallel region ends
 #endif
+    if (gemms.brg) blas::brgemm_f32_release();
   });
 }
 

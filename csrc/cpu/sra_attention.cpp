@@ -415,17 +415,17 @@ struct FwdGemms {
   void prepare(const acc_t* kp, int64_t ldk, int64_t key, std::vector<acc_t>& kt, int64_t& cached) const {
     if (!brg || cached == key) return;
     kt.resize(D * M);
-    constexpr int64_t T = 8;  // 8 key rows at a time: reads stay in L1, writes are 8-wide runs of kt rows
-    int64_t j0 = 0;
-    for (; j0 + T <= M; j0 += T) {
-      const acc_t* kr = kp + j0 * ldk;
-      for (int64_t d = 0; d < D; ++d) {
-        acc_t* dst = kt.data() + d * M + j0;
-        for (int64_t t = 0; t < T; ++t) dst[t] = scale * kr[t * ldk + d];
-      }
+    // 8 x 8 tiles through at::vec's register transpose, the edges element-wise, then one scaling pass
+    constexpr int64_t T = 8;
+    const int64_t Mt = M / T * T, Dt = D / T * T;
+    for (int64_t j0 = 0; j0 < Mt; j0 += T)
+      for (int64_t d0 = 0; d0 < Dt; d0 += T)
+        at::vec::transpose_mxn<acc_t, T, T>(kp + j0 * ldk + d0, ldk, kt.data() + d0 * M + j0, M);
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t d_begin = j < Mt ? Dt : 0;  // tiles covered [0, Dt) of the first Mt keys
+      for (int64_t d = d_begin; d < D; ++d) kt[d * M + j] = kp[j * ldk + d];
     }
-    for (; j0 < M; ++j0)
-      for (int64_t d = 0; d < D; ++d) kt[d * M + j0] = scale * kp[j0 * ldk + d];
+    scale_row(kt.data(), D * M, scale);
     cached = key;
   }
   // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T

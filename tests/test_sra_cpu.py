@@ -258,10 +258,9 @@ def test_huge_logits_stay_finite(M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("M", [77, 1100])
-def test_map_path_converts_kv_per_head(monkeypatch, dtype, M):
-    """With a map, K/V that the GEMM cannot read in place (reduced dtype, strided) are converted per head
-    inside the tasks when the up-front copy would be large; forced here on small inputs."""
-    monkeypatch.setenv("DARE_KERNELS_CPU_KV_UPFRONT_BYTES", "0")
+def test_map_path_converts_kv_per_head(dtype, M):
+    """K/V that the GEMM cannot read in place (reduced dtype, strided) are converted per (b, h) inside the
+    tasks; with a map a task converts every head in turn."""
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(2, 3, 29, M, 40, 24, dtype, layout="strided", gen=gen)
     w = make_weight("bm", 2, 3, M, dtype, gen=gen)

@@ -1,19 +1,26 @@
 // SRA attention on CPU (SPEC.md §1): fused forward and backward.
 //
-// Forward: one task per (batch, query block); inside it a loop over heads, so the head-averaged map rows
-// of that query block are owned by the task and summed in head order (deterministic, no atomics, no
-// [B,H,N,M] buffer). Per head and query block the scores S = scale·Q·K^T + bias are computed for one key
-// block at a time; when all M keys fit one block (the usual cross-attention case) the softmax is exact
-// (max, exp, sum over the row), otherwise online (running max and sum, output rescaled) and the map
-// columns are recomputed afterwards from the final LSE over the map key range only.
+// Forward: without a map, one task per (batch, head, query block), ordered so that consecutive tasks
+// share K/V; with a map, one task per (batch, query block) with a loop over heads inside, so the
+// head-averaged map rows of that query block are owned by the task and summed in head order
+// (deterministic, no atomics, no [B,H,N,M] buffer). Per head and query block the scores
+// S = scale·Q·K^T + bias are computed for one key block at a time; when all M keys fit one block (the
+// usual cross-attention case) the softmax is exact (a read-only max pass, then exp + sum with the bias
+// added on the fly), otherwise online (running max and sum, output rescaled) and the map columns are
+// recomputed afterwards from the final LSE over the map key range only. O of a block accumulates in a
+// dense per-thread buffer and is written once, normalised and converted, to the [B,N,H,Dv] output
+// (non-temporal stores when that output is far larger than the caches); large outputs get a huge-page
+// hint (cpu_memory.h).
 //
 // Backward: one task per (batch, head, query split); P is recomputed from the LSE, dK/dV/Σ_i dS are
 // accumulated in acc precision per task and reduced over splits in a fixed order.
 //
-// acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V are
-// converted to acc once (not per query block) when their dtype or layout is not directly usable by the
-// GEMM; Q, dO and O are converted per block. Block products go through cpu_blas (MKL's sgemm_ when the
-// torch build exports it); softmax, exp and rescaling are vectorised with at::vec.
+// acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V that
+// the GEMM cannot read in place (other dtype, strides) are converted per (b, h) inside the tasks into a
+// per-thread buffer (never a full fp32 copy of K/V); Q, dO and O are converted per block. fp32 forward
+// block products go through oneDNN's brgemm micro-kernel when libtorch_cpu provides it (K^T pre-scaled
+// per (b, h)), else, like the backward, through cpu_blas (MKL's sgemm_ when the torch build exports it);
+// softmax, exp and rescaling are vectorised with at::vec.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
@@ -45,14 +52,6 @@ using at::vec::Vectorized;
 
 constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
 constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
-constexpr int64_t kUpfrontConvertBytes = int64_t(32) << 20;  // K+V converted before the tasks up to this
-
-// Up-front K/V conversion limit of the map path; DARE_KERNELS_CPU_KV_UPFRONT_BYTES overrides it (read on
-// every call: the tests set it to 0 to run the per-head conversion on small inputs).
-int64_t kv_upfront_bytes() {
-  const char* env = std::getenv("DARE_KERNELS_CPU_KV_UPFRONT_BYTES");
-  return env != nullptr ? std::atoll(env) : kUpfrontConvertBytes;
-}
 constexpr int64_t kStreamOutBytes = int64_t(48) << 20;  // outputs from this size written non-temporally
 
 // Non-temporal output threshold; DARE_KERNELS_CPU_STREAM_OUT_BYTES overrides it (read on every call: the
@@ -233,30 +232,6 @@ int64_t gemm_ld(const at::Tensor& t, at::ScalarType acc) {
   for (int d = 0; d < 2; ++d)
     if (t.stride(d) < 0) return -1;
   return ld;
-}
-
-// K or V as an acc-typed GEMM operand: converted / repacked once for all query blocks when needed.
-// Small tensors (the usual text keys) are converted here on the calling thread: an extra ATen parallel
-// region costs more than the copy when the machine is busy.
-at::Tensor as_operand(const at::Tensor& t, at::ScalarType acc) {
-  if (gemm_ld(t, acc) >= 0) return t;
-  constexpr int64_t kSerialConvert = int64_t(1) << 20;
-  if (t.numel() > kSerialConvert) return t.to(acc).contiguous();
-  at::Tensor r = at::empty(t.sizes(), t.options().dtype(acc));
-  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sra_attention_pack_cpu", [&] {
-    const View4<const scalar_t> src(t);
-    if (acc == at::kDouble) {
-      double* dst = r.data_ptr<double>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
-    } else {
-      float* dst = r.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
-    }
-  });
-  return r;
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -772,10 +747,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sra_attention_fwd(
 
   auto [bias, valid] = make_bias(token_weight, key_padding_mask, strength, B, H, M, acc);
   (void)valid;
-  // K/V not usable by the GEMM in place are converted per (b, h) inside the tasks; with a map (a task
-  // loops over all heads) they are converted once up front when that copy is small.
-  const bool upfront = Mm > 0 && (key.numel() + value.numel()) * c10::elementSize(acc) <= kv_upfront_bytes();
-  at::Tensor k_op = upfront ? as_operand(key, acc) : key, v_op = upfront ? as_operand(value, acc) : value;
+  // K/V that the GEMM cannot read in place are converted per (b, h) inside the tasks (OperandRows)
+  const at::Tensor& k_op = key;
+  const at::Tensor& v_op = value;
   at::Tensor out = at::empty({B, N, H, Dv}, query.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, N}, query.options().dtype(acc));
   at::Tensor amap = at::empty({B, N, Mm}, query.options().dtype(acc));

@@ -13,7 +13,9 @@
 // hint (cpu_memory.h).
 //
 // Backward: one task per (batch, head, query split); P is recomputed from the LSE, dK/dV/Σ_i dS are
-// accumulated in acc precision per task and reduced over splits in a fixed order.
+// accumulated in acc precision per task and reduced over splits in a fixed order (with one split per
+// (b, h), the usual case, dK/dV live in a per-thread buffer and are stored once per task: no full-size
+// fp32 partials).
 //
 // acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V that
 // the GEMM cannot read in place (other dtype, strides) are converted per (b, h) inside the tasks into a
@@ -580,7 +582,9 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
 // ---------------------------------------------------------------------------------------------
 
 struct BwdTensors {
-  at::Tensor grad_out, grad_map, grad_lse, query, k_op, v_op, out, lse, bias, dq, dk_part, dv_part, colsum;
+  // dk/dv: the outputs (written per (b, h) by the task that owns it when nsplit == 1); dk_part/dv_part:
+  // per-split fp32 partials, only when nsplit > 1 (a few (b, h) split over the threads)
+  at::Tensor grad_out, grad_map, grad_lse, query, k_op, v_op, out, lse, bias, dq, dk, dv, dk_part, dv_part, colsum;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -603,8 +607,10 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
   const acc_t* lse_p = t.lse.data_ptr<acc_t>();                                      // [B,H,N]
   const acc_t* glse_p = t.grad_lse.defined() ? t.grad_lse.data_ptr<acc_t>() : nullptr;  // [B,H,N]
   const acc_t* gmap_p = t.grad_map.defined() ? t.grad_map.data_ptr<acc_t>() : nullptr;  // [B,N,Mm]
-  acc_t* dk_p = t.dk_part.data_ptr<acc_t>();  // [nsplit,B,H,M,D]
-  acc_t* dv_p = t.dv_part.data_ptr<acc_t>();  // [nsplit,B,H,M,Dv]
+  const bool direct_dkv = nsplit == 1;  // accumulate per task in a thread buffer, store into dk/dv at its end
+  const View4<scalar_t> dkv(t.dk), dvv(t.dv);
+  acc_t* dk_p = direct_dkv ? nullptr : t.dk_part.data_ptr<acc_t>();  // [nsplit,B,H,M,D]
+  acc_t* dv_p = direct_dkv ? nullptr : t.dv_part.data_ptr<acc_t>();  // [nsplit,B,H,M,Dv]
   acc_t* cs_p = t.colsum.defined() ? t.colsum.data_ptr<acc_t>() : nullptr;  // [nsplit,B,H,M]
 
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
@@ -615,7 +621,7 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
     blas::SequentialScope sequential_blas;
     std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
     std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
-    std::vector<acc_t> kbuf, vbuf;
+    std::vector<acc_t> kbuf, vbuf, dkbuf(direct_dkv ? M * D : 0), dvbuf(direct_dkv ? M * Dv : 0);
     int64_t k_cached = -1, v_cached = -1;
     for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t split = task % nsplit, bh = task / nsplit, b = bh / H, h = bh % H;
@@ -623,8 +629,12 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
       const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
       const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
       const acc_t* brow = bias_p != nullptr ? bias_p + bh * M : nullptr;
-      acc_t* dk = dk_p + (split * B * H + bh) * M * D;
-      acc_t* dv = dv_p + (split * B * H + bh) * M * Dv;
+      acc_t* dk = direct_dkv ? dkbuf.data() : dk_p + (split * B * H + bh) * M * D;
+      acc_t* dv = direct_dkv ? dvbuf.data() : dv_p + (split * B * H + bh) * M * Dv;
+      if (direct_dkv) {
+        std::fill(dkbuf.begin(), dkbuf.end(), acc_t(0));
+        std::fill(dvbuf.begin(), dvbuf.end(), acc_t(0));
+      }
       acc_t* cs = cs_p != nullptr ? cs_p + (split * B * H + bh) * M : nullptr;
 
       for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
@@ -714,6 +724,10 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
                      dqbuf.data(), D);
         }
         store_block(dqbuf.data(), D, rows, D, dqv.at(b, h, i0), dqv.sl, dqv.sd);
+      }
+      if (direct_dkv) {
+        store_block(dk, D, M, D, dkv.at(b, h, 0), dkv.sl, dkv.sd);
+        store_block(dv, Dv, M, Dv, dvv.at(b, h, 0), dvv.sl, dvv.sd);
       }
     }
   });
@@ -812,8 +826,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
   const int64_t nthreads = at::get_num_threads();
   const int64_t nsplit = std::clamp<int64_t>((2 * nthreads + B * H - 1) / (B * H), 1, blk.nqb);
   auto opts = query.options().dtype(acc);
-  t.dk_part = at::zeros({nsplit, B, H, M, D}, opts);
-  t.dv_part = at::zeros({nsplit, B, H, M, Dv}, opts);
+  t.dk = dk;
+  t.dv = dv;
+  if (nsplit > 1) {
+    t.dk_part = at::zeros({nsplit, B, H, M, D}, opts);
+    t.dv_part = at::zeros({nsplit, B, H, M, Dv}, opts);
+  }
   if (has_w) t.colsum = at::zeros({nsplit, B, H, M}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "sra_attention_bwd_cpu", [&] {
@@ -821,8 +839,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
     backward_kernel<scalar_t, acc_t>(t, scale, map_start, map_stop, nsplit, blk);
   });
 
-  dk.copy_(nsplit == 1 ? t.dk_part.select(0, 0) : t.dk_part.sum(0));
-  dv.copy_(nsplit == 1 ? t.dv_part.select(0, 0) : t.dv_part.sum(0));
+  if (nsplit > 1) {
+    dk.copy_(t.dk_part.sum(0));
+    dv.copy_(t.dv_part.sum(0));
+  }
   if (has_w) {
     at::Tensor cs = nsplit == 1 ? t.colsum.select(0, 0) : t.colsum.sum(0);
     at::Tensor wf = token_weight->to(acc).expand({B, H, M});

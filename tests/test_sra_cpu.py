@@ -290,14 +290,15 @@ def test_streaming_output_stores_match(monkeypatch, with_map):
 
 
 @pytest.mark.parametrize("M", [77, 1100])
-def test_forward_without_brgemm_matches_reference(monkeypatch, M):
-    """fp32 forward block products run through oneDNN's brgemm micro-kernel where libtorch_cpu has it;
-    DARE_KERNELS_CPU_BRGEMM=0 selects MKL's sgemm_ instead: both match the reference."""
+def test_without_brgemm_matches_reference(monkeypatch, M):
+    """fp32 block products (forward; S, dP, dQ in the backward) run through oneDNN's brgemm micro-kernel
+    where libtorch_cpu has it; DARE_KERNELS_CPU_BRGEMM=0 selects MKL's sgemm_ instead: both match the
+    reference, gradients included."""
     gen = torch.Generator().manual_seed(13)
     q, k, v = make_qkv(2, 3, 70, M, 40, 24, torch.float32, layout="bshd", gen=gen)
     w = make_weight("bm", 2, 3, M, torch.float32, gen=gen)
     monkeypatch.setenv("DARE_KERNELS_CPU_BRGEMM", "0")
-    res = run_both(q, k, v, w, None, 1.0, (1, M - 3), with_grad=False, gen=gen)
+    res = run_both(q, k, v, w, None, 1.0, (1, M - 3), with_grad=True, gen=gen)
     check_all(res, torch.float32, factor=2.0)
 
 

@@ -379,6 +379,23 @@ class OperandRows {
   View4<const scalar_t> src_;
 };
 
+// dst [cols x rows] row-major = a · src^T, src [rows x cols] with row stride ld: 8 x 8 tiles through
+// at::vec's register transpose, the edges element-wise, then one scaling pass (skipped for a == 1)
+template <typename acc_t>
+void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t a, std::vector<acc_t>& dst) {
+  dst.resize(rows * cols);
+  constexpr int64_t T = 8;
+  const int64_t Rt = rows / T * T, Ct = cols / T * T;
+  for (int64_t j0 = 0; j0 < Rt; j0 += T)
+    for (int64_t d0 = 0; d0 < Ct; d0 += T)
+      at::vec::transpose_mxn<acc_t, T, T>(src + j0 * ld + d0, ld, dst.data() + d0 * rows + j0, rows);
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t d_begin = j < Rt ? Ct : 0;  // tiles covered [0, Ct) of the first Rt rows
+    for (int64_t d = d_begin; d < cols; ++d) dst[d * rows + j] = src[j * ld + d];
+  }
+  if (a != acc_t(1)) scale_row(dst.data(), rows * cols, a);
+}
+
 // The forward's two block products. With `brg` (fp32, oneDNN micro-kernel available) they run through
 // blas::brgemm_f32 with K^T pre-scaled per (b, h) (the micro-kernel has no alpha); otherwise through
 // blas::gemm with K read in place and the scale as alpha.
@@ -391,18 +408,7 @@ struct FwdGemms {
   // kt (brg only): scale·K^T of one (b, h), [D x M] row-major, rebuilt when the (b, h) key changes
   void prepare(const acc_t* kp, int64_t ldk, int64_t key, std::vector<acc_t>& kt, int64_t& cached) const {
     if (!brg || cached == key) return;
-    kt.resize(D * M);
-    // 8 x 8 tiles through at::vec's register transpose, the edges element-wise, then one scaling pass
-    constexpr int64_t T = 8;
-    const int64_t Mt = M / T * T, Dt = D / T * T;
-    for (int64_t j0 = 0; j0 < Mt; j0 += T)
-      for (int64_t d0 = 0; d0 < Dt; d0 += T)
-        at::vec::transpose_mxn<acc_t, T, T>(kp + j0 * ldk + d0, ldk, kt.data() + d0 * M + j0, M);
-    for (int64_t j = 0; j < M; ++j) {
-      const int64_t d_begin = j < Mt ? Dt : 0;  // tiles covered [0, Dt) of the first Mt keys
-      for (int64_t d = d_begin; d < D; ++d) kt[d * M + j] = kp[j * ldk + d];
-    }
-    scale_row(kt.data(), D * M, scale);
+    transpose_rows(kp, ldk, M, D, scale, kt);
     cached = key;
   }
   // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
@@ -616,9 +622,18 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
+  // fp32: the three row-major NN-able products (S = scale·Q K^T, dP = dO V^T, dQ = scale·dS K) through
+  // the brgemm micro-kernel with scale·K^T and V^T built per task; dV and dK (transposed A) stay on gemm
+  FwdGemms<acc_t> gemms;
+  gemms.scale = scale;
+  gemms.D = D;
+  gemms.M = M;
+  if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
   const int64_t ntasks = B * H * nsplit;
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
+    std::vector<acc_t> ktbuf, vtbuf;
+    int64_t kt_cached = -1, vt_cached = -1;
     std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
     std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
     std::vector<acc_t> kbuf, vbuf, dkbuf(direct_dkv ? M * D : 0), dvbuf(direct_dkv ? M * Dv : 0);
@@ -628,6 +643,11 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
       const int64_t qb_begin = split * nqb / nsplit, qb_end = (split + 1) * nqb / nsplit;
       const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
       const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
+      gemms.prepare(kp, ldk, bh, ktbuf, kt_cached);
+      if (gemms.brg && vt_cached != bh) {
+        transpose_rows(vp, ldv, M, Dv, acc_t(1), vtbuf);  // V^T [Dv x M]
+        vt_cached = bh;
+      }
       const acc_t* brow = bias_p != nullptr ? bias_p + bh * M : nullptr;
       acc_t* dk = direct_dkv ? dkbuf.data() : dk_p + (split * B * H + bh) * M * D;
       acc_t* dv = direct_dkv ? dvbuf.data() : dv_p + (split * B * H + bh) * M * Dv;
@@ -664,7 +684,7 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
 
         // P of the keys [j0, j0 + cols) into p (ld = cols); rows without a valid key give P = 0
         auto probs = [&](int64_t j0, int64_t cols, acc_t* p) {
-          blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), p, cols);
+          gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, p);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* pr = p + r * cols;
             if (lse_rows[r] == neg_inf<acc_t>()) {
@@ -698,7 +718,12 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
           acc_t* ds = dsbuf.data();
           probs(j0, cols, p);
           // dP = dO V^T (+ dA / H on the map columns)
-          blas::gemm(false, true, rows, cols, Dv, acc_t(1), gop, ldgo, vp + j0 * ldv, ldv, acc_t(0), ds, cols);
+          if (gemms.brg) {
+            if constexpr (std::is_same_v<acc_t, float>)
+              blas::brgemm_f32(rows, cols, Dv, gop, ldgo, vtbuf.data() + j0, M, ds, cols, false);
+          } else {
+            blas::gemm(false, true, rows, cols, Dv, acc_t(1), gop, ldgo, vp + j0 * ldv, ldv, acc_t(0), ds, cols);
+          }
           const int64_t m0 = std::max(j0, map_start), m1 = std::min(j0 + cols, map_stop);
           if (gmap_rows != nullptr && m0 < m1) {
             for (int64_t r = 0; r < rows; ++r)
@@ -720,9 +745,15 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
           // dV += P^T dO ; dK += scale dS^T Q ; dQ (+)= scale dS K
           blas::gemm(true, false, cols, Dv, rows, acc_t(1), p, cols, gop, ldgo, acc_t(1), dv + j0 * Dv, Dv);
           blas::gemm(true, false, cols, D, rows, scale, ds, cols, qp, ldq, acc_t(1), dk + j0 * D, D);
-          blas::gemm(false, false, rows, D, cols, scale, ds, cols, kp + j0 * ldk, ldk, acc_t(j0 == 0 ? 0 : 1),
-                     dqbuf.data(), D);
+          if (gemms.brg) {  // dS K unscaled; the scale is applied once on the store below
+            if constexpr (std::is_same_v<acc_t, float>)
+              blas::brgemm_f32(rows, D, cols, ds, cols, kp + j0 * ldk, ldk, dqbuf.data(), D, j0 != 0);
+          } else {
+            blas::gemm(false, false, rows, D, cols, scale, ds, cols, kp + j0 * ldk, ldk, acc_t(j0 == 0 ? 0 : 1),
+                       dqbuf.data(), D);
+          }
         }
+        if (gemms.brg) scale_row(dqbuf.data(), rows * D, scale);
         store_block(dqbuf.data(), D, rows, D, dqv.at(b, h, i0), dqv.sl, dqv.sd);
       }
       if (direct_dkv) {
@@ -730,6 +761,7 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
         store_block(dv, Dv, M, Dv, dvv.at(b, h, 0), dvv.sl, dvv.sd);
       }
     }
+    if (gemms.brg) blas::brgemm_f32_release();
   });
 }
 

@@ -19,10 +19,11 @@
 //
 // acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V that
 // the GEMM cannot read in place (other dtype, strides) are converted per (b, h) inside the tasks into a
-// per-thread buffer (never a full fp32 copy of K/V); Q, dO and O are converted per block. fp32 forward
-// block products go through oneDNN's brgemm micro-kernel when libtorch_cpu provides it (K^T pre-scaled
-// per (b, h)), else, like the backward, through cpu_blas (MKL's sgemm_ when the torch build exports it);
-// softmax, exp and rescaling are vectorised with at::vec.
+// per-thread buffer (never a full fp32 copy of K/V); Q, dO and O are converted per block. fp32 block
+// products of row-major NN form (forward S and P·V; backward S, dP, dQ) go through oneDNN's brgemm
+// micro-kernel when libtorch_cpu provides it (scale·K^T and V^T built per (b, h)); the others (backward
+// dV, dK), float64 and builds without it use cpu_blas (MKL's sgemm_/dgemm_ when the torch build exports
+// them); softmax, exp and rescaling are vectorised with at::vec.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>

@@ -256,6 +256,52 @@ def test_huge_logits_stay_finite(M):
 # determinism and the portable GEMM
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("M", [77, 1100])
+def test_map_path_converts_kv_per_head(dtype, M):
+    """K/V that the GEMM cannot read in place (reduced dtype, strided) are converted per (b, h) inside the
+    tasks; with a map a task converts every head in turn."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(2, 3, 29, M, 40, 24, dtype, layout="strided", gen=gen)
+    w = make_weight("bm", 2, 3, M, dtype, gen=gen)
+    res = run_both(q, k, v, w, None, 1.0, (3, M - 2), with_grad=False, gen=gen)
+    check_all(res, dtype, factor=2.0)
+
+
+@pytest.mark.parametrize("with_map", [False, True])
+def test_streaming_output_stores_match(monkeypatch, with_map):
+    """Large fp32 outputs are written with non-temporal stores; forced on a small input here, the result
+    is bitwise the one of ordinary stores and matches the reference."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(2, 3, 45, 77, 40, 40, torch.float32, layout="bshd", gen=gen)
+    w = make_weight("bm", 2, 3, 77, torch.float32, gen=gen)
+
+    def fwd():
+        return sra_attention(q, k, v, w, return_attn_map=with_map, backend="cpu")
+
+    monkeypatch.setenv("DARE_KERNELS_CPU_STREAM_OUT_BYTES", str(1 << 62))
+    plain = fwd()
+    monkeypatch.setenv("DARE_KERNELS_CPU_STREAM_OUT_BYTES", "0")
+    streamed = fwd()
+    for a, b in zip(plain if with_map else (plain,), streamed if with_map else (streamed,)):
+        assert torch.equal(a, b)
+    ref = sra_attention_ref(q.double(), k.double(), v.double(), w.double(), return_attn_map=with_map)
+    close(streamed[0] if with_map else streamed, ref[0] if with_map else ref, torch.float32, "o")
+
+
+@pytest.mark.parametrize("M", [77, 1100])
+def test_without_brgemm_matches_reference(monkeypatch, M):
+    """fp32 block products (forward; S, dP, dQ in the backward) run through oneDNN's brgemm micro-kernel
+    where libtorch_cpu has it; DARE_KERNELS_CPU_BRGEMM=0 selects MKL's sgemm_ instead: both match the
+    reference, gradients included."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = make_qkv(2, 3, 70, M, 40, 24, torch.float32, layout="bshd", gen=gen)
+    w = make_weight("bm", 2, 3, M, torch.float32, gen=gen)
+    monkeypatch.setenv("DARE_KERNELS_CPU_BRGEMM", "0")
+    res = run_both(q, k, v, w, None, 1.0, (1, M - 3), with_grad=True, gen=gen)
+    check_all(res, torch.float32, factor=2.0)
+
+
 def test_forward_and_backward_are_bitwise_deterministic():
     B, H, N, M, D = 1, 3, 300, 226, 40
     q, k, v = make_qkv(B, H, N, M, D, D, torch.float32)

@@ -9,8 +9,11 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -149,6 +152,68 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   }
   if (try_blas<double>(fns().d, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)) return;
   gemm_fallback<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+namespace {
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+// one small product through the micro-kernel, compared with a plain loop: false when the call throws
+// (no supported ISA, oneDNN micro-kernels not built) or the result is wrong
+bool probe_brgemm() {
+  try {
+    constexpr int64_t m = 5, n = 19, k = 7;
+    float a[m * k], b[k * n], c[m * n];
+    for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<float>((i * 7) % 11) - 5.f;
+    for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<float>((i * 5) % 13) - 6.f;
+    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, false);
+    at::native::cpublas::brgemm_release(false);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        float ref = 0.f;
+        for (int64_t p = 0; p < k; ++p) ref += a[i * k + p] * b[p * n + j];
+        if (c[i * n + j] != ref) return false;  // small integers: exact in any summation order
+      }
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+#endif
+}  // namespace
+
+bool brgemm_f32_available() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  static const bool probed = probe_brgemm();
+  return probed && at::globalContext().userEnabledMkldnn() && !env_is("DARE_KERNELS_CPU_BRGEMM", "0") &&
+         !env_is("DARE_KERNELS_CPU_BLAS", "fallback");
+#else
+  return false;
+#endif
+}
+
+void brgemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                float* c, int64_t ldc, bool add_c) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!add_c)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return;
+  }
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, false);
+#else
+  gemm(false, false, m, n, k, 1.f, a, lda, b, ldb, add_c ? 1.f : 0.f, c, ldc);
+#endif
+}
+
+void brgemm_f32_release() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm_release(false);
+#endif
 }
 
 SequentialScope::SequentialScope() {

@@ -1,19 +1,29 @@
 // SRA attention on CPU (SPEC.md §1): fused forward and backward.
 //
-// Forward: one task per (batch, query block); inside it a loop over heads, so the head-averaged map rows
-// of that query block are owned by the task and summed in head order (deterministic, no atomics, no
-// [B,H,N,M] buffer). Per head and query block the scores S = scale·Q·K^T + bias are computed for one key
-// block at a time; when all M keys fit one block (the usual cross-attention case) the softmax is exact
-// (max, exp, sum over the row), otherwise online (running max and sum, output rescaled) and the map
-// columns are recomputed afterwards from the final LSE over the map key range only.
+// Forward: without a map, one task per (batch, head, query block), ordered so that consecutive tasks
+// share K/V; with a map, one task per (batch, query block) with a loop over heads inside, so the
+// head-averaged map rows of that query block are owned by the task and summed in head order
+// (deterministic, no atomics, no [B,H,N,M] buffer). Per head and query block the scores
+// S = scale·Q·K^T + bias are computed for one key block at a time; when all M keys fit one block (the
+// usual cross-attention case) the softmax is exact (a read-only max pass, then exp + sum with the bias
+// added on the fly), otherwise online (running max and sum, output rescaled) and the map columns are
+// recomputed afterwards from the final LSE over the map key range only. O of a block accumulates in a
+// dense per-thread buffer and is written once, normalised and converted, to the [B,N,H,Dv] output
+// (non-temporal stores when that output is far larger than the caches); large outputs get a huge-page
+// hint (cpu_memory.h).
 //
 // Backward: one task per (batch, head, query split); P is recomputed from the LSE, dK/dV/Σ_i dS are
-// accumulated in acc precision per task and reduced over splits in a fixed order.
+// accumulated in acc precision per task and reduced over splits in a fixed order (with one split per
+// (b, h), the usual case, dK/dV live in a per-thread buffer and are stored once per task: no full-size
+// fp32 partials).
 //
-// acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V are
-// converted to acc once (not per query block) when their dtype or layout is not directly usable by the
-// GEMM; Q, dO and O are converted per block. Block products go through cpu_blas (MKL's sgemm_ when the
-// torch build exports it); softmax, exp and rescaling are vectorised with at::vec.
+// acc = float64 for float64 inputs (so gradcheck runs on this kernel), float32 otherwise. K and V that
+// the GEMM cannot read in place (other dtype, strides) are converted per (b, h) inside the tasks into a
+// per-thread buffer (never a full fp32 copy of K/V); Q, dO and O are converted per block. fp32 block
+// products of row-major NN form (forward S and P·V; backward S, dP, dQ) go through oneDNN's brgemm
+// micro-kernel when libtorch_cpu provides it (scale·K^T and V^T built per (b, h)); the others (backward
+// dV, dK), float64 and builds without it use cpu_blas (MKL's sgemm_/dgemm_ when the torch build exports
+// them); softmax, exp and rescaling are vectorised with at::vec.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
@@ -31,7 +41,12 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/cpu_blas.h"
+#include "cpu/cpu_memory.h"
 
 namespace dare::cpu {
 namespace {
@@ -40,16 +55,22 @@ using at::vec::Vectorized;
 
 constexpr int64_t kExactMaxKeys = 1024;   // one key block (exact softmax) up to this many keys
 constexpr int64_t kKeyBlock = 512;        // key block of the online softmax
+constexpr int64_t kStreamOutBytes = int64_t(48) << 20;  // outputs from this size written non-temporally
+
+// Non-temporal output threshold; DARE_KERNELS_CPU_STREAM_OUT_BYTES overrides it (read on every call: the
+// tests set it to 0 to run the streaming stores on small outputs).
+int64_t stream_out_bytes() {
+  const char* env = std::getenv("DARE_KERNELS_CPU_STREAM_OUT_BYTES");
+  return env != nullptr ? std::atoll(env) : kStreamOutBytes;
+}
 constexpr int64_t kScoreBudget = 262144;  // elements of score block + map rows of a task: 1 MiB fp32 (L2)
 
-// Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches).
+// Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches; read on
+// every call so that block sizes can be compared side by side in one process).
 int64_t score_budget() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("DARE_KERNELS_CPU_SCORE_BLOCK");
-    const int64_t x = env != nullptr ? std::atoll(env) : 0;
-    return x >= 1024 ? x : kScoreBudget;
-  }();
-  return v;
+  const char* env = std::getenv("DARE_KERNELS_CPU_SCORE_BLOCK");
+  const int64_t x = env != nullptr ? std::atoll(env) : 0;
+  return x >= 1024 ? x : kScoreBudget;
 }
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
@@ -62,32 +83,34 @@ constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 // row helpers (vectorised with at::vec)
 // ---------------------------------------------------------------------------------------------
 
-// s += bias (when given); returns max(s)
+// max(s + bias) (bias optional); s is only read (the exp pass adds the bias again)
 template <typename T>
-T add_bias_max(T* s, const T* bias, int64_t n) {
+T biased_max(const T* s, const T* bias, int64_t n) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
-  Vec vmax(neg_inf<T>());
+  Vec vmax0(neg_inf<T>()), vmax1(neg_inf<T>());
   int64_t j = 0;
   if (bias != nullptr) {
-    for (; j + W <= n; j += W) {
-      Vec x = Vec::loadu(s + j) + Vec::loadu(bias + j);
-      x.store(s + j);
-      vmax = at::vec::maximum(vmax, x);
+    for (; j + 2 * W <= n; j += 2 * W) {
+      vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j) + Vec::loadu(bias + j));
+      vmax1 = at::vec::maximum(vmax1, Vec::loadu(s + j + W) + Vec::loadu(bias + j + W));
     }
+    for (; j + W <= n; j += W) vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j) + Vec::loadu(bias + j));
   } else {
-    for (; j + W <= n; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    for (; j + 2 * W <= n; j += 2 * W) {
+      vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j));
+      vmax1 = at::vec::maximum(vmax1, Vec::loadu(s + j + W));
+    }
+    for (; j + W <= n; j += W) vmax0 = at::vec::maximum(vmax0, Vec::loadu(s + j));
   }
   if (j < n) {  // tail as one partial vector (padding lanes -inf)
     const int64_t rem = n - j;
     Vec x = Vec::loadu(s + j, rem);
-    if (bias != nullptr) {
-      x = x + Vec::loadu(bias + j, rem);
-      x.store(s + j, rem);
-    }
-    vmax = at::vec::maximum(vmax, Vec::set(Vec(neg_inf<T>()), x, rem));
+    if (bias != nullptr) x = x + Vec::loadu(bias + j, rem);
+    vmax0 = at::vec::maximum(vmax0, Vec::set(Vec(neg_inf<T>()), x, rem));
   }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  vmax0 = at::vec::maximum(vmax0, vmax1);
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax0);
 }
 
 // s = exp(s + bias - m) (bias optional); returns the sum
@@ -214,30 +237,6 @@ int64_t gemm_ld(const at::Tensor& t, at::ScalarType acc) {
   return ld;
 }
 
-// K or V as an acc-typed GEMM operand: converted / repacked once for all query blocks when needed.
-// Small tensors (the usual text keys) are converted here on the calling thread: an extra ATen parallel
-// region costs more than the copy when the machine is busy.
-at::Tensor as_operand(const at::Tensor& t, at::ScalarType acc) {
-  if (gemm_ld(t, acc) >= 0) return t;
-  constexpr int64_t kSerialConvert = int64_t(1) << 20;
-  if (t.numel() > kSerialConvert) return t.to(acc).contiguous();
-  at::Tensor r = at::empty(t.sizes(), t.options().dtype(acc));
-  const int64_t B = t.size(0), H = t.size(1), L = t.size(2), D = t.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sra_attention_pack_cpu", [&] {
-    const View4<const scalar_t> src(t);
-    if (acc == at::kDouble) {
-      double* dst = r.data_ptr<double>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
-    } else {
-      float* dst = r.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) load_block(src.at(b, h, 0), src.sl, src.sd, L, D, dst + (b * H + h) * L * D);
-    }
-  });
-  return r;
-}
-
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // bias [B,H,M] acc (γ·log w for valid keys, -inf for invalid) and the validity mask; undefined when
@@ -297,7 +296,13 @@ struct Blocks {
 Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0) {
   Blocks b{};
   b.bk = M <= kExactMaxKeys ? std::max<int64_t>(M, 1) : kKeyBlock;
-  b.bq = std::clamp<int64_t>(score_budget() / (b.bk + map_cols), 16, 512);
+  if (map_cols > 0) {
+    // a map task loops over every head with its query rows: larger blocks amortise each head's K/V and
+    // map-row traffic (measured on d128/M512: 1024 rows ~7 % faster than 256), at twice the score budget
+    b.bq = std::clamp<int64_t>(2 * score_budget() / b.bk, 16, 1024);
+  } else {
+    b.bq = std::clamp<int64_t>(score_budget() / b.bk, 16, 512);
+  }
   while (b.bq > 16 && B_tasks * ((N + b.bq - 1) / b.bq) < min_tasks) b.bq /= 2;
   b.bq = std::max<int64_t>(1, std::min(b.bq, N));
   b.nqb = (N + b.bq - 1) / b.bq;
@@ -308,6 +313,128 @@ Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int
 // ---------------------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------------------
+
+// rows x cols acc block (ld = cols) -> rows of dst (row stride sl, unit columns), each row multiplied by
+// row_scale[r] and converted to the output dtype on the way. `stream`: fp32 rows aligned to 32 bytes are
+// written with non-temporal stores (an output much larger than the caches is not read back by this call,
+// and the stores then skip the read-for-ownership of every line); the caller fences before returning.
+template <typename acc_t, typename scalar_t>
+void store_rows_scaled(acc_t* src, int64_t rows, int64_t cols, const acc_t* row_scale, scalar_t* dst, int64_t sl,
+                       bool stream) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = src + r * cols;
+    scalar_t* d = dst + r * sl;
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      using Vec = Vectorized<acc_t>;
+      constexpr int64_t W = Vec::size();
+      const Vec va(row_scale[r]);
+      int64_t j = 0;
+#if defined(__AVX__)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (stream && reinterpret_cast<uintptr_t>(d) % 32 == 0) {
+          const __m256 vs = _mm256_set1_ps(row_scale[r]);
+          for (; j + 8 <= cols; j += 8) _mm256_stream_ps(d + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), vs));
+        }
+      }
+#endif
+      for (; j + W <= cols; j += W) (Vec::loadu(s + j) * va).store(d + j);
+      for (; j < cols; ++j) d[j] = s[j] * row_scale[r];
+    } else {
+      scale_row(s, cols, row_scale[r]);
+      at::vec::convert(s, d, cols);
+    }
+  }
+}
+
+// K or V of one (batch, head) as acc-typed GEMM rows: either read in place from an acc tensor already
+// usable by the GEMM, or converted from the input on demand into a per-thread buffer (kept while
+// consecutive tasks use the same (b, h)), so no fp32 copy of all of K/V is ever made.
+template <typename scalar_t, typename acc_t>
+class OperandRows {
+ public:
+  // `t`: [B,H,L,Dx] tensor, either acc-typed with gemm_ld >= 0 (direct) or of dtype scalar_t (converted)
+  explicit OperandRows(const at::Tensor& t) : L_(t.size(2)), Dx_(t.size(3)), ld_(gemm_ld(t, acc_scalar())) {
+    if (ld_ >= 0) {
+      direct_ = View4<const acc_t>(t);
+    } else {
+      src_ = View4<const scalar_t>(t);
+    }
+  }
+  int64_t ld() const { return ld_ >= 0 ? ld_ : Dx_; }
+  // pointer to row 0 of (b, h); `buf` and `cached` are the calling thread's buffer and its (b, h) key
+  const acc_t* rows(int64_t b, int64_t h, int64_t H, std::vector<acc_t>& buf, int64_t& cached) const {
+    if (ld_ >= 0) return direct_.at(b, h, 0);
+    const int64_t key = b * H + h;
+    if (cached != key) {
+      buf.resize(L_ * Dx_);
+      load_block(src_.at(b, h, 0), src_.sl, src_.sd, L_, Dx_, buf.data());
+      cached = key;
+    }
+    return buf.data();
+  }
+
+ private:
+  static at::ScalarType acc_scalar() { return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat; }
+  int64_t L_, Dx_, ld_;
+  View4<const acc_t> direct_;
+  View4<const scalar_t> src_;
+};
+
+// dst [cols x rows] row-major = a · src^T, src [rows x cols] with row stride ld: 8 x 8 tiles through
+// at::vec's register transpose, the edges element-wise, then one scaling pass (skipped for a == 1)
+template <typename acc_t>
+void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t a, std::vector<acc_t>& dst) {
+  dst.resize(rows * cols);
+  constexpr int64_t T = 8;
+  const int64_t Rt = rows / T * T, Ct = cols / T * T;
+  for (int64_t j0 = 0; j0 < Rt; j0 += T)
+    for (int64_t d0 = 0; d0 < Ct; d0 += T)
+      at::vec::transpose_mxn<acc_t, T, T>(src + j0 * ld + d0, ld, dst.data() + d0 * rows + j0, rows);
+  for (int64_t j = 0; j < rows; ++j) {
+    const int64_t d_begin = j < Rt ? Ct : 0;  // tiles covered [0, Ct) of the first Rt rows
+    for (int64_t d = d_begin; d < cols; ++d) dst[d * rows + j] = src[j * ld + d];
+  }
+  if (a != acc_t(1)) scale_row(dst.data(), rows * cols, a);
+}
+
+// The forward's two block products. With `brg` (fp32, oneDNN micro-kernel available) they run through
+// blas::brgemm_f32 with K^T pre-scaled per (b, h) (the micro-kernel has no alpha); otherwise through
+// blas::gemm with K read in place and the scale as alpha.
+template <typename acc_t>
+struct FwdGemms {
+  bool brg = false;
+  acc_t scale = 1;
+  int64_t D = 0, M = 0;
+
+  // kt (brg only): scale·K^T of one (b, h), [D x M] row-major, rebuilt when the (b, h) key changes
+  void prepare(const acc_t* kp, int64_t ldk, int64_t key, std::vector<acc_t>& kt, int64_t& cached) const {
+    if (!brg || cached == key) return;
+    transpose_rows(kp, ldk, M, D, scale, kt);
+    cached = key;
+  }
+  // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
+  void scores(int64_t rows, int64_t cols, int64_t j0, const acc_t* qp, int64_t ldq, const acc_t* kp, int64_t ldk,
+              const std::vector<acc_t>& kt, acc_t* s) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (brg) {
+        blas::brgemm_f32(rows, cols, D, qp, ldq, kt.data() + j0, M, s, cols, false);
+        return;
+      }
+    }
+    blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+  }
+  // o[rows x Dv] (ld = ldo) (+)= p[rows x cols] V[j0 : j0 + cols]
+  void pv(int64_t rows, int64_t Dv, int64_t cols, const acc_t* p, const acc_t* vrows, int64_t ldv, bool add,
+          acc_t* o, int64_t ldo) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (brg) {
+        blas::brgemm_f32(rows, Dv, cols, p, cols, vrows, ldv, o, ldo, add);
+        return;
+      }
+    }
+    blas::gemm(false, false, rows, Dv, cols, acc_t(1), p, cols, vrows, ldv, add ? acc_t(1) : acc_t(0), o, ldo);
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::Tensor& v_op, const at::Tensor& bias,
@@ -321,8 +448,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
 
   const View4<const scalar_t> qv(query);
-  const View4<const acc_t> kv(k_op), vv(v_op);
-  const int64_t ldk = gemm_ld(k_op, k_op.scalar_type()), ldv = gemm_ld(v_op, v_op.scalar_type());
+  const OperandRows<scalar_t, acc_t> kops(k_op), vops(v_op);
+  const int64_t ldk = kops.ld(), ldv = vops.ld();
   const int64_t ldq_direct = kSame ? gemm_ld(query, query.scalar_type()) : -1;
   const acc_t* bias_p = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
   scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, N, H, Dv] memory
@@ -336,11 +463,22 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
+  const bool stream_out = out.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= stream_out_bytes();
   const int64_t ntasks = B * head_groups * nqb;
+  FwdGemms<acc_t> gemms;
+  gemms.scale = scale;
+  gemms.D = D;
+  gemms.M = M;
+  if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
-    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(kSame ? 0 : bq * Dv);
-    std::vector<acc_t> row_m(bq), row_l(bq);
+    std::vector<acc_t> ktbuf;
+    int64_t kt_cached = -1;
+    // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and
+    // the online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
+    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(bq * Dv);
+    std::vector<acc_t> row_m(bq), row_l(bq), row_scale(bq), kbuf, vbuf;
+    int64_t k_cached = -1, v_cached = -1;
     for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t bg = task / nqb, b = bg / head_groups, h0 = (bg % head_groups) * heads_per_task;
       const int64_t i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
@@ -357,50 +495,43 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           qp = qbuf.data();
           ldq = D;
         }
-        const acc_t* kp = kv.at(b, h, 0);
-        const acc_t* vp = vv.at(b, h, 0);
+        const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
+        gemms.prepare(kp, ldk, b * H + h, ktbuf, kt_cached);
+        const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
         const acc_t* brow = bias_p != nullptr ? bias_p + (b * H + h) * M : nullptr;
-        acc_t* op;
-        int64_t ldo;
-        if constexpr (kSame) {
-          op = reinterpret_cast<acc_t*>(out_p + ((b * N + i0) * H + h) * Dv);
-          ldo = H * Dv;
-        } else {
-          op = obuf.data();
-          ldo = Dv;
-        }
+        acc_t* op = obuf.data();
+        const int64_t ldo = Dv;
         acc_t* lse_rows = lse_p + (b * H + h) * N + i0;
 
         if (exact) {
           acc_t* s = sbuf.data();
-          blas::gemm(false, true, rows, M, D, scale, qp, ldq, kp, ldk, acc_t(0), s, M);
+          gemms.scores(rows, M, 0, qp, ldq, kp, ldk, ktbuf, s);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* sr = s + r * M;
-            const acc_t m = add_bias_max(sr, brow, M);
+            const acc_t m = biased_max(sr, brow, M);
             if (m == neg_inf<acc_t>()) {  // no valid key
               std::fill(sr, sr + M, acc_t(0));
               lse_rows[r] = neg_inf<acc_t>();
+              row_scale[r] = acc_t(0);
               continue;
             }
-            const acc_t l = exp_sum<acc_t>(sr, nullptr, M, m);  // unnormalised; O is divided by l below
-            row_l[r] = acc_t(1) / l;
+            const acc_t l = exp_sum<acc_t>(sr, brow, M, m);  // unnormalised; O is divided by l on the store
+            row_scale[r] = acc_t(1) / l;
             lse_rows[r] = m + std::log(l);
-            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_l[r]);
+            if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_scale[r]);
           }
-          blas::gemm(false, false, rows, Dv, M, acc_t(1), s, M, vp, ldv, acc_t(0), op, ldo);
-          for (int64_t r = 0; r < rows; ++r) {
-            if (lse_rows[r] != neg_inf<acc_t>()) scale_row(op + r * ldo, Dv, row_l[r]);
-          }
+          gemms.pv(rows, Dv, M, s, vp, ldv, false, op, ldo);
         } else {
           std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());
           std::fill(row_l.begin(), row_l.end(), acc_t(0));
           for (int64_t j0 = 0; j0 < M; j0 += bk) {
             const int64_t cols = std::min(bk, M - j0);
             acc_t* s = sbuf.data();
-            blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+            gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* sr = s + r * cols;
-              const acc_t bm = add_bias_max(sr, brow != nullptr ? brow + j0 : nullptr, cols);
+              const acc_t* bj = brow != nullptr ? brow + j0 : nullptr;
+              const acc_t bm = biased_max(sr, bj, cols);
               const acc_t m_new = std::max(row_m[r], bm);
               acc_t* orow = op + r * ldo;
               if (m_new == neg_inf<acc_t>()) {  // nothing valid so far
@@ -409,7 +540,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
                 continue;
               }
               const acc_t alpha = std::exp(row_m[r] - m_new);  // 0 when row_m was -inf
-              row_l[r] = row_l[r] * alpha + exp_sum<acc_t>(sr, nullptr, cols, m_new);
+              row_l[r] = row_l[r] * alpha + exp_sum<acc_t>(sr, bj, cols, m_new);
               row_m[r] = m_new;
               if (j0 == 0) {
                 std::fill(orow, orow + Dv, acc_t(0));
@@ -417,15 +548,15 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
                 scale_row(orow, Dv, alpha);
               }
             }
-            blas::gemm(false, false, rows, Dv, cols, acc_t(1), s, cols, vp + j0 * ldv, ldv, acc_t(1), op, ldo);
+            gemms.pv(rows, Dv, cols, s, vp + j0 * ldv, ldv, true, op, ldo);
           }
           for (int64_t r = 0; r < rows; ++r) {
-            acc_t* orow = op + r * ldo;
             if (row_l[r] > acc_t(0)) {
-              scale_row(orow, Dv, acc_t(1) / row_l[r]);
+              row_scale[r] = acc_t(1) / row_l[r];
               lse_rows[r] = row_m[r] + std::log(row_l[r]);
             } else {
-              std::fill(orow, orow + Dv, acc_t(0));
+              std::fill(op + r * ldo, op + r * ldo + Dv, acc_t(0));
+              row_scale[r] = acc_t(0);
               lse_rows[r] = neg_inf<acc_t>();
             }
           }
@@ -433,7 +564,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             for (int64_t j0 = map_start; j0 < map_stop; j0 += bk) {
               const int64_t cols = std::min(bk, map_stop - j0);
               acc_t* s = sbuf.data();
-              blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+              gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
               for (int64_t r = 0; r < rows; ++r) {
                 if (lse_rows[r] == neg_inf<acc_t>()) continue;
                 acc_t* sr = s + r * cols;
@@ -443,11 +574,13 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             }
           }
         }
-        if constexpr (!kSame) {
-          store_block(op, ldo, rows, Dv, out_p + ((b * N + i0) * H + h) * Dv, H * Dv, int64_t(1));
-        }
+        store_rows_scaled(op, rows, Dv, row_scale.data(), out_p + ((b * N + i0) * H + h) * Dv, H * Dv, stream_out);
       }
     }
+#if defined(__AVX__)
+    if (stream_out) _mm_sfence();  // non-temporal stores visible before the parallel region ends
+#endif
+    if (gemms.brg) blas::brgemm_f32_release();
   });
 }
 
@@ -456,7 +589,9 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
 // ---------------------------------------------------------------------------------------------
 
 struct BwdTensors {
-  at::Tensor grad_out, grad_map, grad_lse, query, k_op, v_op, out, lse, bias, dq, dk_part, dv_part, colsum;
+  // dk/dv: the outputs (written per (b, h) by the task that owns it when nsplit == 1); dk_part/dv_part:
+  // per-split fp32 partials, only when nsplit > 1 (a few (b, h) split over the threads)
+  at::Tensor grad_out, grad_map, grad_lse, query, k_op, v_op, out, lse, bias, dq, dk, dv, dk_part, dv_part, colsum;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -470,35 +605,57 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
   constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
 
   const View4<const scalar_t> qv(t.query), gov(t.grad_out), ov(t.out);
-  const View4<const acc_t> kv(t.k_op), vv(t.v_op);
+  const OperandRows<scalar_t, acc_t> kops(t.k_op), vops(t.v_op);
   const View4<scalar_t> dqv(t.dq);
-  const int64_t ldk = gemm_ld(t.k_op, t.k_op.scalar_type()), ldv = gemm_ld(t.v_op, t.v_op.scalar_type());
+  const int64_t ldk = kops.ld(), ldv = vops.ld();
   const int64_t ldq_direct = kSame ? gemm_ld(t.query, t.query.scalar_type()) : -1;
   const int64_t ldgo_direct = kSame ? gemm_ld(t.grad_out, t.grad_out.scalar_type()) : -1;
   const acc_t* bias_p = t.bias.defined() ? t.bias.data_ptr<acc_t>() : nullptr;
   const acc_t* lse_p = t.lse.data_ptr<acc_t>();                                      // [B,H,N]
   const acc_t* glse_p = t.grad_lse.defined() ? t.grad_lse.data_ptr<acc_t>() : nullptr;  // [B,H,N]
   const acc_t* gmap_p = t.grad_map.defined() ? t.grad_map.data_ptr<acc_t>() : nullptr;  // [B,N,Mm]
-  acc_t* dk_p = t.dk_part.data_ptr<acc_t>();  // [nsplit,B,H,M,D]
-  acc_t* dv_p = t.dv_part.data_ptr<acc_t>();  // [nsplit,B,H,M,Dv]
+  const bool direct_dkv = nsplit == 1;  // accumulate per task in a thread buffer, store into dk/dv at its end
+  const View4<scalar_t> dkv(t.dk), dvv(t.dv);
+  acc_t* dk_p = direct_dkv ? nullptr : t.dk_part.data_ptr<acc_t>();  // [nsplit,B,H,M,D]
+  acc_t* dv_p = direct_dkv ? nullptr : t.dv_part.data_ptr<acc_t>();  // [nsplit,B,H,M,Dv]
   acc_t* cs_p = t.colsum.defined() ? t.colsum.data_ptr<acc_t>() : nullptr;  // [nsplit,B,H,M]
 
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
+  // fp32: the three row-major NN-able products (S = scale·Q K^T, dP = dO V^T, dQ = scale·dS K) through
+  // the brgemm micro-kernel with scale·K^T and V^T built per task; dV and dK (transposed A) stay on gemm
+  FwdGemms<acc_t> gemms;
+  gemms.scale = scale;
+  gemms.D = D;
+  gemms.M = M;
+  if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
   const int64_t ntasks = B * H * nsplit;
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
+    std::vector<acc_t> ktbuf, vtbuf;
+    int64_t kt_cached = -1, vt_cached = -1;
     std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
     std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
+    std::vector<acc_t> kbuf, vbuf, dkbuf(direct_dkv ? M * D : 0), dvbuf(direct_dkv ? M * Dv : 0);
+    int64_t k_cached = -1, v_cached = -1;
     for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t split = task % nsplit, bh = task / nsplit, b = bh / H, h = bh % H;
       const int64_t qb_begin = split * nqb / nsplit, qb_end = (split + 1) * nqb / nsplit;
-      const acc_t* kp = kv.at(b, h, 0);
-      const acc_t* vp = vv.at(b, h, 0);
+      const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
+      const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
+      gemms.prepare(kp, ldk, bh, ktbuf, kt_cached);
+      if (gemms.brg && vt_cached != bh) {
+        transpose_rows(vp, ldv, M, Dv, acc_t(1), vtbuf);  // V^T [Dv x M]
+        vt_cached = bh;
+      }
       const acc_t* brow = bias_p != nullptr ? bias_p + bh * M : nullptr;
-      acc_t* dk = dk_p + (split * B * H + bh) * M * D;
-      acc_t* dv = dv_p + (split * B * H + bh) * M * Dv;
+      acc_t* dk = direct_dkv ? dkbuf.data() : dk_p + (split * B * H + bh) * M * D;
+      acc_t* dv = direct_dkv ? dvbuf.data() : dv_p + (split * B * H + bh) * M * Dv;
+      if (direct_dkv) {
+        std::fill(dkbuf.begin(), dkbuf.end(), acc_t(0));
+        std::fill(dvbuf.begin(), dvbuf.end(), acc_t(0));
+      }
       acc_t* cs = cs_p != nullptr ? cs_p + (split * B * H + bh) * M : nullptr;
 
       for (int64_t qb = qb_begin; qb < qb_end; ++qb) {
@@ -528,7 +685,7 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
 
         // P of the keys [j0, j0 + cols) into p (ld = cols); rows without a valid key give P = 0
         auto probs = [&](int64_t j0, int64_t cols, acc_t* p) {
-          blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), p, cols);
+          gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, p);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* pr = p + r * cols;
             if (lse_rows[r] == neg_inf<acc_t>()) {
@@ -562,7 +719,12 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
           acc_t* ds = dsbuf.data();
           probs(j0, cols, p);
           // dP = dO V^T (+ dA / H on the map columns)
-          blas::gemm(false, true, rows, cols, Dv, acc_t(1), gop, ldgo, vp + j0 * ldv, ldv, acc_t(0), ds, cols);
+          if (gemms.brg) {
+            if constexpr (std::is_same_v<acc_t, float>)
+              blas::brgemm_f32(rows, cols, Dv, gop, ldgo, vtbuf.data() + j0, M, ds, cols, false);
+          } else {
+            blas::gemm(false, true, rows, cols, Dv, acc_t(1), gop, ldgo, vp + j0 * ldv, ldv, acc_t(0), ds, cols);
+          }
           const int64_t m0 = std::max(j0, map_start), m1 = std::min(j0 + cols, map_stop);
           if (gmap_rows != nullptr && m0 < m1) {
             for (int64_t r = 0; r < rows; ++r)
@@ -584,12 +746,23 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
           // dV += P^T dO ; dK += scale dS^T Q ; dQ (+)= scale dS K
           blas::gemm(true, false, cols, Dv, rows, acc_t(1), p, cols, gop, ldgo, acc_t(1), dv + j0 * Dv, Dv);
           blas::gemm(true, false, cols, D, rows, scale, ds, cols, qp, ldq, acc_t(1), dk + j0 * D, D);
-          blas::gemm(false, false, rows, D, cols, scale, ds, cols, kp + j0 * ldk, ldk, acc_t(j0 == 0 ? 0 : 1),
-                     dqbuf.data(), D);
+          if (gemms.brg) {  // dS K unscaled; the scale is applied once on the store below
+            if constexpr (std::is_same_v<acc_t, float>)
+              blas::brgemm_f32(rows, D, cols, ds, cols, kp + j0 * ldk, ldk, dqbuf.data(), D, j0 != 0);
+          } else {
+            blas::gemm(false, false, rows, D, cols, scale, ds, cols, kp + j0 * ldk, ldk, acc_t(j0 == 0 ? 0 : 1),
+                       dqbuf.data(), D);
+          }
         }
+        if (gemms.brg) scale_row(dqbuf.data(), rows * D, scale);
         store_block(dqbuf.data(), D, rows, D, dqv.at(b, h, i0), dqv.sl, dqv.sd);
       }
+      if (direct_dkv) {
+        store_block(dk, D, M, D, dkv.at(b, h, 0), dkv.sl, dkv.sd);
+        store_block(dv, Dv, M, Dv, dvv.at(b, h, 0), dvv.sl, dvv.sd);
+      }
     }
+    if (gemms.brg) blas::brgemm_f32_release();
   });
 }
 
@@ -621,10 +794,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sra_attention_fwd(
 
   auto [bias, valid] = make_bias(token_weight, key_padding_mask, strength, B, H, M, acc);
   (void)valid;
-  at::Tensor k_op = as_operand(key, acc), v_op = as_operand(value, acc);
+  // K/V that the GEMM cannot read in place are converted per (b, h) inside the tasks (OperandRows)
+  const at::Tensor& k_op = key;
+  const at::Tensor& v_op = value;
   at::Tensor out = at::empty({B, N, H, Dv}, query.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, N}, query.options().dtype(acc));
   at::Tensor amap = at::empty({B, N, Mm}, query.options().dtype(acc));
+  advise_huge_pages(out);
+  advise_huge_pages(amap);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "sra_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -664,8 +841,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
   t.grad_out = grad_out.scalar_type() == query.scalar_type() ? grad_out : grad_out.to(query.scalar_type());
   t.out = out.scalar_type() == query.scalar_type() ? out : out.to(query.scalar_type());
   t.query = query;
-  t.k_op = as_operand(key, acc);
-  t.v_op = as_operand(value, acc);
+  t.k_op = key;  // converted per (b, h) inside the tasks when the GEMM cannot read it in place
+  t.v_op = value;
   t.lse = lse.to(acc).contiguous();
   const int64_t Mm = map_stop - map_start;
   if (grad_map.has_value() && grad_map->defined() && grad_map->numel() > 0 && Mm > 0) {
@@ -682,8 +859,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
   const int64_t nthreads = at::get_num_threads();
   const int64_t nsplit = std::clamp<int64_t>((2 * nthreads + B * H - 1) / (B * H), 1, blk.nqb);
   auto opts = query.options().dtype(acc);
-  t.dk_part = at::zeros({nsplit, B, H, M, D}, opts);
-  t.dv_part = at::zeros({nsplit, B, H, M, Dv}, opts);
+  t.dk = dk;
+  t.dv = dv;
+  if (nsplit > 1) {
+    t.dk_part = at::zeros({nsplit, B, H, M, D}, opts);
+    t.dv_part = at::zeros({nsplit, B, H, M, Dv}, opts);
+  }
   if (has_w) t.colsum = at::zeros({nsplit, B, H, M}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "sra_attention_bwd_cpu", [&] {
@@ -691,8 +872,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sra_attention_bwd(
     backward_kernel<scalar_t, acc_t>(t, scale, map_start, map_stop, nsplit, blk);
   });
 
-  dk.copy_(nsplit == 1 ? t.dk_part.select(0, 0) : t.dk_part.sum(0));
-  dv.copy_(nsplit == 1 ? t.dv_part.select(0, 0) : t.dv_part.sum(0));
+  if (nsplit > 1) {
+    dk.copy_(t.dk_part.sum(0));
+    dv.copy_(t.dv_part.sum(0));
+  }
   if (has_w) {
     at::Tensor cs = nsplit == 1 ? t.colsum.select(0, 0) : t.colsum.sum(0);
     at::Tensor wf = token_weight->to(acc).expand({B, H, M});

@@ -10,11 +10,16 @@ Providers per shape and dtype (bench/shapes.CPU_ATTN_SHAPES):
   mm_floor    the two fp32 GEMMs of the attention alone (Q K^T and P V, torch.matmul): the fp32 floor.
 
     python bench/sra_cpu_interleaved.py [--shapes cpu-d128-m512] [--dtypes fp32 bf16] [--rounds 9]
+        [--dot-modes 0 qk]
+
+--dot-modes adds, for bf16, dare / dare_map run with DARE_KERNELS_CPU_BF16_DOT set to each mode (e.g.
+"dare@0", "dare_map@0": the fp32 block products) next to the default, so the paths compare in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -55,7 +60,21 @@ def eager_maps_fp32(x, shape):
     return (p @ vf).to(x["q"].dtype), p.mean(1)
 
 
-def providers_for(shape, dname):
+def with_env(name, value, fn):
+    def run(x):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(x)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
+def providers_for(shape, dname, dot_modes=()):
     def dare(x):
         return dk.sra_attention(x["q"], x["k"], x["v"], x["w"], strength=STRENGTH, backend="cpu")
 
@@ -69,6 +88,10 @@ def providers_for(shape, dname):
     p = {"dare": dare, "sdpa_bias": sdpa_bias, "dare_map": dare_map, "eager_maps": lambda x: eager_maps(x, shape)}
     if dname != "fp32":
         p["eager_maps_fp32"] = lambda x: eager_maps_fp32(x, shape)
+    if dname == "bf16":
+        for mode in dot_modes:
+            p[f"dare@{mode}"] = with_env("DARE_KERNELS_CPU_BF16_DOT", mode, dare)
+            p[f"dare_map@{mode}"] = with_env("DARE_KERNELS_CPU_BF16_DOT", mode, dare_map)
     return p
 
 
@@ -79,6 +102,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="+", default=None, help="subset of providers")
+    ap.add_argument("--dot-modes", nargs="*", default=[],
+                    help="bf16: also run dare/dare_map with DARE_KERNELS_CPU_BF16_DOT=<mode> (0, qk, 1)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with the process CPU clock (with --threads 1: robust to time slicing on a busy machine)")
     args = ap.parse_args()
@@ -91,7 +116,7 @@ def main() -> None:
         flops = 4 * shape.B * shape.H * shape.N * shape.M * shape.D
         for dname in args.dtypes:
             sets = [make_inputs(shape, dtypes[dname], s) for s in (0, 1)]
-            provs = providers_for(shape, dname)
+            provs = providers_for(shape, dname, args.dot_modes)
             if args.only:
                 provs = {k: v for k, v in provs.items() if k in args.only}
             names = list(provs)
@@ -117,6 +142,11 @@ def main() -> None:
                 ratios.append(f"map x eager {med['eager_maps'] / med['dare_map']:.3f}")
             if "dare_map" in med and "eager_maps_fp32" in med:
                 ratios.append(f"map x eager_fp32 {med['eager_maps_fp32'] / med['dare_map']:.3f}")
+            for k in names:
+                if "@" in k:
+                    peer = "sdpa_bias" if k.startswith("dare@") else "eager_maps"
+                    if peer in med:
+                        ratios.append(f"{k} x {peer} {med[peer] / med[k]:.3f}")
             print("    " + ", ".join(ratios), flush=True)
 
 

@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -47,6 +48,7 @@
 
 #include "cpu/cpu_blas.h"
 #include "cpu/cpu_memory.h"
+#include "cpu/sra_bf16_dot.h"
 
 namespace dare::cpu {
 namespace {
@@ -71,6 +73,27 @@ int64_t score_budget() {
   const char* env = std::getenv("DARE_KERNELS_CPU_SCORE_BLOCK");
   const int64_t x = env != nullptr ? std::atoll(env) : 0;
   return x >= 1024 ? x : kScoreBudget;
+}
+
+// bf16 inputs: block products in bf16 with AVX512-BF16 (sra_bf16_dot.h) when the CPU has it.
+// DARE_KERNELS_CPU_BF16_DOT (read on every call): unset / "auto" / "1": S = Q·K^T and O += P·V in bf16
+// ("1" fails on a CPU without AVX512-BF16); "qk": only S in bf16; "0": the fp32 products.
+// DARE_KERNELS_CPU_ISA=avx2 turns it off as well.
+struct Bf16DotMode {
+  bool qk = false, pv = false;
+};
+Bf16DotMode bf16_dot_mode() {
+  static const bool hw = bf16dot::supported();
+  const char* env = std::getenv("DARE_KERNELS_CPU_BF16_DOT");
+  const std::string v = env != nullptr ? env : "auto";
+  const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
+  if (v == "0" || (isa != nullptr && std::string(isa) == "avx2")) return {};
+  TORCH_CHECK(v == "auto" || v == "1" || v == "qk" || v.empty(),
+              "DARE_KERNELS_CPU_BF16_DOT must be auto, 0, 1 or qk, got '", v, "'");
+  TORCH_CHECK(hw || v == "auto" || v.empty(), "DARE_KERNELS_CPU_BF16_DOT=", v,
+              " but this CPU (or OS, or compiler) lacks AVX-512 F/BW/VL/BF16");
+  if (!hw) return {};
+  return {true, v != "qk"};
 }
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
@@ -470,10 +493,43 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   gemms.D = D;
   gemms.M = M;
   if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
+
+  // bf16 inputs on a CPU with AVX512-BF16: K (and V for the P·V product) of every (b, h) packed once
+  // into VNNI pairs (sra_bf16_dot.h): K as [ceil(D/2)][ldkp][2] (pairs along D; ldkp leaves room for the
+  // 32-column tile at any map start), V as [ceil(M/2)][ldvp][2] (pairs along M); Q rows copied per block
+  // as bf16 with D padded to even, P rounded to bf16 (to nearest even) for P·V. The map and the softmax
+  // use the fp32 P.
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  Bf16DotMode bdot;
+  if constexpr (kBf16) bdot = bf16_dot_mode();
+  const int64_t kpairs = (D + 1) / 2, ldkp = bf16dot::round_up(M, bf16dot::kTileN) + bf16dot::kTileN;
+  const int64_t vpairs = (M + 1) / 2, ldvp = bf16dot::round_up(Dv, bf16dot::kTileN);
+  const int64_t ksz = kpairs * ldkp * 2, vsz = vpairs * ldvp * 2;
+  at::Tensor kpack, vpack;
+  if (bdot.qk) {
+    const View4<const scalar_t> kv(k_op), vv(v_op);
+    kpack = at::empty({B * H * ksz}, query.options().dtype(at::kShort));
+    if (bdot.pv) vpack = at::empty({B * H * vsz}, query.options().dtype(at::kShort));
+    uint16_t* kd = reinterpret_cast<uint16_t*>(kpack.data_ptr());
+    uint16_t* vd = bdot.pv ? reinterpret_cast<uint16_t*>(vpack.data_ptr()) : nullptr;
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        bf16dot::pack_pairs(reinterpret_cast<const uint16_t*>(kv.at(b, h, 0)), kv.sd, kv.sl, D, M, kd + bh * ksz, ldkp);
+        if (vd != nullptr)
+          bf16dot::pack_pairs(reinterpret_cast<const uint16_t*>(vv.at(b, h, 0)), vv.sl, vv.sd, M, Dv, vd + bh * vsz,
+                              ldvp);
+      }
+    });
+  }
+  const uint16_t* kpack_p = bdot.qk ? reinterpret_cast<const uint16_t*>(kpack.data_ptr()) : nullptr;
+  const uint16_t* vpack_p = bdot.pv ? reinterpret_cast<const uint16_t*>(vpack.data_ptr()) : nullptr;
+
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
     std::vector<acc_t> ktbuf;
     int64_t kt_cached = -1;
+    std::vector<uint16_t> qb16(bdot.qk ? bq * 2 * kpairs : 0), pb16(bdot.pv ? bq * (bk + 1) : 0);
     // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and
     // the online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
     std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(bq * Dv);
@@ -485,9 +541,21 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
       acc_t* map_rows = map_p != nullptr ? map_p + (b * N + i0) * Mm : nullptr;
       if (map_rows != nullptr) std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
       for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
-        const acc_t* qp;
-        int64_t ldq;
-        if (ldq_direct >= 0) {
+        const acc_t* qp = nullptr;
+        int64_t ldq = D;
+        if (bdot.qk) {  // Q rows as bf16 pairs (D padded to even with a zero)
+          const uint16_t* qs = reinterpret_cast<const uint16_t*>(qv.at(b, h, i0));
+          for (int64_t r = 0; r < rows; ++r) {
+            uint16_t* d = qb16.data() + r * 2 * kpairs;
+            const uint16_t* src = qs + r * qv.sl;
+            if (qv.sd == 1) {
+              std::copy(src, src + D, d);
+            } else {
+              for (int64_t c = 0; c < D; ++c) d[c] = src[c * qv.sd];
+            }
+            if (D % 2 != 0) d[D] = 0;
+          }
+        } else if (ldq_direct >= 0) {
           qp = reinterpret_cast<const acc_t*>(qv.at(b, h, i0));
           ldq = ldq_direct;
         } else {
@@ -495,9 +563,37 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           qp = qbuf.data();
           ldq = D;
         }
-        const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
-        gemms.prepare(kp, ldk, b * H + h, ktbuf, kt_cached);
-        const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
+        const acc_t* kp = nullptr;
+        if (!bdot.qk) {
+          kp = kops.rows(b, h, H, kbuf, k_cached);
+          gemms.prepare(kp, ldk, b * H + h, ktbuf, kt_cached);
+        }
+        const acc_t* vp = bdot.pv ? nullptr : vops.rows(b, h, H, vbuf, v_cached);
+        const int64_t bh = b * H + h;
+        // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
+        auto scores = [&](int64_t cols, int64_t j0, acc_t* s) {
+          if constexpr (kBf16) {
+            if (bdot.qk) {
+              bf16dot::gemm(rows, cols, kpairs, qb16.data(), 2 * kpairs, kpack_p + bh * ksz + j0 * 2, ldkp, scale,
+                            false, s, cols);
+              return;
+            }
+          }
+          gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
+        };
+        // o[rows x Dv] (+)= p[rows x cols] V[j0 : j0 + cols] (j0 even)
+        auto pv = [&](int64_t cols, int64_t j0, const acc_t* p, bool add, acc_t* o, int64_t ldo_) {
+          if constexpr (kBf16) {
+            if (bdot.pv) {
+              const int64_t ldp = cols + cols % 2;
+              bf16dot::to_bf16_rows(p, cols, rows, cols, pb16.data(), ldp);
+              bf16dot::gemm(rows, Dv, ldp / 2, pb16.data(), ldp, vpack_p + bh * vsz + (j0 / 2) * ldvp * 2, ldvp,
+                            1.0f, add, o, ldo_);
+              return;
+            }
+          }
+          gemms.pv(rows, Dv, cols, p, vp + j0 * ldv, ldv, add, o, ldo_);
+        };
         const acc_t* brow = bias_p != nullptr ? bias_p + (b * H + h) * M : nullptr;
         acc_t* op = obuf.data();
         const int64_t ldo = Dv;
@@ -505,7 +601,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
 
         if (exact) {
           acc_t* s = sbuf.data();
-          gemms.scores(rows, M, 0, qp, ldq, kp, ldk, ktbuf, s);
+          scores(M, 0, s);
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* sr = s + r * M;
             const acc_t m = biased_max(sr, brow, M);
@@ -520,14 +616,14 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             lse_rows[r] = m + std::log(l);
             if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_scale[r]);
           }
-          gemms.pv(rows, Dv, M, s, vp, ldv, false, op, ldo);
+          pv(M, 0, s, false, op, ldo);
         } else {
           std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());
           std::fill(row_l.begin(), row_l.end(), acc_t(0));
           for (int64_t j0 = 0; j0 < M; j0 += bk) {
             const int64_t cols = std::min(bk, M - j0);
             acc_t* s = sbuf.data();
-            gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
+            scores(cols, j0, s);
             for (int64_t r = 0; r < rows; ++r) {
               acc_t* sr = s + r * cols;
               const acc_t* bj = brow != nullptr ? brow + j0 : nullptr;
@@ -548,7 +644,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
                 scale_row(orow, Dv, alpha);
               }
             }
-            gemms.pv(rows, Dv, cols, s, vp + j0 * ldv, ldv, true, op, ldo);
+            pv(cols, j0, s, true, op, ldo);
           }
           for (int64_t r = 0; r < rows; ++r) {
             if (row_l[r] > acc_t(0)) {
@@ -564,7 +660,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             for (int64_t j0 = map_start; j0 < map_stop; j0 += bk) {
               const int64_t cols = std::min(bk, map_stop - j0);
               acc_t* s = sbuf.data();
-              gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
+              scores(cols, j0, s);
               for (int64_t r = 0; r < rows; ++r) {
                 if (lse_rows[r] == neg_inf<acc_t>()) continue;
                 acc_t* sr = s + r * cols;

@@ -1,0 +1,187 @@
+// bf16 block products of the CPU SRA forward with AVX512-BF16 (see sra_bf16_dot.h).
+//
+// Only raw intrinsics and our own code live under the AVX-512 target region: every header is included
+// before it, so no inline function shared with other translation units is compiled for AVX-512.
+#include "cpu/sra_bf16_dot.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#define DARE_BF16DOT_HAVE_AVX512 1
+#include <immintrin.h>
+#else
+#define DARE_BF16DOT_HAVE_AVX512 0
+#endif
+
+namespace dare::cpu::bf16dot {
+
+void pack_pairs(const uint16_t* x, int64_t sr, int64_t sc, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd) {
+  const int64_t np = (rows + 1) / 2;
+  for (int64_t p = 0; p < np; ++p) {
+    uint16_t* d = dst + p * ldd * 2;
+    const uint16_t* x0 = x + (2 * p) * sr;
+    if (2 * p + 1 < rows) {
+      const uint16_t* x1 = x0 + sr;
+      for (int64_t c = 0; c < cols; ++c) {
+        d[2 * c] = x0[c * sc];
+        d[2 * c + 1] = x1[c * sc];
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        d[2 * c] = x0[c * sc];
+        d[2 * c + 1] = 0;
+      }
+    }
+    std::fill(d + 2 * cols, d + 2 * ldd, uint16_t(0));
+  }
+}
+
+#if DARE_BF16DOT_HAVE_AVX512
+
+bool supported() {
+  // libgcc's / compiler-rt's CPU model also checks that the OS enables the AVX-512 register state (XCR0).
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace {
+
+constexpr int kR = 8;        // rows of a register tile (8 x 32 fp32 = 16 zmm accumulators)
+constexpr int64_t kKc = 64;  // pairs of the reduction dimension per pass (A panel and B tile stay in L1)
+
+inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
+
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+inline __m512i bcast_pair(const uint16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// c[R x 32] (masks m0, m1 on the two halves) = (add ? c : 0) + alpha · A[R x kp]·B[kp x 32]
+template <int R>
+inline void tile(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float alpha, bool add,
+                 float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
+  __m512 acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = _mm512_setzero_ps();
+    acc1[r] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = as_bh(_mm512_loadu_si512(b + p * ldb * 2));
+    const __m512bh b1 = as_bh(_mm512_loadu_si512(b + p * ldb * 2 + 32));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = as_bh(bcast_pair(a + r * lda + 2 * p));
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    __m512 x0 = _mm512_mul_ps(acc0[r], va), x1 = _mm512_mul_ps(acc1[r], va);
+    if (add) {
+      x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, cr));
+      x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, cr + 16));
+    }
+    _mm512_mask_storeu_ps(cr, m0, x0);
+    _mm512_mask_storeu_ps(cr + 16, m1, x1);
+  }
+}
+
+void tile_rows(int rows, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float alpha,
+               bool add, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
+  switch (rows) {
+    case 8: tile<8>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    case 7: tile<7>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    case 6: tile<6>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    case 5: tile<5>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    case 4: tile<4>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    case 3: tile<3>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    case 2: tile<2>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    default: tile<1>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+  }
+}
+
+}  // namespace
+
+void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+          float alpha, bool add, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  // the reduction is split into passes of kKc pairs (C accumulates in memory between them) only when
+  // that does not change the rounding of alpha (alpha == 1)
+  const int64_t kc = alpha == 1.0f ? kKc : std::max<int64_t>(kp, 1);
+  // rows per panel: the A panel (rows x kc pairs) ~16 KiB of L1 next to the 8 KiB B tile
+  const int64_t panel = std::clamp<int64_t>((16384 / (4 * std::max<int64_t>(kc, 1))) / kR * kR, kR, 64);
+  for (int64_t p0 = 0; p0 < std::max<int64_t>(kp, 1); p0 += kc) {
+    const int64_t pn = std::min(kc, kp - p0);
+    const bool add_here = add || p0 > 0;
+    for (int64_t i0 = 0; i0 < m; i0 += panel) {
+      const int64_t ie = std::min(m, i0 + panel);
+      for (int64_t j0 = 0; j0 < n; j0 += kTileN) {
+        const __mmask16 m0 = lane_mask(n - j0), m1 = lane_mask(n - j0 - 16);
+        const uint16_t* bt = b + (p0 * ldb + j0) * 2;
+        for (int64_t i = i0; i < ie; i += kR) {
+          const int rows = static_cast<int>(std::min<int64_t>(kR, ie - i));
+          tile_rows(rows, pn, a + i * lda + 2 * p0, lda, bt, ldb, alpha, add_here, c + i * ldc + j0, ldc, m0, m1);
+        }
+      }
+    }
+    if (kp <= 0) break;
+  }
+}
+
+void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    uint16_t* d = dst + r * ldd;
+    int64_t j = 0;
+    for (; j + 32 <= cols; j += 32) {
+      const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + j));
+      _mm512_storeu_si512(d + j, reinterpret_cast<const __m512i&>(x));
+    }
+    if (j < cols) {
+      const int64_t rem = cols - j;
+      const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(rem), s + j);
+      const __m512 hi = _mm512_maskz_loadu_ps(lane_mask(rem - 16), s + j + 16);
+      const __m512bh x = _mm512_cvtne2ps_pbh(hi, lo);
+      const __mmask32 mk = rem >= 32 ? ~__mmask32(0) : (__mmask32(1) << rem) - 1u;
+      _mm512_mask_storeu_epi16(d + j, mk, reinterpret_cast<const __m512i&>(x));
+    }
+    if (cols % 2 != 0) d[cols] = 0;
+  }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#else  // no AVX-512 build support
+
+bool supported() { return false; }
+void gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float, bool, float*, int64_t) {}
+void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+
+#endif
+
+}  // namespace dare::cpu::bf16dot

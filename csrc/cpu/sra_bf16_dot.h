@@ -1,0 +1,40 @@
+// bf16 block products of the CPU SRA forward with AVX512-BF16 (vdpbf16ps), picked at run time by
+// sra_attention.cpp for bfloat16 inputs. Compiled with function target attributes (no build flags), so
+// the extension still loads and runs its fp32 path on CPUs without AVX512-BF16.
+//
+// Arithmetic of vdpbf16ps (Intel SDM, DPBF16PS): per 32-bit lane, acc += a[2l]·b[2l] + a[2l+1]·b[2l+1]
+// with fp32 accumulation, round to nearest even, MXCSR not consulted, no exceptions, denormal inputs
+// treated as zero and denormal results flushed to zero. A bf16×bf16 product has at most 16 significant
+// bits, so each product is exact in fp32; only the sums round (like the fp32 path). The difference to
+// the fp32 path: bf16 subnormals (|x| < 2^-126) read as zero and fp32-subnormal partial sums flush to
+// zero, both far below the bf16 tolerance of an attention output (scores of order 1).
+//
+// Layouts. A: m rows of kp bf16 pairs (row r at a + r·lda, lda in bf16 elements; the pair p is
+// a[2p], a[2p+1]). B ("VNNI"): [kp][ldb][2] bf16, pairs along the reduction dimension.
+#pragma once
+
+#include <cstdint>
+
+namespace dare::cpu::bf16dot {
+
+// True when the CPU and OS support AVX-512 F/BW/VL/BF16 (and the compiler could build the kernels).
+bool supported();
+
+// Round up to the column tile of gemm (32): B must be readable for ldb >= round_up(n, 32) columns.
+constexpr int64_t kTileN = 32;
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// dst = VNNI pairs of X (rows x cols, element (r, c) at x[r·sr + c·sc], bf16 bits) along r:
+// dst[((r / 2)·ldd + c)·2 + r % 2] = X(r, c); zeros for r >= rows (odd rows) and c in [cols, ldd).
+// dst holds ceil(rows / 2)·ldd·2 elements.
+void pack_pairs(const uint16_t* x, int64_t sr, int64_t sc, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
+
+// c[m x n] (row stride ldc) = (add ? c : 0) + alpha · A·B, kp pairs of the reduction dimension.
+void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+          float alpha, bool add, float* c, int64_t ldc);
+
+// dst[r·ldd + c] = bf16(src[r·lds + c]) (round to nearest even) for c < cols, and a zero at column cols
+// when cols is odd (so the rows are whole pairs).
+void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
+
+}  // namespace dare::cpu::bf16dot

@@ -59,7 +59,10 @@ bool supported() {
 
 namespace {
 
-constexpr int kR = 8;        // rows of a register tile (8 x 32 fp32 = 16 zmm accumulators)
+#ifndef DARE_BF16DOT_ROWS
+#define DARE_BF16DOT_ROWS 8
+#endif
+constexpr int kR = DARE_BF16DOT_ROWS;  // rows of a register tile (kR x 32 fp32 accumulators)
 constexpr int64_t kKc = 64;  // pairs of the reduction dimension per pass (A panel and B tile stay in L1)
 
 inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
@@ -72,51 +75,51 @@ inline __m512i bcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// c[R x 32] (masks m0, m1 on the two halves) = (add ? c : 0) + alpha · A[R x kp]·B[kp x 32]
-template <int R>
+// c[R x 16·NC] (masks m0, m1 on the two halves; NC = 1: one half) = (add ? c : 0) + alpha · A[R x kp]·B[kp x 16·NC]
+template <int R, int NC>
 inline void tile(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float alpha, bool add,
                  float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
-  __m512 acc0[R], acc1[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    acc0[r] = _mm512_setzero_ps();
-    acc1[r] = _mm512_setzero_ps();
-  }
+  __m512 acc[R][NC];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kp; ++p) {
-    const __m512bh b0 = as_bh(_mm512_loadu_si512(b + p * ldb * 2));
-    const __m512bh b1 = as_bh(_mm512_loadu_si512(b + p * ldb * 2 + 32));
-#pragma GCC unroll 8
+    __m512bh bv[NC];
+#pragma GCC unroll 2
+    for (int k = 0; k < NC; ++k) bv[k] = as_bh(_mm512_loadu_si512(b + p * ldb * 2 + 32 * k));
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512bh av = as_bh(bcast_pair(a + r * lda + 2 * p));
-      acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
-      acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+#pragma GCC unroll 2
+      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], av, bv[k]);
     }
   }
   const __m512 va = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
+  const __mmask16 mk[2] = {m0, m1};
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
-    __m512 x0 = _mm512_mul_ps(acc0[r], va), x1 = _mm512_mul_ps(acc1[r], va);
-    if (add) {
-      x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, cr));
-      x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, cr + 16));
+#pragma GCC unroll 2
+    for (int k = 0; k < NC; ++k) {
+      __m512 x = _mm512_mul_ps(acc[r][k], va);
+      if (add) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk[k], cr + 16 * k));
+      _mm512_mask_storeu_ps(cr + 16 * k, mk[k], x);
     }
-    _mm512_mask_storeu_ps(cr, m0, x0);
-    _mm512_mask_storeu_ps(cr + 16, m1, x1);
   }
 }
 
+template <int NC>
 void tile_rows(int rows, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float alpha,
                bool add, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
   switch (rows) {
-    case 8: tile<8>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    case 7: tile<7>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    case 6: tile<6>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    case 5: tile<5>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    case 4: tile<4>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    case 3: tile<3>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    case 2: tile<2>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
-    default: tile<1>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+#define DARE_BF16DOT_CASE(R) \
+  case R: tile<R, NC>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    DARE_BF16DOT_CASE(12) DARE_BF16DOT_CASE(11) DARE_BF16DOT_CASE(10) DARE_BF16DOT_CASE(9)
+    DARE_BF16DOT_CASE(8) DARE_BF16DOT_CASE(7) DARE_BF16DOT_CASE(6) DARE_BF16DOT_CASE(5)
+    DARE_BF16DOT_CASE(4) DARE_BF16DOT_CASE(3) DARE_BF16DOT_CASE(2)
+#undef DARE_BF16DOT_CASE
+    default: tile<1, NC>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
   }
 }
 
@@ -129,7 +132,7 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, cons
   // that does not change the rounding of alpha (alpha == 1)
   const int64_t kc = alpha == 1.0f ? kKc : std::max<int64_t>(kp, 1);
   // rows per panel: the A panel (rows x kc pairs) ~16 KiB of L1 next to the 8 KiB B tile
-  const int64_t panel = std::clamp<int64_t>((16384 / (4 * std::max<int64_t>(kc, 1))) / kR * kR, kR, 64);
+  const int64_t panel = std::clamp<int64_t>((16384 / (4 * std::max<int64_t>(kc, 1))) / kR * kR, kR, 64 / kR * kR);
   for (int64_t p0 = 0; p0 < std::max<int64_t>(kp, 1); p0 += kc) {
     const int64_t pn = std::min(kc, kp - p0);
     const bool add_here = add || p0 > 0;
@@ -140,7 +143,11 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, cons
         const uint16_t* bt = b + (p0 * ldb + j0) * 2;
         for (int64_t i = i0; i < ie; i += kR) {
           const int rows = static_cast<int>(std::min<int64_t>(kR, ie - i));
-          tile_rows(rows, pn, a + i * lda + 2 * p0, lda, bt, ldb, alpha, add_here, c + i * ldc + j0, ldc, m0, m1);
+          if (n - j0 > 16) {
+            tile_rows<2>(rows, pn, a + i * lda + 2 * p0, lda, bt, ldb, alpha, add_here, c + i * ldc + j0, ldc, m0, m1);
+          } else {  // a last tile of at most 16 columns
+            tile_rows<1>(rows, pn, a + i * lda + 2 * p0, lda, bt, ldb, alpha, add_here, c + i * ldc + j0, ldc, m0, m1);
+          }
         }
       }
     }

@@ -1,0 +1,137 @@
+"""The bf16 block products of the CPU SRA forward (AVX512-BF16 vdpbf16ps, csrc/cpu/sra_bf16_dot.*).
+
+DARE_KERNELS_CPU_BF16_DOT selects them: "0" the fp32 products, "qk" S = Q·K^T in bf16, "1" S and P·V in
+bf16 (the default "auto" is "1" where the CPU has AVX512-BF16). Every mode is compared against the float64
+reference (of the bf16-rounded inputs) at the bf16 tolerance of conftest.py on odd shapes: head dims
+40/41/80/160, key lengths 1/77/226/1000 and online softmax (M > 1024), masks, strided / BSHD layouts, map
+key sub-ranges starting at odd keys. On a CPU without AVX512-BF16 the forced modes are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dare_kernels import _ext, sra_attention
+
+from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
+
+ENV = "DARE_KERNELS_CPU_BF16_DOT"
+
+
+def _bf16_dot_available() -> bool:
+    """Ask the kernel itself: mode "1" fails with a clear error on a CPU without AVX512-BF16."""
+    q = torch.randn(1, 1, 2, 4).bfloat16()
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "1"
+    try:
+        sra_attention(q, q, q, backend="cpu")
+        return True
+    except RuntimeError as e:
+        if "lacks AVX-512" in str(e):
+            return False
+        raise
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
+
+
+HAVE_BF16_DOT = _ext.has_cpu_kernels() and _bf16_dot_available()
+needs_bf16_dot = pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU (or OS / compiler) lacks AVX512-BF16")
+
+MODES = [
+    pytest.param("0", id="fp32-products"),
+    pytest.param("qk", id="bf16-qk", marks=needs_bf16_dot),
+    pytest.param("1", id="bf16-qk-pv", marks=needs_bf16_dot),
+]
+
+CASES = [
+    # B, H, N, M, D, Dv, weight kind, mask, map keys, layout
+    (2, 3, 37, 77, 40, 40, "bm", False, None, "bhsd"),
+    (1, 2, 25, 226, 80, 80, "bhm", True, (11, 200), "bshd"),
+    (2, 2, 9, 1, 160, 160, "m", False, None, "strided"),
+    (1, 2, 33, 1000, 41, 33, None, True, (0, 1000), "strided"),  # odd D and Dv
+    (1, 2, 21, 1100, 32, 24, "bm_strided", True, (1000, 1100), "bhsd"),  # online softmax
+    (1, 1, 19, 2100, 160, 40, "bm", False, (3, 2051), "bshd"),  # online, map range from an odd key
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
+def test_bf16_forward_matches_reference(monkeypatch, case, mode):
+    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    monkeypatch.setenv(ENV, mode)
+    # gradients on the small cases: the backward reuses the forward's O and LSE
+    res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=M <= 226, gen=gen)
+    check_all(res, torch.bfloat16)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("M", [77, 1100])
+def test_bf16_modes_really_switch(monkeypatch, M):
+    """The three modes are different computations (else the comparisons above would test one path):
+    bf16 S changes the LSE / map bits, bf16 P·V changes the output bits; all stay within tolerance of
+    each other."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(2, 2, 64, M, 40, 40, torch.bfloat16, gen=gen)
+    w = make_weight("bm", 2, 2, M, torch.bfloat16, gen=gen)
+    out = {}
+    for mode in ("0", "qk", "1"):
+        monkeypatch.setenv(ENV, mode)
+        out[mode] = sra_attention(q, k, v, w, return_attn_map=True, return_lse=True, backend="cpu")
+    assert not torch.equal(out["0"][2], out["qk"][2]), "bf16 Q·K^T left the LSE bitwise unchanged"
+    assert not torch.equal(out["qk"][0], out["1"][0]), "bf16 P·V left the output bitwise unchanged"
+    assert torch.equal(out["qk"][1], out["1"][1]) and torch.equal(out["qk"][2], out["1"][2]), \
+        "the map and LSE come from the fp32 P: P·V in bf16 must not change them"
+    for mode in ("qk", "1"):
+        for a, b, name in zip(out[mode], out["0"], ("o", "map", "lse")):
+            close(a, b.double(), torch.bfloat16, f"{mode} vs 0: {name}")
+
+
+@needs_bf16_dot
+def test_bf16_dot_fully_masked_rows_and_huge_logits(monkeypatch):
+    """Rows without a valid key give zeros and an LSE of -inf; logits of ~±1e4 stay finite."""
+    monkeypatch.setenv(ENV, "1")
+    B, H, N, M, D = 2, 3, 11, 77, 40
+    q, k, v = make_qkv(B, H, N, M, D, D, torch.bfloat16)
+    w = (torch.rand(B, H, M, dtype=torch.float64) + 0.1).bfloat16()
+    w[0, 1] = 0.0
+    mask = torch.ones(B, M, dtype=torch.bool)
+    mask[1] = False
+    o, amap, lse = sra_attention(q * 30, k * 30, v, w, key_padding_mask=mask, return_attn_map=True,
+                                 return_lse=True, backend="cpu")
+    assert torch.all(o[0, 1] == 0) and torch.all(o[1] == 0) and torch.all(amap[1] == 0)
+    assert torch.isneginf(lse[0, 1]).all() and torch.isneginf(lse[1]).all()
+    assert torch.isfinite(lse[0, 0]).all() and torch.isfinite(o).all() and torch.isfinite(amap).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_other_dtypes_ignore_the_switch(monkeypatch, dtype):
+    """Only bf16 inputs take the bf16 products: fp16 / fp32 results are bitwise the same in every mode."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(1, 2, 33, 77, 40, 40, dtype, gen=gen)
+    monkeypatch.setenv(ENV, "0")
+    a = sra_attention(q, k, v, return_attn_map=True, backend="cpu")
+    monkeypatch.setenv(ENV, "auto")
+    b = sra_attention(q, k, v, return_attn_map=True, backend="cpu")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bad_switch_value_is_rejected(monkeypatch):
+    monkeypatch.setenv(ENV, "yes")
+    q = torch.randn(1, 1, 2, 4).bfloat16()
+    with pytest.raises(RuntimeError, match="DARE_KERNELS_CPU_BF16_DOT must be auto, 0, 1 or qk"):
+        sra_attention(q, q, q, backend="cpu")
+

@@ -543,7 +543,12 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
       for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
         const acc_t* qp = nullptr;
         int64_t ldq = D;
-        if (bdot.qk) {  // Q rows as bf16 pairs (D padded to even with a zero)
+        const uint16_t* q16 = qb16.data();
+        int64_t ldq16 = 2 * kpairs;
+        if (bdot.qk && qv.sd == 1 && D % 2 == 0) {  // Q rows read in place as bf16 pairs
+          q16 = reinterpret_cast<const uint16_t*>(qv.at(b, h, i0));
+          ldq16 = rows == 1 ? D : qv.sl;
+        } else if (bdot.qk) {  // Q rows copied as bf16 pairs (D padded to even with a zero)
           const uint16_t* qs = reinterpret_cast<const uint16_t*>(qv.at(b, h, i0));
           for (int64_t r = 0; r < rows; ++r) {
             uint16_t* d = qb16.data() + r * 2 * kpairs;
@@ -574,7 +579,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
         auto scores = [&](int64_t cols, int64_t j0, acc_t* s) {
           if constexpr (kBf16) {
             if (bdot.qk) {
-              bf16dot::gemm(rows, cols, kpairs, qb16.data(), 2 * kpairs, kpack_p + bh * ksz + j0 * 2, ldkp, scale,
+              bf16dot::gemm(rows, cols, kpairs, q16, ldq16, kpack_p + bh * ksz + j0 * 2, ldkp, scale,
                             false, s, cols);
               return;
             }
@@ -670,7 +675,15 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             }
           }
         }
-        store_rows_scaled(op, rows, Dv, row_scale.data(), out_p + ((b * N + i0) * H + h) * Dv, H * Dv, stream_out);
+        scalar_t* out_rows = out_p + ((b * N + i0) * H + h) * Dv;
+        bool stored = false;
+        if constexpr (kBf16) {
+          if (bdot.qk) {  // scale and round in one AVX-512 pass (c10's rounding)
+            bf16dot::store_rows_bf16(op, ldo, rows, Dv, row_scale.data(), reinterpret_cast<uint16_t*>(out_rows), H * Dv);
+            stored = true;
+          }
+        }
+        if (!stored) store_rows_scaled(op, rows, Dv, row_scale.data(), out_rows, H * Dv, stream_out);
       }
     }
 #if defined(__AVX__)

@@ -176,6 +176,30 @@ void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uin
   }
 }
 
+void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, const float* row_scale,
+                     uint16_t* dst, int64_t sl) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
+  auto round16 = [&](__m512 x) {  // c10::BFloat16's rounding: to nearest even, subnormals kept, NaN -> 0x7FC0
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), qnan);
+    return _mm512_cvtepi32_epi16(r);
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld_src;
+    uint16_t* d = dst + r * sl;
+    const __m512 va = _mm512_set1_ps(row_scale[r]);
+    int64_t j = 0;
+    for (; j + 16 <= cols; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), round16(_mm512_mul_ps(_mm512_loadu_ps(s + j), va)));
+    if (j < cols) {
+      const __mmask16 m = lane_mask(cols - j);
+      _mm256_mask_storeu_epi16(d + j, m, round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), va)));
+    }
+  }
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -188,6 +212,7 @@ void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uin
 bool supported() { return false; }
 void gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float, bool, float*, int64_t) {}
 void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
+void store_rows_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) {}
 
 #endif
 

@@ -37,4 +37,10 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, cons
 // when cols is odd (so the rows are whole pairs).
 void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
 
+// dst[r·sl + c] = bf16(src[r·ld_src + c] · row_scale[r]) for c < cols, rounded as c10::BFloat16 does (to
+// nearest even, subnormals kept, NaN -> 0x7FC0): the scaling pass and the conversion of the fp32 path
+// in one pass.
+void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, const float* row_scale,
+                     uint16_t* dst, int64_t sl);
+
 }  // namespace dare::cpu::bf16dot

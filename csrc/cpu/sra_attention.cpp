@@ -24,6 +24,12 @@
 // micro-kernel when libtorch_cpu provides it (scale·K^T and V^T built per (b, h)); the others (backward
 // dV, dK), float64 and builds without it use cpu_blas (MKL's sgemm_/dgemm_ when the torch build exports
 // them); softmax, exp and rescaling are vectorised with at::vec.
+//
+// bf16 inputs on a CPU with AVX512-BF16 (DARE_KERNELS_CPU_BF16_DOT, default auto; sra_bf16_dot.h) take
+// the forward's products in bf16 instead: K and V of every (b, h) packed once into VNNI pairs, S = Q·K^T
+// by vdpbf16ps (exact bf16 products, fp32 sums, scale applied to the fp32 sum), P rounded to bf16 for
+// O += P·V (as PyTorch's CPU flash attention does for bf16) while the softmax sum, LSE and map use the
+// fp32 P; O is scaled and rounded in one AVX-512 pass. fp16/fp32/fp64 and the backward are unchanged.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>

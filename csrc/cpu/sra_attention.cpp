@@ -84,7 +84,7 @@ int64_t score_budget() {
 // bf16 inputs: block products in bf16 with AVX512-BF16 (sra_bf16_dot.h) when the CPU has it.
 // DARE_KERNELS_CPU_BF16_DOT (read on every call): unset / "auto" / "1": S = Q·K^T and O += P·V in bf16
 // ("1" fails on a CPU without AVX512-BF16); "qk": only S in bf16; "0": the fp32 products.
-// DARE_KERNELS_CPU_ISA=avx2 turns it off as well.
+// DARE_KERNELS_CPU_ISA=avx2 turns it off as well, and so does ATEN_CPU_CAPABILITY=default|avx2 unless "1".
 struct Bf16DotMode {
   bool qk = false, pv = false;
 };
@@ -99,6 +99,10 @@ Bf16DotMode bf16_dot_mode() {
   TORCH_CHECK(hw || v == "auto" || v.empty(), "DARE_KERNELS_CPU_BF16_DOT=", v,
               " but this CPU (or OS, or compiler) lacks AVX-512 F/BW/VL/BF16");
   if (!hw) return {};
+  if (v != "1") {  // auto / qk: also kept off where PyTorch itself is kept below AVX-512
+    const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
+    if (aten != nullptr && (std::string(aten) == "default" || std::string(aten) == "avx2")) return {};
+  }
   return {true, v != "qk"};
 }
 
@@ -196,6 +200,16 @@ void add_row(T* y, const T* x, int64_t n) {
   int64_t j = 0;
   for (; j + W <= n; j += W) (Vec::loadu(y + j) + Vec::loadu(x + j)).store(y + j);
   for (; j < n; ++j) y[j] += x[j];
+}
+
+// y += log(x), vectorised (at::vec's log: Sleef, within 1 ulp)
+template <typename T>
+void add_log_rows(T* y, const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (Vec::loadu(y + j) + Vec::loadu(x + j).log()).store(y + j);
+  for (; j < n; ++j) y[j] += std::log(x[j]);
 }
 
 template <typename T>
@@ -538,7 +552,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
     std::vector<uint16_t> qb16(bdot.qk ? bq * 2 * kpairs : 0), pb16(bdot.pv ? bq * (bk + 1) : 0);
     // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and
     // the online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
-    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 ? bq * D : 0), obuf(bq * Dv);
+    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 && !bdot.qk ? bq * D : 0), obuf(bq * Dv);
     std::vector<acc_t> row_m(bq), row_l(bq), row_scale(bq), kbuf, vbuf;
     int64_t k_cached = -1, v_cached = -1;
     for (int64_t task = next(); task < ntasks; task = next()) {
@@ -620,13 +634,20 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
               std::fill(sr, sr + M, acc_t(0));
               lse_rows[r] = neg_inf<acc_t>();
               row_scale[r] = acc_t(0);
+              row_l[r] = acc_t(1);
               continue;
             }
             const acc_t l = exp_sum<acc_t>(sr, brow, M, m);  // unnormalised; O is divided by l on the store
             row_scale[r] = acc_t(1) / l;
-            lse_rows[r] = m + std::log(l);
+            if (bdot.qk) {  // the bf16 path takes the logs of the block at once (below)
+              lse_rows[r] = m;
+              row_l[r] = l;
+            } else {
+              lse_rows[r] = m + std::log(l);
+            }
             if (map_rows != nullptr) axpy_row(map_rows + r * Mm, sr + map_start, Mm, inv_h * row_scale[r]);
           }
+          if (bdot.qk) add_log_rows(lse_rows, row_l.data(), rows);
           pv(M, 0, s, false, op, ldo);
         } else {
           std::fill(row_m.begin(), row_m.end(), neg_inf<acc_t>());

@@ -16,7 +16,10 @@ import torch
 
 from dare_kernels import _ext, sra_attention
 
-from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both, sra_problem
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
 
@@ -75,6 +78,28 @@ def test_bf16_forward_matches_reference(monkeypatch, case, mode):
     monkeypatch.setenv(ENV, mode)
     # gradients on the small cases: the backward reuses the forward's O and LSE
     res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=M <= 226, gen=gen)
+    check_all(res, torch.bfloat16)
+
+
+@needs_bf16_dot
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sra_problem(), st.sampled_from(["qk", "1"]))
+def test_hypothesis_bf16_products(problem, mode):
+    """Random shapes (N 1..41, M 1..1030, D 8..160, Dv), layouts, weights, masks, map ranges."""
+    B, H, N, M, D, Dv, layout, wkind, use_mask, keys, strength, seed = problem
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.3) if use_mask else None
+    old = os.environ.get(ENV)
+    os.environ[ENV] = mode
+    try:
+        res = run_both(q, k, v, w, mask, strength, keys, with_grad=False, gen=gen)
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
     check_all(res, torch.bfloat16)
 
 

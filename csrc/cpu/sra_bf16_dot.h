@@ -2,12 +2,16 @@
 // sra_attention.cpp for bfloat16 inputs. Compiled with function target attributes (no build flags), so
 // the extension still loads and runs its fp32 path on CPUs without AVX512-BF16.
 //
-// Arithmetic of vdpbf16ps (Intel SDM, DPBF16PS): per 32-bit lane, acc += a[2l]·b[2l] + a[2l+1]·b[2l+1]
-// with fp32 accumulation, round to nearest even, MXCSR not consulted, no exceptions, denormal inputs
+// Arithmetic of vdpbf16ps (Intel SDM, VDPBF16PS): per 32-bit lane, acc += a[2l+1]·b[2l+1], then
+// acc += a[2l]·b[2l], in fp32, round to nearest even whatever MXCSR says, no exceptions, denormal inputs
 // treated as zero and denormal results flushed to zero. A bf16×bf16 product has at most 16 significant
-// bits, so each product is exact in fp32; only the sums round (like the fp32 path). The difference to
-// the fp32 path: bf16 subnormals (|x| < 2^-126) read as zero and fp32-subnormal partial sums flush to
-// zero, both far below the bf16 tolerance of an attention output (scores of order 1).
+// bits, so each product is exact in fp32; only the sums round (like the fp32 path, in another order).
+// Differences to the fp32 path: bf16 subnormal inputs (|x| < 2^-126) read as zero and fp32-subnormal
+// partial sums flush to zero, both far below the bf16 tolerance of an attention output (scores of order
+// 1). The order of the sums is fixed (no dependence on threads), so results are deterministic on a given
+// CPU; the SDM's order is Intel's, other vendors' hardware may round the pair differently in the last bit.
+// vcvtne2ps2bf16 (P -> bf16 for P·V) also rounds to nearest even and flushes fp32 subnormals to zero
+// (probabilities below 2^-126 count as 0 in P·V; the map and the softmax sum use the fp32 P).
 //
 // Layouts. A: m rows of kp bf16 pairs (row r at a + r·lda, lda in bf16 elements; the pair p is
 // a[2p], a[2p+1]). B ("VNNI"): [kp][ldb][2] bf16, pairs along the reduction dimension.

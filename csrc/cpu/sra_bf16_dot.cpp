@@ -67,7 +67,9 @@ constexpr int64_t kKc = 64;  // pairs of the reduction dimension per pass (A pan
 
 inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
 
-inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+// same-size vector casts reinterpret the bits (GCC and clang)
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+inline __m512i as_si(__m512bh x) { return (__m512i)x; }
 
 inline __m512i bcast_pair(const uint16_t* p) {
   int32_t v;
@@ -162,7 +164,7 @@ void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uin
     int64_t j = 0;
     for (; j + 32 <= cols; j += 32) {
       const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + j + 16), _mm512_loadu_ps(s + j));
-      _mm512_storeu_si512(d + j, reinterpret_cast<const __m512i&>(x));
+      _mm512_storeu_si512(d + j, as_si(x));
     }
     if (j < cols) {
       const int64_t rem = cols - j;
@@ -170,7 +172,7 @@ void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uin
       const __m512 hi = _mm512_maskz_loadu_ps(lane_mask(rem - 16), s + j + 16);
       const __m512bh x = _mm512_cvtne2ps_pbh(hi, lo);
       const __mmask32 mk = rem >= 32 ? ~__mmask32(0) : (__mmask32(1) << rem) - 1u;
-      _mm512_mask_storeu_epi16(d + j, mk, reinterpret_cast<const __m512i&>(x));
+      _mm512_mask_storeu_epi16(d + j, mk, as_si(x));
     }
     if (cols % 2 != 0) d[cols] = 0;
   }

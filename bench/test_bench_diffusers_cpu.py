@@ -165,9 +165,10 @@ def test_bench_maps_vs_eager(benchmark, model_name, provider):
     _bench(benchmark, model_name, provider, "maps")
 
 
-def build_layer(model_name: str, video_tokens: int = 512):
+def build_layer(model_name: str, video_tokens: int = 512, dtype: torch.dtype = torch.float32):
     """(model, call of one patched text-attention layer with its projections, M, shape name): the attention
-    layer alone, so the attention core is most of the time (model-level runs dilute it with FFN and attn1)."""
+    layer alone, so the attention core is most of the time (model-level runs dilute it with FFN and attn1).
+    The layer (only it) and its inputs are cast to ``dtype``."""
     model, _, M, shape = build(model_name)
     torch.manual_seed(2)
     B, N = BATCH, video_tokens
@@ -178,10 +179,12 @@ def build_layer(model_name: str, video_tokens: int = 512):
         attn, hs, text = model.transformer_blocks[0].attn2, torch.randn(B, N, 512), torch.randn(B, M, 512)
         mask = torch.zeros(B, 1, M)
         mask[:, :, 100:] = -10000.0
-        kwargs = {"attention_mask": mask}
+        kwargs = {"attention_mask": mask.to(dtype)}
     else:
         attn, hs, text = model.transformer_blocks[0].attn1, torch.randn(B, N, 512), torch.randn(B, M, 512)
         kwargs = {}
+    attn.to(dtype)
+    hs, text = hs.to(dtype), text.to(dtype)
 
     def call():
         return attn(hs, text, **kwargs)
@@ -190,17 +193,18 @@ def build_layer(model_name: str, video_tokens: int = 512):
 
 
 @pytest.mark.parametrize("provider", ["dare_maps", "eager_maps", "stock", "no_attention"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("video_tokens", [512, 4096])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_bench_layer_maps_vs_eager(benchmark, model_name, video_tokens, provider):
+def test_bench_layer_maps_vs_eager(benchmark, model_name, video_tokens, dtype, provider):
     """``no_attention``: the same layer with the attention core replaced by a no-op (projections, norms and
     output layer only): the part no attention kernel can speed up, which bounds the layer-level ratio."""
-    model, call, M, shape = build_layer(model_name, video_tokens)
+    model, call, M, shape = build_layer(model_name, video_tokens, getattr(torch, dtype))
     handle = setup_provider(model, provider, M)
-    benchmark.group = f"diffusers {model_name} layer-maps {shape} float32"
+    benchmark.group = f"diffusers {model_name} layer-maps {shape} {dtype}"
     mode = "fwd" if provider in ("stock", "no_attention") else "fwd+map"  # the report pairs rows on mode
     benchmark.extra_info.update({"kernel": "diffusers_attention_layer", "provider": provider, "mode": mode,
-                                 "shape": shape, "dtype": "float32", "batch": BATCH, "video_tokens": video_tokens,
+                                 "shape": shape, "dtype": dtype, "batch": BATCH, "video_tokens": video_tokens,
                                  "text_tokens": M})
     with torch.no_grad():
         benchmark.pedantic(call, rounds=15, iterations=1, warmup_rounds=2)

@@ -29,7 +29,10 @@
 // the forward's products in bf16 instead: K and V of every (b, h) packed once into VNNI pairs, S = Q·K^T
 // by vdpbf16ps (exact bf16 products, fp32 sums, scale applied to the fp32 sum), P rounded to bf16 for
 // O += P·V (as PyTorch's CPU flash attention does for bf16) while the softmax sum, LSE and map use the
-// fp32 P; O is scaled and rounded in one AVX-512 pass. fp16/fp32/fp64 and the backward are unchanged.
+// fp32 P; O is scaled and rounded in one AVX-512 pass. With all keys in one block (M <= 1024) the softmax
+// of a row (max, exp, sum, map row, bf16 P) is one AVX-512 pass (bf16dot::softmax_rows), O is scaled and
+// rounded to bf16 in the P·V product's epilogue, and a map task takes 128 query rows (pick_blocks).
+// fp16/fp32/fp64 and the backward are unchanged.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
@@ -72,6 +75,7 @@ int64_t stream_out_bytes() {
   return env != nullptr ? std::atoll(env) : kStreamOutBytes;
 }
 constexpr int64_t kScoreBudget = 262144;  // elements of score block + map rows of a task: 1 MiB fp32 (L2)
+constexpr int64_t kBf16MapRows = 128;     // query rows of a map task with the bf16 products (pick_blocks)
 
 // Score block budget; DARE_KERNELS_CPU_SCORE_BLOCK overrides it (a tuning knob for other caches; read on
 // every call so that block sizes can be compared side by side in one process).
@@ -336,13 +340,17 @@ struct Blocks {
 
 // Query block bq and key block bk. `map_cols`: columns of the map rows a forward task keeps hot besides
 // the scores (the block budget is shared so both stay in L2).
-Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0) {
+// `max_map_rows`: cap of bq for a map task.
+Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int64_t map_cols = 0,
+                   int64_t max_map_rows = 1024) {
   Blocks b{};
   b.bk = M <= kExactMaxKeys ? std::max<int64_t>(M, 1) : kKeyBlock;
   if (map_cols > 0) {
     // a map task loops over every head with its query rows: larger blocks amortise each head's K/V and
-    // map-row traffic (measured on d128/M512: 1024 rows ~7 % faster than 256), at twice the score budget
-    b.bq = std::clamp<int64_t>(2 * score_budget() / b.bk, 16, 1024);
+    // map-row traffic (measured on d128/M512 fp32: 1024 rows ~7 % faster than 256), at twice the score
+    // budget. The bf16 products (K/V of a head packed in bf16, P rounded in the softmax pass) prefer 128
+    // rows (scores, P, map and output rows of a head stay in L1/L2; d40/M77 and d128/M512: ~10 % faster).
+    b.bq = std::clamp<int64_t>(std::min(2 * score_budget() / b.bk, max_map_rows), 16, 1024);
   } else {
     b.bq = std::clamp<int64_t>(score_budget() / b.bk, 16, 512);
   }
@@ -466,16 +474,17 @@ struct FwdGemms {
     }
     blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
   }
-  // o[rows x Dv] (ld = ldo) (+)= p[rows x cols] V[j0 : j0 + cols]
+  // o[rows x Dv] (ld = ldo) (+)= p[rows x cols] (ld = ldp, default cols) V[j0 : j0 + cols]
   void pv(int64_t rows, int64_t Dv, int64_t cols, const acc_t* p, const acc_t* vrows, int64_t ldv, bool add,
-          acc_t* o, int64_t ldo) const {
+          acc_t* o, int64_t ldo, int64_t ldp = 0) const {
+    if (ldp <= 0) ldp = cols;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (brg) {
-        blas::brgemm_f32(rows, Dv, cols, p, cols, vrows, ldv, o, ldo, add);
+        blas::brgemm_f32(rows, Dv, cols, p, ldp, vrows, ldv, o, ldo, add);
         return;
       }
     }
-    blas::gemm(false, false, rows, Dv, cols, acc_t(1), p, cols, vrows, ldv, add ? acc_t(1) : acc_t(0), o, ldo);
+    blas::gemm(false, false, rows, Dv, cols, acc_t(1), p, ldp, vrows, ldv, add ? acc_t(1) : acc_t(0), o, ldo);
   }
 };
 
@@ -502,7 +511,11 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   // With a map a task owns its query rows for every head (the head average is summed in the task);
   // without one, tasks are (batch, head, query block), ordered so that consecutive tasks share K/V.
   const int64_t heads_per_task = Mm > 0 ? H : 1, head_groups = H / heads_per_task;
-  const Blocks blk = pick_blocks(B * head_groups, N, M, 4 * at::get_num_threads(), Mm);
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  Bf16DotMode bdot;
+  if constexpr (kBf16) bdot = bf16_dot_mode();
+  const int64_t max_map_rows = bdot.qk && score_budget() == kScoreBudget ? kBf16MapRows : 1024;
+  const Blocks blk = pick_blocks(B * head_groups, N, M, 4 * at::get_num_threads(), Mm, max_map_rows);
   const int64_t bq = blk.bq, bk = blk.bk, nqb = blk.nqb;
   const bool exact = blk.nkb == 1;
 
@@ -519,9 +532,6 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   // 32-column tile at any map start), V as [ceil(M/2)][ldvp][2] (pairs along M); Q rows copied per block
   // as bf16 with D padded to even, P rounded to bf16 (to nearest even) for P·V. The map and the softmax
   // use the fp32 P.
-  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  Bf16DotMode bdot;
-  if constexpr (kBf16) bdot = bf16_dot_mode();
   const int64_t kpairs = (D + 1) / 2, ldkp = bf16dot::round_up(M, bf16dot::kTileN) + bf16dot::kTileN;
   const int64_t vpairs = (M + 1) / 2, ldvp = bf16dot::round_up(Dv, bf16dot::kTileN);
   const int64_t ksz = kpairs * ldkp * 2, vsz = vpairs * ldvp * 2;
@@ -542,6 +552,14 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
       }
     });
   }
+  // bf16 products with all keys in one block: the softmax, map rows and bf16 P of a head in one AVX-512 pass
+  // per row (bf16dot::softmax_rows). Score rows and the task's map rows are kept at a stride of whole 64-byte
+  // lines (a masked store of one row's tail then never shares a line with the next row's loads: no stalled
+  // store-to-load forwarding); the map rows of the task are summed over heads in a per-thread buffer and
+  // copied to the output once.
+  const bool fused_rows = kBf16 && exact && bdot.qk;
+  const int64_t lds = fused_rows ? bf16dot::round_up(M, 16) : bk;
+  const int64_t ldm = bf16dot::round_up(Mm, 16);
   const uint16_t* kpack_p = bdot.qk ? reinterpret_cast<const uint16_t*>(kpack.data_ptr()) : nullptr;
   const uint16_t* vpack_p = bdot.pv ? reinterpret_cast<const uint16_t*>(vpack.data_ptr()) : nullptr;
 
@@ -552,14 +570,18 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
     std::vector<uint16_t> qb16(bdot.qk ? bq * 2 * kpairs : 0), pb16(bdot.pv ? bq * (bk + 1) : 0);
     // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and
     // the online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
-    std::vector<acc_t> sbuf(bq * bk), qbuf(ldq_direct < 0 && !bdot.qk ? bq * D : 0), obuf(bq * Dv);
+    std::vector<acc_t> sbuf(bq * lds), mbuf(fused_rows && Mm > 0 ? bq * ldm : 0), qbuf(ldq_direct < 0 && !bdot.qk ? bq * D : 0), obuf(bq * Dv);
     std::vector<acc_t> row_m(bq), row_l(bq), row_scale(bq), kbuf, vbuf;
     int64_t k_cached = -1, v_cached = -1;
     for (int64_t task = next(); task < ntasks; task = next()) {
       const int64_t bg = task / nqb, b = bg / head_groups, h0 = (bg % head_groups) * heads_per_task;
       const int64_t i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
       acc_t* map_rows = map_p != nullptr ? map_p + (b * N + i0) * Mm : nullptr;
-      if (map_rows != nullptr) std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
+      if (map_rows != nullptr && fused_rows) {
+        std::fill(mbuf.begin(), mbuf.begin() + rows * ldm, acc_t(0));
+      } else if (map_rows != nullptr) {
+        std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
+      }
       for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
         const acc_t* qp = nullptr;
         int64_t ldq = D;
@@ -595,12 +617,12 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
         }
         const acc_t* vp = bdot.pv ? nullptr : vops.rows(b, h, H, vbuf, v_cached);
         const int64_t bh = b * H + h;
-        // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
-        auto scores = [&](int64_t cols, int64_t j0, acc_t* s) {
+        // s[rows x cols] (ld = cols, or ld_s for the bf16 products) = scale · Q K[j0 : j0 + cols]^T
+        auto scores = [&](int64_t cols, int64_t j0, acc_t* s, int64_t ld_s = 0) {
           if constexpr (kBf16) {
             if (bdot.qk) {
               bf16dot::gemm(rows, cols, kpairs, q16, ldq16, kpack_p + bh * ksz + j0 * 2, ldkp, scale,
-                            false, s, cols);
+                            false, s, ld_s > 0 ? ld_s : cols);
               return;
             }
           }
@@ -624,7 +646,32 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
         const int64_t ldo = Dv;
         acc_t* lse_rows = lse_p + (b * H + h) * N + i0;
 
-        if (exact) {
+        if (fused_rows) {  // max, exp, sum, map rows and bf16 P in one AVX-512 pass per row
+          if constexpr (kBf16) {
+            acc_t* s = sbuf.data();
+            scores(M, 0, s, lds);
+            const int64_t ldp = M + M % 2;
+            bf16dot::softmax_rows(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp,
+                                  map_rows != nullptr ? mbuf.data() : nullptr, ldm, map_start, map_stop, inv_h,
+                                  row_m.data(), row_l.data());
+            for (int64_t r = 0; r < rows; ++r) {
+              lse_rows[r] = row_m[r];
+              if (row_m[r] == neg_inf<acc_t>()) {  // no valid key (P row zero)
+                row_scale[r] = acc_t(0);
+                row_l[r] = acc_t(1);
+              } else {
+                row_scale[r] = acc_t(1) / row_l[r];
+              }
+            }
+            add_log_rows(lse_rows, row_l.data(), rows);
+            if (bdot.pv) {  // O = P·V scaled by 1/l and rounded to bf16 straight into the output rows
+              bf16dot::gemm_rows_bf16(rows, Dv, ldp / 2, pb16.data(), ldp, vpack_p + bh * vsz, ldvp, row_scale.data(),
+                                      reinterpret_cast<uint16_t*>(out_p + ((b * N + i0) * H + h) * Dv), H * Dv);
+              continue;  // this head's rows are done
+            }
+            gemms.pv(rows, Dv, M, s, vp, ldv, false, op, ldo, lds);  // "qk": P·V in fp32
+          }
+        } else if (exact) {
           acc_t* s = sbuf.data();
           scores(M, 0, s);
           for (int64_t r = 0; r < rows; ++r) {
@@ -711,6 +758,9 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           }
         }
         if (!stored) store_rows_scaled(op, rows, Dv, row_scale.data(), out_rows, H * Dv, stream_out);
+      }
+      if (map_rows != nullptr && fused_rows) {
+        for (int64_t r = 0; r < rows; ++r) std::copy_n(mbuf.data() + r * ldm, Mm, map_rows + r * Mm);
       }
     }
 #if defined(__AVX__)

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #define DARE_BF16DOT_HAVE_AVX512 1
@@ -77,51 +78,133 @@ inline __m512i bcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// c[R x 16·NC] (masks m0, m1 on the two halves; NC = 1: one half) = (add ? c : 0) + alpha · A[R x kp]·B[kp x 16·NC]
-template <int R, int NC>
-inline void tile(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float alpha, bool add,
-                 float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
-  __m512 acc[R][NC];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < kp; ++p) {
-    __m512bh bv[NC];
-#pragma GCC unroll 2
-    for (int k = 0; k < NC; ++k) bv[k] = as_bh(_mm512_loadu_si512(b + p * ldb * 2 + 32 * k));
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = as_bh(bcast_pair(a + r * lda + 2 * p));
-#pragma GCC unroll 2
-      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], av, bv[k]);
-    }
+// c10::BFloat16's rounding of 16 floats: to nearest even, subnormals kept, NaN -> 0x7FC0
+inline __m256i round_bf16_c10(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Where a tile's sums go: fp32 c = (add ? c : 0) + alpha·sum, or (d16 != nullptr) bf16 rows
+// d16[r·ldd + col] = bf16(sum · row_scale[r]) rounded as c10::BFloat16. Pointers at the tile's first row/column.
+struct Out {
+  float alpha;
+  bool add;
+  float* c;
+  int64_t ldc;
+  const float* row_scale;
+  uint16_t* d16;
+  int64_t ldd;
+};
+
+inline void put(const Out& o, int r, int64_t col, __mmask16 mk, __m512 sum) {
+  if (o.d16 != nullptr) {
+    _mm256_mask_storeu_epi16(o.d16 + r * o.ldd + col, mk, round_bf16_c10(_mm512_mul_ps(sum, _mm512_set1_ps(o.row_scale[r]))));
+    return;
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-  const __mmask16 mk[2] = {m0, m1};
+  float* cr = o.c + r * o.ldc + col;
+  __m512 x = _mm512_mul_ps(sum, _mm512_set1_ps(o.alpha));
+  if (o.add) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, cr));
+  _mm512_mask_storeu_ps(cr, mk, x);
+}
+
+// R x (16·NC) sums A[R x kp]·B[kp x 16·NC] (masks m0, m1 on the two halves; NC = 1: one half) into `o`.
+// NC = 0: a tile of at most 8 columns in 256-bit registers (mask m0 on 8 lanes), so the last 8 columns of
+// e.g. a 40-wide P·V do not cost a 512-bit product each.
+template <int R, int NC>
+inline void tile(int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, const Out& o,
+                 __mmask16 m0, __mmask16 m1) {
+  if constexpr (NC == 0) {
+    __m256 acc[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    float* cr = c + r * ldc;
-#pragma GCC unroll 2
-    for (int k = 0; k < NC; ++k) {
-      __m512 x = _mm512_mul_ps(acc[r][k], va);
-      if (add) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk[k], cr + 16 * k));
-      _mm512_mask_storeu_ps(cr + 16 * k, mk[k], x);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < kp; ++p) {
+      const __m256bh bv = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * ldb * 2));
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        int32_t v;
+        std::memcpy(&v, a + r * lda + 2 * p, sizeof(v));
+        acc[r] = _mm256_dpbf16_ps(acc[r], (__m256bh)_mm256_set1_epi32(v), bv);
+      }
     }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) put(o, r, 0, m0 & 0xFF, _mm512_zextps256_ps512(acc[r]));
+  } else {
+    __m512 acc[R][NC];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp; ++p) {
+      __m512bh bv[NC];
+#pragma GCC unroll 2
+      for (int k = 0; k < NC; ++k) bv[k] = as_bh(_mm512_loadu_si512(b + p * ldb * 2 + 32 * k));
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512bh av = as_bh(bcast_pair(a + r * lda + 2 * p));
+#pragma GCC unroll 2
+        for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], av, bv[k]);
+      }
+    }
+    const __mmask16 mk[2] = {m0, m1};
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int k = 0; k < NC; ++k) put(o, r, 16 * k, mk[k], acc[r][k]);
   }
 }
 
 template <int NC>
-void tile_rows(int rows, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float alpha,
-               bool add, float* c, int64_t ldc, __mmask16 m0, __mmask16 m1) {
+void tile_rows(int rows, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, const Out& o,
+               __mmask16 m0, __mmask16 m1) {
   switch (rows) {
 #define DARE_BF16DOT_CASE(R) \
-  case R: tile<R, NC>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+  case R: tile<R, NC>(kp, a, lda, b, ldb, o, m0, m1); break;
     DARE_BF16DOT_CASE(12) DARE_BF16DOT_CASE(11) DARE_BF16DOT_CASE(10) DARE_BF16DOT_CASE(9)
     DARE_BF16DOT_CASE(8) DARE_BF16DOT_CASE(7) DARE_BF16DOT_CASE(6) DARE_BF16DOT_CASE(5)
     DARE_BF16DOT_CASE(4) DARE_BF16DOT_CASE(3) DARE_BF16DOT_CASE(2)
 #undef DARE_BF16DOT_CASE
-    default: tile<1, NC>(kp, a, lda, b, ldb, alpha, add, c, ldc, m0, m1); break;
+    default: tile<1, NC>(kp, a, lda, b, ldb, o, m0, m1); break;
+  }
+}
+
+// the blocked product behind gemm and gemm_rows_bf16; kc: pairs per pass (the fp32 C accumulates between
+// passes; the bf16 output needs one pass)
+void gemm_blocked(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                  int64_t kc, const Out& out) {
+  // rows per panel: the A panel (rows x kc pairs) ~16 KiB of L1 next to the 8 KiB B tile
+  const int64_t panel = std::clamp<int64_t>((16384 / (4 * std::max<int64_t>(kc, 1))) / kR * kR, kR, 64 / kR * kR);
+  for (int64_t p0 = 0; p0 < std::max<int64_t>(kp, 1); p0 += kc) {
+    const int64_t pn = std::min(kc, kp - p0);
+    for (int64_t i0 = 0; i0 < m; i0 += panel) {
+      const int64_t ie = std::min(m, i0 + panel);
+      for (int64_t j0 = 0; j0 < n; j0 += kTileN) {
+        const __mmask16 m0 = lane_mask(n - j0), m1 = lane_mask(n - j0 - 16);
+        const uint16_t* bt = b + (p0 * ldb + j0) * 2;
+        for (int64_t i = i0; i < ie; i += kR) {
+          const int rows = static_cast<int>(std::min<int64_t>(kR, ie - i));
+          Out o = out;
+          o.add = out.add || p0 > 0;
+          if (o.d16 != nullptr) {
+            o.d16 += i * o.ldd + j0;
+            o.row_scale += i;
+          } else {
+            o.c += i * o.ldc + j0;
+          }
+          const uint16_t* ai = a + i * lda + 2 * p0;
+          if (n - j0 > 16) {
+            tile_rows<2>(rows, pn, ai, lda, bt, ldb, o, m0, m1);
+          } else if (n - j0 > 8) {  // a last tile of at most 16 columns
+            tile_rows<1>(rows, pn, ai, lda, bt, ldb, o, m0, m1);
+          } else {  // at most 8
+            tile_rows<0>(rows, pn, ai, lda, bt, ldb, o, m0, m1);
+          }
+        }
+      }
+    }
+    if (kp <= 0) break;
   }
 }
 
@@ -133,28 +216,14 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, cons
   // the reduction is split into passes of kKc pairs (C accumulates in memory between them) only when
   // that does not change the rounding of alpha (alpha == 1)
   const int64_t kc = alpha == 1.0f ? kKc : std::max<int64_t>(kp, 1);
-  // rows per panel: the A panel (rows x kc pairs) ~16 KiB of L1 next to the 8 KiB B tile
-  const int64_t panel = std::clamp<int64_t>((16384 / (4 * std::max<int64_t>(kc, 1))) / kR * kR, kR, 64 / kR * kR);
-  for (int64_t p0 = 0; p0 < std::max<int64_t>(kp, 1); p0 += kc) {
-    const int64_t pn = std::min(kc, kp - p0);
-    const bool add_here = add || p0 > 0;
-    for (int64_t i0 = 0; i0 < m; i0 += panel) {
-      const int64_t ie = std::min(m, i0 + panel);
-      for (int64_t j0 = 0; j0 < n; j0 += kTileN) {
-        const __mmask16 m0 = lane_mask(n - j0), m1 = lane_mask(n - j0 - 16);
-        const uint16_t* bt = b + (p0 * ldb + j0) * 2;
-        for (int64_t i = i0; i < ie; i += kR) {
-          const int rows = static_cast<int>(std::min<int64_t>(kR, ie - i));
-          if (n - j0 > 16) {
-            tile_rows<2>(rows, pn, a + i * lda + 2 * p0, lda, bt, ldb, alpha, add_here, c + i * ldc + j0, ldc, m0, m1);
-          } else {  // a last tile of at most 16 columns
-            tile_rows<1>(rows, pn, a + i * lda + 2 * p0, lda, bt, ldb, alpha, add_here, c + i * ldc + j0, ldc, m0, m1);
-          }
-        }
-      }
-    }
-    if (kp <= 0) break;
-  }
+  gemm_blocked(m, n, kp, a, lda, b, ldb, kc, Out{alpha, add, c, ldc, nullptr, nullptr, 0});
+}
+
+void gemm_rows_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                    const float* row_scale, uint16_t* dst, int64_t ldd) {
+  if (m <= 0 || n <= 0) return;
+  gemm_blocked(m, n, kp, a, lda, b, ldb, std::max<int64_t>(kp, 1),
+               Out{1.0f, false, nullptr, 0, row_scale, dst, ldd});
 }
 
 void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd) {
@@ -202,6 +271,222 @@ void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t col
   }
 }
 
+namespace {
+
+// exp(x) for the x = score - row max <= 0 of a softmax (any x works; x > 88.7 gives inf): x = n·ln2 + r
+// with n = round(x / ln2) and ln2 split in two (n·ln2_hi exact for |n| < 2^8), exp(r) for |r| <= ln2/2 by
+// its Taylor polynomial of degree 7 (truncation < 6e-9 relative), then · 2^n by vscalefps (subnormal
+// results rounded, not flushed). x is clamped at -110 (exp(-110) < 2^-158: 0); NaN stays NaN.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);  // vmaxps returns its second operand (x) for a NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// bf16 (vcvtne2ps2bf16) of the fp32 row p[0, cols) into d[0, cols + cols % 2) (the pad column zero)
+inline void row_to_bf16(const float* p, int64_t cols, uint16_t* d) {
+  const int64_t padded = cols + cols % 2;
+  int64_t j = 0;
+  for (; j + 32 <= cols; j += 32)
+    _mm512_storeu_si512(d + j, as_si(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16), _mm512_loadu_ps(p + j))));
+  if (j < padded) {
+    const int64_t rem = cols - j;
+    const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(rem), p + j);
+    const __m512 hi = _mm512_maskz_loadu_ps(lane_mask(rem - 16), p + j + 16);
+    const int64_t n = padded - j;
+    const __mmask32 mk = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1u;
+    _mm512_mask_storeu_epi16(d + j, mk, as_si(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+}
+
+inline void zero_row(float* s, int64_t cols, uint16_t* p16) {
+  std::fill(s, s + cols, 0.0f);
+  if (p16 != nullptr) std::fill(p16, p16 + cols + cols % 2, uint16_t(0));
+}
+
+// R rows of at most 16·NV keys each, held in registers and processed side by side (the reductions of one
+// row are serial: interleaving rows hides their latency). A row without a valid key (max -inf) runs with
+// max 0: its x are all -inf, so its P is 0, its sum 0, and its map is left alone.
+template <int NV, int R>
+void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
+                       float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, float* row_m,
+                       float* row_l) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __mmask16 tail = lane_mask(cols - 16 * (NV - 1));
+  __m512 x[R][NV];
+  __m512 bv[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 mk = v == NV - 1 ? tail : __mmask16(0xFFFF);
+    bv[v] = bias != nullptr ? _mm512_maskz_loadu_ps(mk, bias + 16 * v) : _mm512_setzero_ps();
+  }
+  __m512 vm[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    __m512 vmax = _mm512_set1_ps(kNegInf);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mk = v == NV - 1 ? tail : __mmask16(0xFFFF);
+      x[r][v] = _mm512_add_ps(_mm512_maskz_loadu_ps(mk, s + r * lds + 16 * v), bv[v]);
+      vmax = v == NV - 1 ? _mm512_mask_max_ps(vmax, tail, vmax, x[r][v]) : _mm512_max_ps(vmax, x[r][v]);
+    }
+    const float m = _mm512_reduce_max_ps(vmax);
+    row_m[r] = m;
+    vm[r] = _mm512_set1_ps(m == kNegInf ? 0.0f : m);
+  }
+  __m512 vsum[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) vsum[r] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      x[r][v] = exp_ps(_mm512_sub_ps(x[r][v], vm[r]));
+      if (v == NV - 1) x[r][v] = _mm512_maskz_mov_ps(tail, x[r][v]);
+      vsum[r] = _mm512_add_ps(vsum[r], x[r][v]);
+      _mm512_mask_storeu_ps(s + r * lds + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), x[r][v]);
+    }
+  }
+  float l[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    l[r] = _mm512_reduce_add_ps(vsum[r]);
+    row_l[r] = l[r];
+  }
+  if (p16 != nullptr) {  // pairs of vectors; the last one stores up to the padded length cols + cols % 2
+    const int64_t padded = cols + cols % 2;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; v += 2) {
+        const __m512 hi = v + 1 < NV ? x[r][v + 1] : _mm512_setzero_ps();
+        const __m512i bits = as_si(_mm512_cvtne2ps_pbh(hi, x[r][v]));
+        if (v + 2 < NV) {
+          _mm512_storeu_si512(p16 + r * ldp + 16 * v, bits);
+        } else {
+          const int64_t n = padded - 16 * v;
+          _mm512_mask_storeu_epi16(p16 + r * ldp + 16 * v, n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1u, bits);
+        }
+      }
+    }
+  }
+  if (map != nullptr) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if (row_m[r] == kNegInf) continue;
+      const __m512 va = _mm512_set1_ps(map_scale * (1.0f / l[r]));
+      float* mr = map + r * ldmap;
+      if (map_start == 0 && map_stop == cols) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          const __mmask16 mk = v == NV - 1 ? tail : __mmask16(0xFFFF);
+          _mm512_mask_storeu_ps(mr + 16 * v, mk, _mm512_fmadd_ps(x[r][v], va, _mm512_maskz_loadu_ps(mk, mr + 16 * v)));
+        }
+      } else {
+        const float* sr = s + r * lds + map_start;
+        const int64_t mm = map_stop - map_start;
+        for (int64_t j = 0; j < mm; j += 16) {
+          const __mmask16 mk = lane_mask(mm - j);
+          _mm512_mask_storeu_ps(mr + j, mk, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sr + j), va,
+                                                            _mm512_maskz_loadu_ps(mk, mr + j)));
+        }
+      }
+    }
+  }
+}
+
+// one row of any length: a max pass, an exp pass (P stored into s), then bf16 P and the map from s
+void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, float* map, int64_t map_start,
+                     int64_t map_stop, float map_scale, float* row_m, float* row_l) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 mk = lane_mask(cols - j);
+    __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
+    if (bias != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, bias + j));
+    vmax = _mm512_mask_max_ps(vmax, mk, vmax, x);
+  }
+  const float m = _mm512_reduce_max_ps(vmax);
+  if (m == -std::numeric_limits<float>::infinity()) {
+    *row_m = m;
+    *row_l = 0.0f;
+    zero_row(s, cols, p16);
+    return;
+  }
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 mk = lane_mask(cols - j);
+    __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
+    if (bias != nullptr) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, bias + j));
+    x = _mm512_maskz_mov_ps(mk, exp_ps(_mm512_sub_ps(x, vm)));
+    vsum = _mm512_add_ps(vsum, x);
+    _mm512_mask_storeu_ps(s + j, mk, x);
+  }
+  const float l = _mm512_reduce_add_ps(vsum);
+  *row_m = m;
+  *row_l = l;
+  if (p16 != nullptr) row_to_bf16(s, cols, p16);
+  if (map != nullptr) {
+    const __m512 va = _mm512_set1_ps(map_scale * (1.0f / l));
+    const int64_t mm = map_stop - map_start;
+    for (int64_t j = 0; j < mm; j += 16) {
+      const __mmask16 mk = lane_mask(mm - j);
+      _mm512_mask_storeu_ps(map + j, mk, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, s + map_start + j), va,
+                                                         _mm512_maskz_loadu_ps(mk, map + j)));
+    }
+  }
+}
+
+}  // namespace
+
+void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
+                  float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, float* row_m,
+                  float* row_l) {
+  if (cols <= 0) return;
+  const int nv = static_cast<int>(std::min<int64_t>((cols + 15) / 16, 9));
+  auto any_row = [&](int64_t r) {
+    softmax_row_any(s + r * lds, cols, bias, p16 != nullptr ? p16 + r * ldp : nullptr,
+                    map != nullptr ? map + r * ldmap : nullptr, map_start, map_stop, map_scale, row_m + r, row_l + r);
+  };
+  // rows in pairs (a last odd row alone)
+  for (int64_t r = 0; r < rows;) {
+    const int two = rows - r >= 2 ? 2 : 1;
+    float* sr = s + r * lds;
+    uint16_t* pr = p16 != nullptr ? p16 + r * ldp : nullptr;
+    float* mr = map != nullptr ? map + r * ldmap : nullptr;
+    switch (nv * 2 - (two == 2 ? 0 : 1)) {
+#define DARE_SOFTMAX_CASE(NV)                                                                                       \
+  case NV * 2:                                                                                                      \
+    softmax_rows_regs<NV, 2>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, row_m + r,    \
+                             row_l + r);                                                                            \
+    break;                                                                                                          \
+  case NV * 2 - 1:                                                                                                  \
+    softmax_rows_regs<NV, 1>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, row_m + r,    \
+                             row_l + r);                                                                            \
+    break;
+      DARE_SOFTMAX_CASE(1) DARE_SOFTMAX_CASE(2) DARE_SOFTMAX_CASE(3) DARE_SOFTMAX_CASE(4)
+      DARE_SOFTMAX_CASE(5) DARE_SOFTMAX_CASE(6) DARE_SOFTMAX_CASE(7) DARE_SOFTMAX_CASE(8)
+#undef DARE_SOFTMAX_CASE
+      default:
+        for (int k = 0; k < two; ++k) any_row(r + k);
+        break;
+    }
+    r += two;
+  }
+}
+
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -213,8 +498,12 @@ void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t col
 
 bool supported() { return false; }
 void gemm(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float, bool, float*, int64_t) {}
+void gemm_rows_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, uint16_t*,
+                    int64_t) {}
 void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void store_rows_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) {}
+void softmax_rows(float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, float*, int64_t, int64_t, int64_t,
+                  float, float*, float*) {}
 
 #endif
 

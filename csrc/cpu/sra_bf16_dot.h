@@ -37,6 +37,12 @@ void pack_pairs(const uint16_t* x, int64_t sr, int64_t sc, int64_t rows, int64_t
 void gemm(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
           float alpha, bool add, float* c, int64_t ldc);
 
+// dst[r·ldd + c] = bf16(row_scale[r] · (A·B)[r][c]) for r < m, c < n, rounded as c10::BFloat16 does (to nearest
+// even, subnormals kept, NaN -> 0x7FC0): the product's fp32 sums (over all kp pairs in registers) scaled and
+// rounded without an fp32 C in memory.
+void gemm_rows_bf16(int64_t m, int64_t n, int64_t kp, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                    const float* row_scale, uint16_t* dst, int64_t ldd);
+
 // dst[r·ldd + c] = bf16(src[r·lds + c]) (round to nearest even) for c < cols, and a zero at column cols
 // when cols is odd (so the rows are whole pairs).
 void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd);
@@ -46,5 +52,20 @@ void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uin
 // in one pass.
 void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, const float* row_scale,
                      uint16_t* dst, int64_t sl);
+
+// Softmax rows of an exact score block (all keys in one block), fused in one pass per row (AVX-512, the
+// scores of a row of up to 128 keys stay in registers). For each row r of s (rows x cols, row stride lds):
+//   x = s[r] + bias (bias: cols values or nullptr), m = max(x);
+//   m == -inf (no valid key): row_m[r] = -inf, row_l[r] = 0, the P row (s[r], and p16[r] when given) zero,
+//     map untouched;
+//   else p = exp(x - m) (our own polynomial, within 1 ulp of exp on [-110, 0] (checked on every 16th float); results
+//     below 2^-126 kept as subnormals, -inf gives 0), l = sum(p): row_m[r] = m, row_l[r] = l, s[r] = p (fp32),
+//     p16[r·ldp + j] = bf16(p_j) as vcvtne2ps2bf16 rounds (when p16 != nullptr; a zero at column cols when
+//     cols is odd), map[r·ldmap + j - map_start] += p_j · (map_scale · (1 / l)) for j in [map_start, map_stop)
+//     (when map != nullptr).
+// NaN scores propagate to that row's P, sum and map.
+void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
+                  float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, float* row_m,
+                  float* row_l);
 
 }  // namespace dare::cpu::bf16dot

@@ -110,6 +110,18 @@ Bf16DotMode bf16_dot_mode() {
   return {true, v != "qk"};
 }
 
+// fp32 inputs: the exact softmax rows in one AVX-512 pass (bf16dot::softmax_rows) where the CPU has the
+// AVX-512 set of the bf16 kernels, unless DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2
+// (read on every call; those give the at::vec row helpers of the build, AVX2).
+bool avx512_rows_enabled() {
+  static const bool hw = bf16dot::supported();
+  if (!hw) return false;
+  const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
+  if (isa != nullptr && std::string(isa) == "avx2") return false;
+  const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
+  return aten == nullptr || (std::string(aten) != "default" && std::string(aten) != "avx2");
+}
+
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
 
@@ -465,14 +477,15 @@ struct FwdGemms {
   }
   // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
   void scores(int64_t rows, int64_t cols, int64_t j0, const acc_t* qp, int64_t ldq, const acc_t* kp, int64_t ldk,
-              const std::vector<acc_t>& kt, acc_t* s) const {
+              const std::vector<acc_t>& kt, acc_t* s, int64_t lds = 0) const {
+    if (lds <= 0) lds = cols;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (brg) {
-        blas::brgemm_f32(rows, cols, D, qp, ldq, kt.data() + j0, M, s, cols, false);
+        blas::brgemm_f32(rows, cols, D, qp, ldq, kt.data() + j0, M, s, lds, false);
         return;
       }
     }
-    blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, cols);
+    blas::gemm(false, true, rows, cols, D, scale, qp, ldq, kp + j0 * ldk, ldk, acc_t(0), s, lds);
   }
   // o[rows x Dv] (ld = ldo) (+)= p[rows x cols] (ld = ldp, default cols) V[j0 : j0 + cols]
   void pv(int64_t rows, int64_t Dv, int64_t cols, const acc_t* p, const acc_t* vrows, int64_t ldv, bool add,
@@ -552,12 +565,17 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
       }
     });
   }
-  // bf16 products with all keys in one block: the softmax, map rows and bf16 P of a head in one AVX-512 pass
-  // per row (bf16dot::softmax_rows). Score rows and the task's map rows are kept at a stride of whole 64-byte
+  // bf16 products (or fp32 inputs, avx512_rows_enabled) with all keys in one block: the softmax, map rows
+  // (and bf16 P) of a head in one AVX-512 pass per row (bf16dot::softmax_rows). Score rows and the task's map rows are kept at a stride of whole 64-byte
   // lines (a masked store of one row's tail then never shares a line with the next row's loads: no stalled
   // store-to-load forwarding); the map rows of the task are summed over heads in a per-thread buffer and
   // copied to the output once.
-  const bool fused_rows = kBf16 && exact && bdot.qk;
+  bool fused_rows = false;
+  if constexpr (kBf16) fused_rows = exact && bdot.qk;
+  if constexpr (std::is_same_v<scalar_t, float>) fused_rows = exact && avx512_rows_enabled();
+  // fp32 with fused rows: P normalised in the softmax pass, so P·V writes the output rows itself (a streamed
+  // output: P·V into the block buffer, then the non-temporal stores with a row scale of 1, bitwise the same)
+  const bool norm_p = fused_rows && std::is_same_v<scalar_t, float>;
   const int64_t lds = fused_rows ? bf16dot::round_up(M, 16) : bk;
   const int64_t ldm = bf16dot::round_up(Mm, 16);
   const uint16_t* kpack_p = bdot.qk ? reinterpret_cast<const uint16_t*>(kpack.data_ptr()) : nullptr;
@@ -626,7 +644,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
               return;
             }
           }
-          gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s);
+          gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, s, ld_s);
         };
         // o[rows x Dv] (+)= p[rows x cols] V[j0 : j0 + cols] (j0 even)
         auto pv = [&](int64_t cols, int64_t j0, const acc_t* p, bool add, acc_t* o, int64_t ldo_) {
@@ -647,13 +665,13 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
         acc_t* lse_rows = lse_p + (b * H + h) * N + i0;
 
         if (fused_rows) {  // max, exp, sum, map rows and bf16 P in one AVX-512 pass per row
-          if constexpr (kBf16) {
+          if constexpr (std::is_same_v<acc_t, float>) {
             acc_t* s = sbuf.data();
             scores(M, 0, s, lds);
             const int64_t ldp = M + M % 2;
             bf16dot::softmax_rows(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp,
                                   map_rows != nullptr ? mbuf.data() : nullptr, ldm, map_start, map_stop, inv_h,
-                                  row_m.data(), row_l.data());
+                                  norm_p, row_m.data(), row_l.data());
             for (int64_t r = 0; r < rows; ++r) {
               lse_rows[r] = row_m[r];
               if (row_m[r] == neg_inf<acc_t>()) {  // no valid key (P row zero)
@@ -669,7 +687,13 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
                                       reinterpret_cast<uint16_t*>(out_p + ((b * N + i0) * H + h) * Dv), H * Dv);
               continue;  // this head's rows are done
             }
-            gemms.pv(rows, Dv, M, s, vp, ldv, false, op, ldo, lds);  // "qk": P·V in fp32
+            if (norm_p && !stream_out) {  // fp32: O = (P / l)·V straight into the output rows
+              if constexpr (std::is_same_v<scalar_t, float>)
+                gemms.pv(rows, Dv, M, s, vp, ldv, false, out_p + ((b * N + i0) * H + h) * Dv, H * Dv, lds);
+              continue;  // this head's rows are done
+            }
+            if (norm_p) std::fill(row_scale.begin(), row_scale.begin() + rows, acc_t(1));
+            gemms.pv(rows, Dv, M, s, vp, ldv, false, op, ldo, lds);  // bf16 "qk": P·V in fp32
           }
         } else if (exact) {
           acc_t* s = sbuf.data();

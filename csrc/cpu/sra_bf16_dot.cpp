@@ -320,8 +320,8 @@ inline void zero_row(float* s, int64_t cols, uint16_t* p16) {
 // max 0: its x are all -inf, so its P is 0, its sum 0, and its map is left alone.
 template <int NV, int R>
 void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
-                       float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, float* row_m,
-                       float* row_l) {
+                       float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, bool normalize,
+                       float* row_m, float* row_l) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __mmask16 tail = lane_mask(cols - 16 * (NV - 1));
   __m512 x[R][NV];
@@ -355,7 +355,6 @@ void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, u
       x[r][v] = exp_ps(_mm512_sub_ps(x[r][v], vm[r]));
       if (v == NV - 1) x[r][v] = _mm512_maskz_mov_ps(tail, x[r][v]);
       vsum[r] = _mm512_add_ps(vsum[r], x[r][v]);
-      _mm512_mask_storeu_ps(s + r * lds + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), x[r][v]);
     }
   }
   float l[R];
@@ -363,6 +362,23 @@ void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, u
   for (int r = 0; r < R; ++r) {
     l[r] = _mm512_reduce_add_ps(vsum[r]);
     row_l[r] = l[r];
+  }
+  if (normalize) {  // P / l (a row without a valid key stays 0)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 inv = _mm512_set1_ps(row_m[r] == kNegInf ? 0.0f : 1.0f / l[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) x[r][v] = _mm512_mul_ps(x[r][v], inv);
+    }
+  }
+  // fp32 P into s: needed unless bf16 P is the output and the map (if any) covers the whole row
+  const bool full_map = map_start == 0 && map_stop == cols;
+  if (p16 == nullptr || (map != nullptr && !full_map)) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        _mm512_mask_storeu_ps(s + r * lds + 16 * v, v == NV - 1 ? tail : __mmask16(0xFFFF), x[r][v]);
   }
   if (p16 != nullptr) {  // pairs of vectors; the last one stores up to the padded length cols + cols % 2
     const int64_t padded = cols + cols % 2;
@@ -385,9 +401,9 @@ void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, u
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       if (row_m[r] == kNegInf) continue;
-      const __m512 va = _mm512_set1_ps(map_scale * (1.0f / l[r]));
+      const __m512 va = _mm512_set1_ps(normalize ? map_scale : map_scale * (1.0f / l[r]));
       float* mr = map + r * ldmap;
-      if (map_start == 0 && map_stop == cols) {
+      if (full_map) {
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) {
           const __mmask16 mk = v == NV - 1 ? tail : __mmask16(0xFFFF);
@@ -408,7 +424,7 @@ void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, u
 
 // one row of any length: a max pass, an exp pass (P stored into s), then bf16 P and the map from s
 void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, float* map, int64_t map_start,
-                     int64_t map_stop, float map_scale, float* row_m, float* row_l) {
+                     int64_t map_stop, float map_scale, bool normalize, float* row_m, float* row_l) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < cols; j += 16) {
     const __mmask16 mk = lane_mask(cols - j);
@@ -436,9 +452,16 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
   const float l = _mm512_reduce_add_ps(vsum);
   *row_m = m;
   *row_l = l;
+  if (normalize) {
+    const __m512 inv = _mm512_set1_ps(1.0f / l);
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 mk = lane_mask(cols - j);
+      _mm512_mask_storeu_ps(s + j, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + j), inv));
+    }
+  }
   if (p16 != nullptr) row_to_bf16(s, cols, p16);
   if (map != nullptr) {
-    const __m512 va = _mm512_set1_ps(map_scale * (1.0f / l));
+    const __m512 va = _mm512_set1_ps(normalize ? map_scale : map_scale * (1.0f / l));
     const int64_t mm = map_stop - map_start;
     for (int64_t j = 0; j < mm; j += 16) {
       const __mmask16 mk = lane_mask(mm - j);
@@ -451,13 +474,14 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
 }  // namespace
 
 void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
-                  float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, float* row_m,
-                  float* row_l) {
+                  float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, bool normalize,
+                  float* row_m, float* row_l) {
   if (cols <= 0) return;
   const int nv = static_cast<int>(std::min<int64_t>((cols + 15) / 16, 9));
   auto any_row = [&](int64_t r) {
     softmax_row_any(s + r * lds, cols, bias, p16 != nullptr ? p16 + r * ldp : nullptr,
-                    map != nullptr ? map + r * ldmap : nullptr, map_start, map_stop, map_scale, row_m + r, row_l + r);
+                    map != nullptr ? map + r * ldmap : nullptr, map_start, map_stop, map_scale, normalize, row_m + r,
+                    row_l + r);
   };
   // rows in pairs (a last odd row alone)
   for (int64_t r = 0; r < rows;) {
@@ -468,12 +492,12 @@ void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float
     switch (nv * 2 - (two == 2 ? 0 : 1)) {
 #define DARE_SOFTMAX_CASE(NV)                                                                                       \
   case NV * 2:                                                                                                      \
-    softmax_rows_regs<NV, 2>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, row_m + r,    \
-                             row_l + r);                                                                            \
+    softmax_rows_regs<NV, 2>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, normalize,    \
+                             row_m + r, row_l + r);                                                                            \
     break;                                                                                                          \
   case NV * 2 - 1:                                                                                                  \
-    softmax_rows_regs<NV, 1>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, row_m + r,    \
-                             row_l + r);                                                                            \
+    softmax_rows_regs<NV, 1>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, normalize,    \
+                             row_m + r, row_l + r);                                                                            \
     break;
       DARE_SOFTMAX_CASE(1) DARE_SOFTMAX_CASE(2) DARE_SOFTMAX_CASE(3) DARE_SOFTMAX_CASE(4)
       DARE_SOFTMAX_CASE(5) DARE_SOFTMAX_CASE(6) DARE_SOFTMAX_CASE(7) DARE_SOFTMAX_CASE(8)
@@ -503,7 +527,7 @@ void gemm_rows_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const u
 void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void store_rows_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) {}
 void softmax_rows(float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, float*, int64_t, int64_t, int64_t,
-                  float, float*, float*) {}
+                  float, bool, float*, float*) {}
 
 #endif
 

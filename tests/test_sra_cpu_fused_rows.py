@@ -1,0 +1,92 @@
+"""The fused softmax rows of the CPU SRA forward (bf16dot::softmax_rows, csrc/cpu/sra_bf16_dot.cpp).
+
+With all keys in one block (M <= 1024), bf16 inputs with the bf16 products and fp32 inputs on a CPU with
+AVX512-BF16 run max, exp (our own polynomial), sum, map row, bf16 P (bf16 "1") and, for fp32, P / l in
+one AVX-512 pass per row; rows of up to 128 keys are held in registers two at a time, longer rows take a
+general pass. fp32 then writes P·V straight into the output. DARE_KERNELS_CPU_ISA=avx2 gives fp32 the
+at::vec rows of the build. Every case is checked against the float64 reference (conftest tolerances):
+key counts at the register-case edges (1, 16, 17, 128, 129) and beyond, odd query counts (a last row
+alone), map sub-ranges (the map read back from the fp32 P), masks, a head without valid keys, layouts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dare_kernels import _ext, sra_attention
+from dare_kernels.reference import sra_attention_ref
+
+from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both
+from test_sra_cpu_bf16_dot import ENV as DOT_ENV, HAVE_BF16_DOT
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
+
+ISA_ENV = "DARE_KERNELS_CPU_ISA"
+needs_avx512_rows = pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU (or OS / compiler) lacks AVX512-BF16")
+
+PATHS = [
+    pytest.param(torch.float32, "auto", id="fp32-avx512-rows", marks=needs_avx512_rows),
+    pytest.param(torch.float32, "avx2", id="fp32-avx2-rows"),
+    pytest.param(torch.bfloat16, "1", id="bf16-qk-pv", marks=needs_avx512_rows),
+    pytest.param(torch.bfloat16, "qk", id="bf16-qk", marks=needs_avx512_rows),
+]
+
+CASES = [
+    # B, H, N, M, D, Dv, weight kind, mask, map keys, layout, dead head
+    (1, 2, 7, 1, 40, 40, "m", False, None, "bhsd", False),  # one key; 7 rows: the last one alone
+    (2, 2, 9, 16, 80, 80, "bm", True, (3, 14), "bshd", False),  # one whole vector, map sub-range
+    (1, 3, 11, 17, 40, 40, "bhm", False, (0, 17), "strided", True),  # a one-lane tail, a head without keys
+    (2, 2, 13, 77, 40, 40, "bm", True, (5, 70), "bhsd", False),
+    (1, 2, 10, 128, 160, 160, "bm", False, None, "bhsd", False),  # eight vectors: the largest register case
+    (1, 2, 9, 129, 40, 24, "bhm", True, (1, 129), "bshd", True),  # the general row pass
+    (1, 1, 6, 1000, 41, 33, None, True, (999, 1000), "strided", False),
+]
+
+
+def _set_path(monkeypatch, dtype, mode):
+    if dtype == torch.float32:
+        monkeypatch.setenv(ISA_ENV, mode)
+    else:
+        monkeypatch.setenv(DOT_ENV, mode)
+
+
+@pytest.mark.parametrize("dtype,mode", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
+def test_fused_rows_match_reference(monkeypatch, case, dtype, mode):
+    B, H, N, M, D, Dv, wkind, use_mask, keys, layout, dead_head = case
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, dtype, gen=gen)
+    if dead_head:
+        w[0, 1] = 0.0  # every key of head 1 of batch 0 weighted 0: zero output and map share, LSE -inf
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    _set_path(monkeypatch, dtype, mode)
+    res = run_both(q, k, v, w, mask, 0.7, keys, with_grad=False, gen=gen)
+    check_all(res, dtype)
+    if dead_head:
+        o, amap, lse = (res[n][0] for n in ("o", "map", "lse"))
+        assert torch.all(o[0, 1] == 0) and torch.isneginf(lse[0, 1]).all() and torch.isfinite(amap).all()
+    # without a map: tasks per (batch, head, query block)
+    o = sra_attention(q, k, v, w, key_padding_mask=mask, strength=0.7, backend="cpu")
+    o_ref = sra_attention_ref(q.double(), k.double(), v.double(), None if w is None else w.double(),
+                              key_padding_mask=mask, strength=0.7)
+    close(o, o_ref, dtype, "o (no map)")
+
+
+@needs_avx512_rows
+def test_fp32_isa_switch_really_switches(monkeypatch):
+    """fp32: the AVX-512 rows and the at::vec (AVX2) rows are different computations (else the cases above
+    would test one path twice), within the fp32 tolerance of each other."""
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = make_qkv(2, 2, 64, 77, 40, 40, torch.float32, gen=gen)
+    w = make_weight("bm", 2, 2, 77, torch.float32, gen=gen)
+    out = {}
+    for isa in ("auto", "avx2"):
+        monkeypatch.setenv(ISA_ENV, isa)
+        out[isa] = sra_attention(q, k, v, w, return_attn_map=True, return_lse=True, backend="cpu")
+    for a, b, name in zip(out["auto"], out["avx2"], ("o", "map", "lse")):
+        assert not torch.equal(a, b), f"DARE_KERNELS_CPU_ISA=avx2 left {name} bitwise unchanged"
+        close(a, b.double(), torch.float32, f"avx512 vs avx2 rows: {name}")

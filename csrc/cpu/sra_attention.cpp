@@ -671,16 +671,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             const int64_t ldp = M + M % 2;
             bf16dot::softmax_rows(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp,
                                   map_rows != nullptr ? mbuf.data() : nullptr, ldm, map_start, map_stop, inv_h,
-                                  norm_p, row_m.data(), row_l.data());
-            for (int64_t r = 0; r < rows; ++r) {
-              lse_rows[r] = row_m[r];
-              if (row_m[r] == neg_inf<acc_t>()) {  // no valid key (P row zero)
-                row_scale[r] = acc_t(0);
-                row_l[r] = acc_t(1);
-              } else {
-                row_scale[r] = acc_t(1) / row_l[r];
-              }
-            }
+                                  norm_p, row_m.data(), row_l.data(), row_scale.data());
+            std::copy_n(row_m.data(), rows, lse_rows);
             add_log_rows(lse_rows, row_l.data(), rows);
             if (bdot.pv) {  // O = P·V scaled by 1/l and rounded to bf16 straight into the output rows
               bf16dot::gemm_rows_bf16(rows, Dv, ldp / 2, pb16.data(), ldp, vpack_p + bh * vsz, ldvp, row_scale.data(),

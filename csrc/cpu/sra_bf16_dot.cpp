@@ -475,7 +475,7 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
 
 void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
                   float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, bool normalize,
-                  float* row_m, float* row_l) {
+                  float* row_m, float* row_l, float* row_inv) {
   if (cols <= 0) return;
   const int nv = static_cast<int>(std::min<int64_t>((cols + 15) / 16, 9));
   auto any_row = [&](int64_t r) {
@@ -508,6 +508,15 @@ void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float
     }
     r += two;
   }
+  // per row 1 / l (0 without a valid key) and l (1 without a valid key: m + log(l) is then -inf), 16 at once
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), one = _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < rows; r += 16) {
+    const __mmask16 mk = lane_mask(rows - r);
+    const __mmask16 dead = _mm512_mask_cmp_ps_mask(mk, _mm512_maskz_loadu_ps(mk, row_m + r), ninf, _CMP_EQ_OQ);
+    const __m512 l = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(mk, row_l + r), dead, one);
+    _mm512_mask_storeu_ps(row_l + r, mk, l);
+    _mm512_mask_storeu_ps(row_inv + r, mk, _mm512_maskz_div_ps(mk & ~dead, one, l));
+  }
 }
 
 
@@ -527,7 +536,7 @@ void gemm_rows_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const u
 void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void store_rows_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) {}
 void softmax_rows(float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, float*, int64_t, int64_t, int64_t,
-                  float, bool, float*, float*) {}
+                  float, bool, float*, float*, float*) {}
 
 #endif
 

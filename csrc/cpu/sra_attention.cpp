@@ -568,8 +568,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   // bf16 products (or fp32 inputs, avx512_rows_enabled) with all keys in one block: the softmax, map rows
   // (and bf16 P) of a head in one AVX-512 pass per row (bf16dot::softmax_rows). Score rows and the task's map rows are kept at a stride of whole 64-byte
   // lines (a masked store of one row's tail then never shares a line with the next row's loads: no stalled
-  // store-to-load forwarding); the map rows of the task are summed over heads in a per-thread buffer and
-  // copied to the output once.
+  // store-to-load forwarding); the map rows of the task are summed over heads in a per-thread buffer, the
+  // last head's pass writing the sum into the output rows.
   bool fused_rows = false;
   if constexpr (kBf16) fused_rows = exact && bdot.qk;
   if constexpr (std::is_same_v<scalar_t, float>) fused_rows = exact && avx512_rows_enabled();
@@ -595,11 +595,7 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
       const int64_t bg = task / nqb, b = bg / head_groups, h0 = (bg % head_groups) * heads_per_task;
       const int64_t i0 = (task % nqb) * bq, rows = std::min(bq, N - i0);
       acc_t* map_rows = map_p != nullptr ? map_p + (b * N + i0) * Mm : nullptr;
-      if (map_rows != nullptr && fused_rows) {
-        std::fill(mbuf.begin(), mbuf.begin() + rows * ldm, acc_t(0));
-      } else if (map_rows != nullptr) {
-        std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
-      }
+      if (map_rows != nullptr && !fused_rows) std::fill(map_rows, map_rows + rows * Mm, acc_t(0));
       for (int64_t h = h0; h < h0 + heads_per_task; ++h) {
         const acc_t* qp = nullptr;
         int64_t ldq = D;
@@ -669,8 +665,12 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             acc_t* s = sbuf.data();
             scores(M, 0, s, lds);
             const int64_t ldp = M + M % 2;
-            bf16dot::softmax_rows(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp,
-                                  map_rows != nullptr ? mbuf.data() : nullptr, ldm, map_start, map_stop, inv_h,
+            // map rows: the first head writes the task's buffer, the others add to it, the last one adds
+            // into the output rows
+            const bool first = h == h0, last = h == h0 + heads_per_task - 1;
+            acc_t* map_out = map_rows == nullptr ? nullptr : last ? map_rows : mbuf.data();
+            bf16dot::softmax_rows(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp, map_out,
+                                  last ? Mm : ldm, first ? nullptr : mbuf.data(), ldm, map_start, map_stop, inv_h,
                                   norm_p, row_m.data(), row_l.data(), row_scale.data());
             std::copy_n(row_m.data(), rows, lse_rows);
             add_log_rows(lse_rows, row_l.data(), rows);
@@ -774,9 +774,6 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
           }
         }
         if (!stored) store_rows_scaled(op, rows, Dv, row_scale.data(), out_rows, H * Dv, stream_out);
-      }
-      if (map_rows != nullptr && fused_rows) {
-        for (int64_t r = 0; r < rows; ++r) std::copy_n(mbuf.data() + r * ldm, Mm, map_rows + r * Mm);
       }
     }
 #if defined(__AVX__)

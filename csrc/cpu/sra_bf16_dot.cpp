@@ -315,13 +315,27 @@ inline void zero_row(float* s, int64_t cols, uint16_t* p16) {
   if (p16 != nullptr) std::fill(p16, p16 + cols + cols % 2, uint16_t(0));
 }
 
+// a map row's previous value (zero without an input row)
+inline __m512 map_prev(const float* mi, int64_t j, __mmask16 mk) {
+  return mi != nullptr ? _mm512_maskz_loadu_ps(mk, mi + j) : _mm512_setzero_ps();
+}
+
+// a row without a valid key adds nothing: the output row is the input row (or zero)
+inline void map_pass(float* mo, const float* mi, int64_t mm) {
+  if (mo == mi) return;
+  for (int64_t j = 0; j < mm; j += 16) {
+    const __mmask16 mk = lane_mask(mm - j);
+    _mm512_mask_storeu_ps(mo + j, mk, map_prev(mi, j, mk));
+  }
+}
+
 // R rows of at most 16·NV keys each, held in registers and processed side by side (the reductions of one
 // row are serial: interleaving rows hides their latency). A row without a valid key (max -inf) runs with
 // max 0: its x are all -inf, so its P is 0, its sum 0, and its map is left alone.
 template <int NV, int R>
 void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
-                       float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, bool normalize,
-                       float* row_m, float* row_l) {
+                       float* map, int64_t ldmap, const float* map_in, int64_t ld_in, int64_t map_start,
+                       int64_t map_stop, float map_scale, bool normalize, float* row_m, float* row_l) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __mmask16 tail = lane_mask(cols - 16 * (NV - 1));
   __m512 x[R][NV];
@@ -400,22 +414,25 @@ void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, u
   if (map != nullptr) {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      if (row_m[r] == kNegInf) continue;
-      const __m512 va = _mm512_set1_ps(normalize ? map_scale : map_scale * (1.0f / l[r]));
       float* mr = map + r * ldmap;
+      const float* mi = map_in != nullptr ? map_in + r * ld_in : nullptr;
+      if (row_m[r] == kNegInf) {
+        map_pass(mr, mi, map_stop - map_start);
+        continue;
+      }
+      const __m512 va = _mm512_set1_ps(normalize ? map_scale : map_scale * (1.0f / l[r]));
       if (full_map) {
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) {
           const __mmask16 mk = v == NV - 1 ? tail : __mmask16(0xFFFF);
-          _mm512_mask_storeu_ps(mr + 16 * v, mk, _mm512_fmadd_ps(x[r][v], va, _mm512_maskz_loadu_ps(mk, mr + 16 * v)));
+          _mm512_mask_storeu_ps(mr + 16 * v, mk, _mm512_fmadd_ps(x[r][v], va, map_prev(mi, 16 * v, mk)));
         }
       } else {
         const float* sr = s + r * lds + map_start;
         const int64_t mm = map_stop - map_start;
         for (int64_t j = 0; j < mm; j += 16) {
           const __mmask16 mk = lane_mask(mm - j);
-          _mm512_mask_storeu_ps(mr + j, mk, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sr + j), va,
-                                                            _mm512_maskz_loadu_ps(mk, mr + j)));
+          _mm512_mask_storeu_ps(mr + j, mk, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sr + j), va, map_prev(mi, j, mk)));
         }
       }
     }
@@ -423,8 +440,9 @@ void softmax_rows_regs(float* s, int64_t lds, int64_t cols, const float* bias, u
 }
 
 // one row of any length: a max pass, an exp pass (P stored into s), then bf16 P and the map from s
-void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, float* map, int64_t map_start,
-                     int64_t map_stop, float map_scale, bool normalize, float* row_m, float* row_l) {
+void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, float* map, const float* map_in,
+                     int64_t map_start, int64_t map_stop, float map_scale, bool normalize, float* row_m,
+                     float* row_l) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < cols; j += 16) {
     const __mmask16 mk = lane_mask(cols - j);
@@ -437,6 +455,7 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
     *row_m = m;
     *row_l = 0.0f;
     zero_row(s, cols, p16);
+    if (map != nullptr) map_pass(map, map_in, map_stop - map_start);
     return;
   }
   const __m512 vm = _mm512_set1_ps(m);
@@ -466,7 +485,7 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
     for (int64_t j = 0; j < mm; j += 16) {
       const __mmask16 mk = lane_mask(mm - j);
       _mm512_mask_storeu_ps(map + j, mk, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, s + map_start + j), va,
-                                                         _mm512_maskz_loadu_ps(mk, map + j)));
+                                                         map_prev(map_in, j, mk)));
     }
   }
 }
@@ -474,14 +493,14 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
 }  // namespace
 
 void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
-                  float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, bool normalize,
-                  float* row_m, float* row_l, float* row_inv) {
+                  float* map, int64_t ldmap, const float* map_in, int64_t ld_in, int64_t map_start,
+                  int64_t map_stop, float map_scale, bool normalize, float* row_m, float* row_l, float* row_inv) {
   if (cols <= 0) return;
   const int nv = static_cast<int>(std::min<int64_t>((cols + 15) / 16, 9));
   auto any_row = [&](int64_t r) {
     softmax_row_any(s + r * lds, cols, bias, p16 != nullptr ? p16 + r * ldp : nullptr,
-                    map != nullptr ? map + r * ldmap : nullptr, map_start, map_stop, map_scale, normalize, row_m + r,
-                    row_l + r);
+                    map != nullptr ? map + r * ldmap : nullptr, map_in != nullptr ? map_in + r * ld_in : nullptr,
+                    map_start, map_stop, map_scale, normalize, row_m + r, row_l + r);
   };
   // rows in pairs (a last odd row alone)
   for (int64_t r = 0; r < rows;) {
@@ -489,15 +508,16 @@ void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float
     float* sr = s + r * lds;
     uint16_t* pr = p16 != nullptr ? p16 + r * ldp : nullptr;
     float* mr = map != nullptr ? map + r * ldmap : nullptr;
+    const float* mi = map_in != nullptr ? map_in + r * ld_in : nullptr;
     switch (nv * 2 - (two == 2 ? 0 : 1)) {
 #define DARE_SOFTMAX_CASE(NV)                                                                                       \
   case NV * 2:                                                                                                      \
-    softmax_rows_regs<NV, 2>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, normalize,    \
-                             row_m + r, row_l + r);                                                                            \
+    softmax_rows_regs<NV, 2>(sr, lds, cols, bias, pr, ldp, mr, ldmap, mi, ld_in, map_start, map_stop, map_scale,  \
+                             normalize, row_m + r, row_l + r);                                                    \
     break;                                                                                                          \
   case NV * 2 - 1:                                                                                                  \
-    softmax_rows_regs<NV, 1>(sr, lds, cols, bias, pr, ldp, mr, ldmap, map_start, map_stop, map_scale, normalize,    \
-                             row_m + r, row_l + r);                                                                            \
+    softmax_rows_regs<NV, 1>(sr, lds, cols, bias, pr, ldp, mr, ldmap, mi, ld_in, map_start, map_stop, map_scale,  \
+                             normalize, row_m + r, row_l + r);                                                    \
     break;
       DARE_SOFTMAX_CASE(1) DARE_SOFTMAX_CASE(2) DARE_SOFTMAX_CASE(3) DARE_SOFTMAX_CASE(4)
       DARE_SOFTMAX_CASE(5) DARE_SOFTMAX_CASE(6) DARE_SOFTMAX_CASE(7) DARE_SOFTMAX_CASE(8)
@@ -535,8 +555,8 @@ void gemm_rows_bf16(int64_t, int64_t, int64_t, const uint16_t*, int64_t, const u
                     int64_t) {}
 void to_bf16_rows(const float*, int64_t, int64_t, int64_t, uint16_t*, int64_t) {}
 void store_rows_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) {}
-void softmax_rows(float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, float*, int64_t, int64_t, int64_t,
-                  float, bool, float*, float*, float*) {}
+void softmax_rows(float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, float*, int64_t, const float*,
+                  int64_t, int64_t, int64_t, float, bool, float*, float*, float*) {}
 
 #endif
 

@@ -57,17 +57,18 @@ void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t col
 // scores of a row of up to 128 keys stay in registers). For each row r of s (rows x cols, row stride lds):
 //   x = s[r] + bias (bias: cols values or nullptr), m = max(x);
 //   m == -inf (no valid key): row_m[r] = -inf, row_l[r] = 1, row_inv[r] = 0, the P row (s[r], and p16[r]
-//     when given) zero, map untouched;
+//     when given) zero, the map row its input row (below) plus nothing;
 //   else e = exp(x - m) (our own polynomial, within 1 ulp of exp on [-110, 0] (checked on every 16th float); results
 //     below 2^-126 kept as subnormals, -inf gives 0), l = sum(e), P = e (or e / l when `normalize`):
 //     row_m[r] = m, row_l[r] = l, row_inv[r] = 1 / l; s[r] = P (fp32; left as it is when p16 is given and the map, if any, covers
 //     all cols); p16[r·ldp + j] = bf16(P_j) as vcvtne2ps2bf16 rounds (when p16 != nullptr; a zero at column
-//     cols when cols is odd); map[r·ldmap + j - map_start] += e_j / l · map_scale for j in [map_start, map_stop)
-//     (when map != nullptr).
+//     cols when cols is odd); map[r·ldmap + j - map_start] = in_j + e_j / l · map_scale for j in
+//     [map_start, map_stop) (when map != nullptr), in_j = map_in[r·ld_in + j - map_start] (0 when map_in is
+//     nullptr; map_in == map accumulates in place).
 // NaN scores propagate to that row's P, sum and map.
 void softmax_rows(float* s, int64_t lds, int64_t rows, int64_t cols, const float* bias, uint16_t* p16, int64_t ldp,
-                  float* map, int64_t ldmap, int64_t map_start, int64_t map_stop, float map_scale, bool normalize,
-                  float* row_m, float* row_l, float* row_inv);
+                  float* map, int64_t ldmap, const float* map_in, int64_t ld_in, int64_t map_start,
+                  int64_t map_stop, float map_scale, bool normalize, float* row_m, float* row_l, float* row_inv);
 // (row_m[r] + log(row_l[r]) is the row's LSE in both cases.)
 
 }  // namespace dare::cpu::bf16dot

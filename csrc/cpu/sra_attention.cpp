@@ -493,7 +493,11 @@ struct FwdGemms {
     if (ldp <= 0) ldp = cols;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (brg) {
-        blas::brgemm_f32(rows, Dv, cols, p, ldp, vrows, ldv, o, ldo, add);
+        // a tail of 8 or fewer columns as a product of its own: brgemm pays a whole 16-lane product for it
+        // (measured on d40/M77 fp32: ~4 % faster forward; O came out bitwise the same as one product here)
+        const int64_t tail = Dv > 16 && Dv % 16 != 0 && Dv % 16 <= 8 ? Dv % 16 : 0;
+        blas::brgemm_f32(rows, Dv - tail, cols, p, ldp, vrows, ldv, o, ldo, add);
+        if (tail > 0) blas::brgemm_f32(rows, tail, cols, p, ldp, vrows + (Dv - tail), ldv, o + (Dv - tail), ldo, add);
         return;
       }
     }

@@ -6,7 +6,17 @@ import os
 import sys
 
 import pytest
-import torch
+
+# torch.compile's on-disk cache (TORCHINDUCTOR_CACHE_DIR) is not keyed on ATEN_CPU_CAPABILITY: a CPU kernel generated
+# for 16-lane AVX-512 vectors and later built with ATEN_CPU_CAPABILITY=avx2 (8 lanes), or the reverse, overruns its
+# buffers (heap corruption, NaN gradients; seen with torch 2.13). A run under a forced capability gets its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
+import torch  # noqa: E402
 
 # absolute / relative tolerance of a backend's output against the float64 reference, per input dtype
 TOL = {

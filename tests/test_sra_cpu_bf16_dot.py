@@ -47,6 +47,12 @@ def _bf16_dot_available() -> bool:
 
 HAVE_BF16_DOT = _ext.has_cpu_kernels() and _bf16_dot_available()
 needs_bf16_dot = pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU (or OS / compiler) lacks AVX512-BF16")
+# a whole run under ATEN_CPU_CAPABILITY=default|avx2 or DARE_KERNELS_CPU_ISA=avx2 keeps "auto" (and "qk") on the
+# fp32 products and rows by design: the tests that the paths really differ need the AVX-512 default
+AVX512_BY_DEFAULT = (HAVE_BF16_DOT and os.environ.get("ATEN_CPU_CAPABILITY") not in ("default", "avx2")
+                     and os.environ.get("DARE_KERNELS_CPU_ISA") != "avx2")
+needs_avx512_default = pytest.mark.skipif(
+    not AVX512_BY_DEFAULT, reason="AVX512-BF16 missing, or this run forces AVX2 (ATEN_CPU_CAPABILITY / DARE_KERNELS_CPU_ISA)")
 
 MODES = [
     pytest.param("0", id="fp32-products"),
@@ -103,7 +109,7 @@ def test_hypothesis_bf16_products(problem, mode):
     check_all(res, torch.bfloat16)
 
 
-@needs_bf16_dot
+@needs_avx512_default
 @pytest.mark.parametrize("M", [77, 1100])
 def test_bf16_modes_really_switch(monkeypatch, M):
     """The three modes are different computations (else the comparisons above would test one path):
@@ -162,7 +168,7 @@ def test_bad_switch_value_is_rejected(monkeypatch):
 
 
 
-@needs_bf16_dot
+@needs_avx512_default
 @pytest.mark.parametrize("var,value", [("DARE_KERNELS_CPU_ISA", "avx2"), ("ATEN_CPU_CAPABILITY", "avx2")])
 def test_isa_switches_turn_the_bf16_products_off(monkeypatch, var, value):
     """DARE_KERNELS_CPU_ISA=avx2 (and, for "auto", ATEN_CPU_CAPABILITY=avx2|default) give the fp32 products:

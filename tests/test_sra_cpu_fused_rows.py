@@ -19,7 +19,7 @@ from dare_kernels import _ext, sra_attention
 from dare_kernels.reference import sra_attention_ref
 
 from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both
-from test_sra_cpu_bf16_dot import ENV as DOT_ENV, HAVE_BF16_DOT
+from test_sra_cpu_bf16_dot import ENV as DOT_ENV, HAVE_BF16_DOT, needs_avx512_default
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
 
@@ -78,7 +78,7 @@ def test_fused_rows_match_reference(monkeypatch, case, dtype, mode):
     close(o, o_ref, dtype, "o (no map)")
 
 
-@needs_avx512_rows
+@needs_avx512_default
 def test_fp32_isa_switch_really_switches(monkeypatch):
     """fp32: the AVX-512 rows and the at::vec (AVX2) rows are different computations (else the cases above
     would test one path twice), within the fp32 tolerance of each other."""

@@ -97,9 +97,9 @@ Bf16DotMode bf16_dot_mode() {
   const char* env = std::getenv("DARE_KERNELS_CPU_BF16_DOT");
   const std::string v = env != nullptr ? env : "auto";
   const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
-  if (v == "0" || (isa != nullptr && std::string(isa) == "avx2")) return {};
-  TORCH_CHECK(v == "auto" || v == "1" || v == "qk" || v.empty(),
+  TORCH_CHECK(v == "auto" || v == "0" || v == "1" || v == "qk" || v.empty(),
               "DARE_KERNELS_CPU_BF16_DOT must be auto, 0, 1 or qk, got '", v, "'");
+  if (v == "0" || (isa != nullptr && std::string(isa) == "avx2")) return {};
   TORCH_CHECK(hw || v == "auto" || v.empty(), "DARE_KERNELS_CPU_BF16_DOT=", v,
               " but this CPU (or OS, or compiler) lacks AVX-512 F/BW/VL/BF16");
   if (!hw) return {};

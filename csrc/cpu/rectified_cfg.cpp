@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
 #include "cpu/rectified_cfg_avx512.h"
 #include "rectified_cfg_params.h"
 
@@ -259,9 +260,7 @@ bool use_avx512() {
     TORCH_CHECK(hw, "DARE_KERNELS_CPU_ISA=avx512 but this CPU (or OS) lacks AVX-512 F/BW/VL/DQ/BF16");
     return true;
   }
-  if (!hw) return false;
-  const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
-  return aten == nullptr || (std::strcmp(aten, "default") != 0 && std::strcmp(aten, "avx2") != 0);
+  return hw && !aten_capability_below_avx512();
 }
 
 // Calls f(Tag<T>, Tag<Bt>, bool_constant<K3>, bool_constant<MOM>) for the runtime combination.

@@ -32,7 +32,9 @@
 // fp32 P; O is scaled and rounded in one AVX-512 pass. With all keys in one block (M <= 1024) the softmax
 // of a row (max, exp, sum, map row, bf16 P) is one AVX-512 pass (bf16dot::softmax_rows), O is scaled and
 // rounded to bf16 in the P·V product's epilogue, and a map task takes 128 query rows (pick_blocks).
-// fp16/fp32/fp64 and the backward are unchanged.
+// fp32 inputs on such a CPU use the same softmax pass with P normalised, P·V then writing the output rows
+// (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows). fp16, fp64 and the
+// backward are unchanged.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
@@ -56,6 +58,7 @@
 #endif
 
 #include "cpu/cpu_blas.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/cpu_memory.h"
 #include "cpu/sra_bf16_dot.h"
 
@@ -96,17 +99,14 @@ Bf16DotMode bf16_dot_mode() {
   static const bool hw = bf16dot::supported();
   const char* env = std::getenv("DARE_KERNELS_CPU_BF16_DOT");
   const std::string v = env != nullptr ? env : "auto";
-  const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
   TORCH_CHECK(v == "auto" || v == "0" || v == "1" || v == "qk" || v.empty(),
               "DARE_KERNELS_CPU_BF16_DOT must be auto, 0, 1 or qk, got '", v, "'");
-  if (v == "0" || (isa != nullptr && std::string(isa) == "avx2")) return {};
+  if (v == "0" || dare_isa_is_avx2()) return {};
   TORCH_CHECK(hw || v == "auto" || v.empty(), "DARE_KERNELS_CPU_BF16_DOT=", v,
               " but this CPU (or OS, or compiler) lacks AVX-512 F/BW/VL/BF16");
   if (!hw) return {};
-  if (v != "1") {  // auto / qk: also kept off where PyTorch itself is kept below AVX-512
-    const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
-    if (aten != nullptr && (std::string(aten) == "default" || std::string(aten) == "avx2")) return {};
-  }
+  // auto / qk: also kept off where PyTorch itself is kept below AVX-512
+  if (v != "1" && aten_capability_below_avx512()) return {};
   return {true, v != "qk"};
 }
 
@@ -115,11 +115,7 @@ Bf16DotMode bf16_dot_mode() {
 // (read on every call; those give the at::vec row helpers of the build, AVX2).
 bool avx512_rows_enabled() {
   static const bool hw = bf16dot::supported();
-  if (!hw) return false;
-  const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
-  if (isa != nullptr && std::string(isa) == "avx2") return false;
-  const char* aten = std::getenv("ATEN_CPU_CAPABILITY");
-  return aten == nullptr || (std::string(aten) != "default" && std::string(aten) != "avx2");
+  return hw && !dare_isa_is_avx2() && !aten_capability_below_avx512();
 }
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }

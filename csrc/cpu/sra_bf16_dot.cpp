@@ -249,24 +249,16 @@ void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uin
 
 void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, const float* row_scale,
                      uint16_t* dst, int64_t sl) {
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
-  auto round16 = [&](__m512 x) {  // c10::BFloat16's rounding: to nearest even, subnormals kept, NaN -> 0x7FC0
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), qnan);
-    return _mm512_cvtepi32_epi16(r);
-  };
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = src + r * ld_src;
     uint16_t* d = dst + r * sl;
     const __m512 va = _mm512_set1_ps(row_scale[r]);
     int64_t j = 0;
     for (; j + 16 <= cols; j += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), round16(_mm512_mul_ps(_mm512_loadu_ps(s + j), va)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), round_bf16_c10(_mm512_mul_ps(_mm512_loadu_ps(s + j), va)));
     if (j < cols) {
       const __mmask16 m = lane_mask(cols - j);
-      _mm256_mask_storeu_epi16(d + j, m, round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), va)));
+      _mm256_mask_storeu_epi16(d + j, m, round_bf16_c10(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), va)));
     }
   }
 }
@@ -292,22 +284,6 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
-}
-
-// bf16 (vcvtne2ps2bf16) of the fp32 row p[0, cols) into d[0, cols + cols % 2) (the pad column zero)
-inline void row_to_bf16(const float* p, int64_t cols, uint16_t* d) {
-  const int64_t padded = cols + cols % 2;
-  int64_t j = 0;
-  for (; j + 32 <= cols; j += 32)
-    _mm512_storeu_si512(d + j, as_si(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16), _mm512_loadu_ps(p + j))));
-  if (j < padded) {
-    const int64_t rem = cols - j;
-    const __m512 lo = _mm512_maskz_loadu_ps(lane_mask(rem), p + j);
-    const __m512 hi = _mm512_maskz_loadu_ps(lane_mask(rem - 16), p + j + 16);
-    const int64_t n = padded - j;
-    const __mmask32 mk = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1u;
-    _mm512_mask_storeu_epi16(d + j, mk, as_si(_mm512_cvtne2ps_pbh(hi, lo)));
-  }
 }
 
 inline void zero_row(float* s, int64_t cols, uint16_t* p16) {
@@ -478,7 +454,7 @@ void softmax_row_any(float* s, int64_t cols, const float* bias, uint16_t* p16, f
       _mm512_mask_storeu_ps(s + j, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, s + j), inv));
     }
   }
-  if (p16 != nullptr) row_to_bf16(s, cols, p16);
+  if (p16 != nullptr) to_bf16_rows(s, cols, 1, cols, p16, 0);
   if (map != nullptr) {
     const __m512 va = _mm512_set1_ps(normalize ? map_scale : map_scale * (1.0f / l));
     const int64_t mm = map_stop - map_start;

@@ -7,7 +7,8 @@ Providers per shape and dtype (bench/shapes.CPU_ATTN_SHAPES):
   dare        sra_attention(..., backend="cpu")                          vs  sdpa_bias
   dare_map    sra_attention(..., return_attn_map=True, backend="cpu")   vs  eager_maps (and, for bf16,
               eager_maps_fp32), the peers of test_bench_sra_cpu.py.
-  mm_floor    the two fp32 GEMMs of the attention alone (Q K^T and P V, torch.matmul): the fp32 floor.
+  mm_floor    the two block products alone in fp32 (Q K^T and P V, torch.matmul into preallocated outputs; no
+              bias, softmax or map): what torch's GEMM takes for the products of any exact attention.
 
     python bench/sra_cpu_interleaved.py [--shapes cpu-d128-m512] [--dtypes fp32 bf16] [--rounds 9]
         [--dot-modes 0 qk]
@@ -85,7 +86,18 @@ def providers_for(shape, dname, dot_modes=()):
     def sdpa_bias(x):
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=x["bias"])
 
-    p = {"dare": dare, "sdpa_bias": sdpa_bias, "dare_map": dare_map, "eager_maps": lambda x: eager_maps(x, shape)}
+    def mm_floor(x):
+        # the two block products alone, in fp32, into preallocated outputs (no softmax, no bias, no map)
+        buf = x.setdefault("_floor", {})
+        if not buf:
+            buf["q"], buf["k"], buf["v"] = (x[n].float() for n in ("q", "k", "v"))
+            buf["s"] = torch.empty(shape.B, shape.H, shape.N, shape.M)
+            buf["o"] = torch.empty(shape.B, shape.H, shape.N, shape.D)
+        torch.matmul(buf["q"], buf["k"].transpose(-1, -2), out=buf["s"])
+        return torch.matmul(buf["s"], buf["v"], out=buf["o"])
+
+    p = {"dare": dare, "sdpa_bias": sdpa_bias, "dare_map": dare_map, "eager_maps": lambda x: eager_maps(x, shape),
+         "mm_floor": mm_floor}
     if dname != "fp32":
         p["eager_maps_fp32"] = lambda x: eager_maps_fp32(x, shape)
     if dname == "bf16":
@@ -142,6 +154,8 @@ def main() -> None:
                 ratios.append(f"map x eager {med['eager_maps'] / med['dare_map']:.3f}")
             if "dare_map" in med and "eager_maps_fp32" in med:
                 ratios.append(f"map x eager_fp32 {med['eager_maps_fp32'] / med['dare_map']:.3f}")
+            if "mm_floor" in med and "dare_map" in med:
+                ratios.append(f"dare_map / mm_floor {med['dare_map'] / med['mm_floor']:.3f}")
             for k in names:
                 if "@" in k:
                     peer = "sdpa_bias" if k.startswith("dare@") else "eager_maps"

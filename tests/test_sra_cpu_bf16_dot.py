@@ -1,7 +1,8 @@
-"""The bf16 block products of the CPU SRA forward (AVX512-BF16 vdpbf16ps, csrc/cpu/sra_bf16_dot.*).
+"""The bf16 block products of the CPU SRA forward and backward (AVX512-BF16 vdpbf16ps, csrc/cpu/sra_bf16_dot.*).
 
 DARE_KERNELS_CPU_BF16_DOT selects them: "0" the fp32 products, "qk" S = Q·K^T in bf16, "1" S and P·V in
-bf16 (the default "auto" is "1" where the CPU has AVX512-BF16). Every mode is compared against the float64
+bf16 (the default "auto" is "1" where the CPU has AVX512-BF16); in "qk" and "1" the backward computes S and
+dP = dO·V^T in bf16 too. Every mode is compared against the float64
 reference (of the bf16-rounded inputs) at the bf16 tolerance of conftest.py on odd shapes: head dims
 40/41/80/160, key lengths 1/77/226/1000 and online softmax (M > 1024), masks, strided / BSHD layouts, map
 key sub-ranges starting at odd keys. On a CPU without AVX512-BF16 the forced modes are skipped.
@@ -107,6 +108,57 @@ def test_hypothesis_bf16_products(problem, mode):
         else:
             os.environ[ENV] = old
     check_all(res, torch.bfloat16)
+
+
+BWD_CASES = [
+    # B, H, N, M, D, Dv, weight kind, mask, map keys, layout: Q / dO rows read in place (bhsd, bshd) or
+    # copied (odd D / Dv, strided), exact and online softmax (M > 1024, map range from an odd key)
+    (2, 3, 37, 77, 40, 40, "bm", False, None, "bhsd"),
+    (1, 2, 25, 226, 80, 80, "bhm", True, (11, 200), "bshd"),
+    (1, 2, 33, 300, 41, 33, None, True, (0, 300), "strided"),
+    (2, 2, 9, 1, 160, 160, "m", False, None, "bshd"),
+    (1, 2, 21, 1100, 32, 24, "bm_strided", True, (1001, 1100), "bhsd"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
+def test_bf16_backward_matches_reference(monkeypatch, case, mode):
+    """The backward's S and dP = dO·V^T take the bf16 products in modes "qk" and "1" (dV, dK, dQ stay fp32):
+    gradients of q, k, v and the weights (through the output, the map and the LSE) against float64."""
+    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
+    gen = torch.Generator().manual_seed(19)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    monkeypatch.setenv(ENV, mode)
+    res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=True, gen=gen)
+    check_all(res, torch.bfloat16)
+
+
+@needs_avx512_default
+def test_bf16_backward_really_switches(monkeypatch):
+    """The backward's bf16 products are a different computation from its fp32 ones (else the test above
+    would check one path twice), and the two stay within the bf16 tolerance of each other."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(2, 2, 64, 77, 40, 40, torch.bfloat16, gen=gen)
+    w = make_weight("bm", 2, 2, 77, torch.bfloat16, gen=gen)
+    go = torch.randn(2, 2, 64, 40, generator=gen, dtype=torch.float64).bfloat16()
+    grads = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv(ENV, mode)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        # the forward in fp32 products for both: only the backward's switch differs
+        monkeypatch.setenv(ENV, "0")
+        o = sra_attention(*leaves, w, backend="cpu")
+        monkeypatch.setenv(ENV, mode)
+        o.backward(go)
+        grads[mode] = [t.grad for t in leaves]
+    assert not torch.equal(grads["0"][0], grads["1"][0]), "bf16 S / dP left dq bitwise unchanged"
+    for a, b, name in zip(grads["1"], grads["0"], ("dq", "dk", "dv")):
+        close(a, b.double(), torch.bfloat16, f"1 vs 0: {name}")
 
 
 @needs_avx512_default

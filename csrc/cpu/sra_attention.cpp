@@ -33,8 +33,8 @@
 // of a row (max, exp, sum, map row, bf16 P) is one AVX-512 pass (bf16dot::softmax_rows), O is scaled and
 // rounded to bf16 in the P·V product's epilogue, and a map task takes 128 query rows (pick_blocks).
 // fp32 inputs on such a CPU use the same softmax pass with P normalised, P·V then writing the output rows
-// (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows). fp16, fp64 and the
-// backward are unchanged.
+// (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows). The bf16 backward takes
+// S = Q·K^T and dP = dO·V^T by vdpbf16ps as well (K and V packed per task); fp16 and fp64 are unchanged.
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
@@ -835,11 +835,25 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
   gemms.D = D;
   gemms.M = M;
   if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
+  // bf16 inputs with the bf16 products of the forward (bf16_dot_mode().qk): S = scale·Q K^T and
+  // dP = dO V^T by vdpbf16ps as well. Both take bf16 operands as they are (products exact in fp32, only
+  // the order of the sums differs), and S is then bitwise the S of the forward, which took the same
+  // kernel. K and V of the task's (b, h) packed into VNNI pairs along D / Dv ([pairs][ldkp][2], ldkp with
+  // room for a 32-column tile at any key offset); Q and dO rows read in place as pairs when their rows are
+  // unit-stride with an even length, else copied per block (zero-padded to even). dV, dK, dQ stay fp32.
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  bool bdot = false;
+  if constexpr (kBf16) bdot = bf16_dot_mode().qk;
+  const int64_t kpairs = (D + 1) / 2, vpairs = (Dv + 1) / 2;
+  const int64_t ldkp = bf16dot::round_up(M, bf16dot::kTileN) + bf16dot::kTileN;
   const int64_t ntasks = B * H * nsplit;
   parallel_tasks(ntasks, [&](const auto& next) {
     blas::SequentialScope sequential_blas;
     std::vector<acc_t> ktbuf, vtbuf;
     int64_t kt_cached = -1, vt_cached = -1;
+    std::vector<uint16_t> kpack(bdot ? kpairs * ldkp * 2 : 0), vpack(bdot ? vpairs * ldkp * 2 : 0);
+    std::vector<uint16_t> q16buf(bdot ? bq * 2 * kpairs : 0), go16buf(bdot ? bq * 2 * vpairs : 0);
+    int64_t pack_cached = -1;
     std::vector<acc_t> qbuf(ldq_direct < 0 ? bq * D : 0), gobuf(ldgo_direct < 0 ? bq * Dv : 0);
     std::vector<acc_t> pbuf(bq * bk), dsbuf(bq * bk), dqbuf(bq * D), delta(bq), orow(exact ? 0 : Dv);
     std::vector<acc_t> kbuf, vbuf, dkbuf(direct_dkv ? M * D : 0), dvbuf(direct_dkv ? M * Dv : 0);
@@ -849,10 +863,19 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
       const int64_t qb_begin = split * nqb / nsplit, qb_end = (split + 1) * nqb / nsplit;
       const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
       const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
-      gemms.prepare(kp, ldk, bh, ktbuf, kt_cached);
-      if (gemms.brg && vt_cached != bh) {
-        transpose_rows(vp, ldv, M, Dv, acc_t(1), vtbuf);  // V^T [Dv x M]
-        vt_cached = bh;
+      if (bdot) {
+        if (pack_cached != bh) {
+          const View4<const scalar_t> kv(t.k_op), vv(t.v_op);
+          bf16dot::pack_pairs(reinterpret_cast<const uint16_t*>(kv.at(b, h, 0)), kv.sd, kv.sl, D, M, kpack.data(), ldkp);
+          bf16dot::pack_pairs(reinterpret_cast<const uint16_t*>(vv.at(b, h, 0)), vv.sd, vv.sl, Dv, M, vpack.data(), ldkp);
+          pack_cached = bh;
+        }
+      } else {
+        gemms.prepare(kp, ldk, bh, ktbuf, kt_cached);
+        if (gemms.brg && vt_cached != bh) {
+          transpose_rows(vp, ldv, M, Dv, acc_t(1), vtbuf);  // V^T [Dv x M]
+          vt_cached = bh;
+        }
       }
       const acc_t* brow = bias_p != nullptr ? bias_p + bh * M : nullptr;
       acc_t* dk = direct_dkv ? dkbuf.data() : dk_p + (split * B * H + bh) * M * D;
@@ -884,13 +907,44 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
           gop = gobuf.data();
           ldgo = Dv;
         }
+        // bf16 pairs of the block's Q and dO rows (bdot)
+        const uint16_t *q16 = nullptr, *go16 = nullptr;
+        int64_t ldq16 = 0, ldgo16 = 0;
+        if (bdot) {
+          auto pairs_rows = [&](const View4<const scalar_t>& x, int64_t len, int64_t npairs, std::vector<uint16_t>& buf,
+                                const uint16_t*& rows16, int64_t& ld16) {
+            const uint16_t* src = reinterpret_cast<const uint16_t*>(x.at(b, h, i0));
+            if (x.sd == 1 && len % 2 == 0) {
+              rows16 = src;
+              ld16 = rows == 1 ? len : x.sl;
+              return;
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              uint16_t* d = buf.data() + r * 2 * npairs;
+              for (int64_t c = 0; c < len; ++c) d[c] = src[r * x.sl + c * x.sd];
+              if (len % 2 != 0) d[len] = 0;
+            }
+            rows16 = buf.data();
+            ld16 = 2 * npairs;
+          };
+          pairs_rows(qv, D, kpairs, q16buf, q16, ldq16);
+          pairs_rows(gov, Dv, vpairs, go16buf, go16, ldgo16);
+        }
         const acc_t* lse_rows = lse_p + bh * N + i0;
         const acc_t* glse_rows = glse_p != nullptr ? glse_p + bh * N + i0 : nullptr;
         const acc_t* gmap_rows = gmap_p != nullptr ? gmap_p + (b * N + i0) * Mm : nullptr;
 
         // P of the keys [j0, j0 + cols) into p (ld = cols); rows without a valid key give P = 0
         auto probs = [&](int64_t j0, int64_t cols, acc_t* p) {
-          gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, p);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (bdot) {
+              bf16dot::gemm(rows, cols, kpairs, q16, ldq16, kpack.data() + j0 * 2, ldkp, scale, false, p, cols);
+            } else {
+              gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, p);
+            }
+          } else {
+            gemms.scores(rows, cols, j0, qp, ldq, kp, ldk, ktbuf, p);
+          }
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* pr = p + r * cols;
             if (lse_rows[r] == neg_inf<acc_t>()) {
@@ -924,7 +978,10 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
           acc_t* ds = dsbuf.data();
           probs(j0, cols, p);
           // dP = dO V^T (+ dA / H on the map columns)
-          if (gemms.brg) {
+          if (bdot) {
+            if constexpr (std::is_same_v<acc_t, float>)
+              bf16dot::gemm(rows, cols, vpairs, go16, ldgo16, vpack.data() + j0 * 2, ldkp, 1.0f, false, ds, cols);
+          } else if (gemms.brg) {
             if constexpr (std::is_same_v<acc_t, float>)
               blas::brgemm_f32(rows, cols, Dv, gop, ldgo, vtbuf.data() + j0, M, ds, cols, false);
           } else {

@@ -1,16 +1,19 @@
 """The fused softmax rows of the CPU SRA forward (bf16dot::softmax_rows, csrc/cpu/sra_bf16_dot.cpp).
 
 With all keys in one block (M <= 1024), bf16 inputs with the bf16 products and fp32 inputs on a CPU with
-AVX512-BF16 run max, exp (our own polynomial), sum, map row, bf16 P (bf16 "1") and, for fp32, P / l in
+AVX-512 run max, exp (our own polynomial), sum, map row, bf16 P (bf16 "1") and, for fp32, P / l in
 one AVX-512 pass per row; rows of up to 128 keys are held in registers two at a time, longer rows take a
 general pass. fp32 then writes P·V straight into the output. DARE_KERNELS_CPU_ISA=avx2 gives fp32 the
-at::vec rows of the build. Every case is checked against the float64 reference (conftest tolerances):
-key counts at the register-case edges (1, 16, 17, 128, 129) and beyond, odd query counts (a last row
+at::vec rows of the build; DARE_KERNELS_CPU_ROWS=avx512f the same AVX-512 pass built without BF16 (the
+path of AVX-512 CPUs without AVX512-BF16), which must be bitwise the BF16 build's. Every case is checked
+against the float64 reference (conftest tolerances): key counts at the register-case edges (1, 16, 17, 128, 129) and beyond, odd query counts (a last row
 alone), map sub-ranges (the map read back from the fp32 P), masks, a first / last head without valid keys
 (the map rows of a task are summed over heads in a buffer, the last head writing the output), layouts.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -24,10 +27,40 @@ from test_sra_cpu_bf16_dot import ENV as DOT_ENV, HAVE_BF16_DOT, needs_avx512_de
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
 
 ISA_ENV = "DARE_KERNELS_CPU_ISA"
+ROWS_ENV = "DARE_KERNELS_CPU_ROWS"
 needs_avx512_rows = pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU (or OS / compiler) lacks AVX512-BF16")
+
+
+def _avx512f_rows_available() -> bool:
+    """Whether DARE_KERNELS_CPU_ROWS=avx512f runs the AVX-512 F/BW/VL rows: on a CPU without them the
+    rows stay at::vec, bitwise the result of DARE_KERNELS_CPU_ISA=avx2."""
+    if not _ext.has_cpu_kernels():
+        return False
+    q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for env in ({ROWS_ENV: "avx512f"}, {ISA_ENV: "avx2"}):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            outs.append(sra_attention(q, q * 3, q, return_attn_map=True, return_lse=True, backend="cpu"))
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return any(not torch.equal(a, b) for a, b in zip(*outs))
+
+
+# AVX-512 F/BW/VL without a forced AVX2 run (an AVX-512 CPU, BF16 or not)
+HAVE_AVX512F_ROWS = (os.environ.get("ATEN_CPU_CAPABILITY") not in ("default", "avx2")
+                     and os.environ.get(ISA_ENV) != "avx2" and _avx512f_rows_available())
+needs_avx512f_rows = pytest.mark.skipif(
+    not HAVE_AVX512F_ROWS, reason="no AVX-512 F/BW/VL, or this run forces AVX2 (ATEN_CPU_CAPABILITY / DARE_KERNELS_CPU_ISA)")
 
 PATHS = [
     pytest.param(torch.float32, "auto", id="fp32-avx512-rows", marks=needs_avx512_rows),
+    pytest.param(torch.float32, "avx512f", id="fp32-avx512f-rows", marks=needs_avx512f_rows),
     pytest.param(torch.float32, "avx2", id="fp32-avx2-rows"),
     pytest.param(torch.bfloat16, "1", id="bf16-qk-pv", marks=needs_avx512_rows),
     pytest.param(torch.bfloat16, "qk", id="bf16-qk", marks=needs_avx512_rows),
@@ -46,7 +79,9 @@ CASES = [
 
 
 def _set_path(monkeypatch, dtype, mode):
-    if dtype == torch.float32:
+    if dtype == torch.float32 and mode == "avx512f":  # the rows built without AVX512-BF16
+        monkeypatch.setenv(ROWS_ENV, mode)
+    elif dtype == torch.float32:
         monkeypatch.setenv(ISA_ENV, mode)
     else:
         monkeypatch.setenv(DOT_ENV, mode)
@@ -92,3 +127,35 @@ def test_fp32_isa_switch_really_switches(monkeypatch):
     for a, b, name in zip(out["auto"], out["avx2"], ("o", "map", "lse")):
         assert not torch.equal(a, b), f"DARE_KERNELS_CPU_ISA=avx2 left {name} bitwise unchanged"
         close(a, b.double(), torch.float32, f"avx512 vs avx2 rows: {name}")
+
+
+@needs_avx512f_rows
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
+def test_fp32_rows_without_bf16_are_bitwise_the_same(monkeypatch, case):
+    """The AVX-512 rows built without AVX512-BF16 (rows512, for CPUs that lack it) are the same source as the
+    BF16 build's: fp32 outputs, maps and LSE bitwise equal on every case, and not the at::vec rows."""
+    if not HAVE_BF16_DOT:
+        pytest.skip("needs both builds: this CPU lacks AVX512-BF16")
+    B, H, N, M, D, Dv, wkind, use_mask, keys, layout, dead_head = case
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.float32, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, torch.float32, gen=gen)
+    if dead_head is not None:
+        w[0, dead_head] = 0.0
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    out = {}
+    for mode in ("auto", "avx512f"):
+        monkeypatch.setenv(ROWS_ENV, mode)
+        out[mode] = sra_attention(q, k, v, w, key_padding_mask=mask, strength=0.7, return_attn_map=True,
+                                  attn_map_keys=keys, return_lse=True, backend="cpu")
+    for a, b, name in zip(out["auto"], out["avx512f"], ("o", "map", "lse")):
+        assert torch.equal(a, b), f"rows without BF16 changed {name}"
+
+
+def test_bad_rows_switch_value_is_rejected(monkeypatch):
+    monkeypatch.setenv(ROWS_ENV, "avx512bf16")
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(RuntimeError, match="DARE_KERNELS_CPU_ROWS must be auto or avx512f"):
+        sra_attention(q, q, q, backend="cpu")

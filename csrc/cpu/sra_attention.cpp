@@ -32,7 +32,8 @@
 // fp32 P; O is scaled and rounded in one AVX-512 pass. With all keys in one block (M <= 1024) the softmax
 // of a row (max, exp, sum, map row, bf16 P) is one AVX-512 pass (bf16dot::softmax_rows), O is scaled and
 // rounded to bf16 in the P·V product's epilogue, and a map task takes 128 query rows (pick_blocks).
-// fp32 inputs on such a CPU use the same softmax pass with P normalised, P·V then writing the output rows
+// fp32 inputs on a CPU with AVX-512 F/BW/VL use the same softmax pass (built without BF16 where the CPU
+// lacks it: rows512, sra_rows_avx512.h) with P normalised, P·V then writing the output rows
 // (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows). The bf16 backward takes
 // S = Q·K^T and dP = dO·V^T by vdpbf16ps as well (K and V packed per task); fp16 and fp64 are unchanged.
 #include "cpu/sra_attention.h"
@@ -61,6 +62,7 @@
 #include "cpu/cpu_isa.h"
 #include "cpu/cpu_memory.h"
 #include "cpu/sra_bf16_dot.h"
+#include "cpu/sra_rows_avx512.h"
 
 namespace dare::cpu {
 namespace {
@@ -110,12 +112,20 @@ Bf16DotMode bf16_dot_mode() {
   return {true, v != "qk"};
 }
 
-// fp32 inputs: the exact softmax rows in one AVX-512 pass (bf16dot::softmax_rows) where the CPU has the
-// AVX-512 set of the bf16 kernels, unless DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2
-// (read on every call; those give the at::vec row helpers of the build, AVX2).
-bool avx512_rows_enabled() {
-  static const bool hw = bf16dot::supported();
-  return hw && !dare_isa_is_avx2() && !aten_capability_below_avx512();
+// fp32 inputs: the exact softmax rows in one AVX-512 pass where the CPU has AVX-512 F/BW/VL, unless
+// DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2 (those give the at::vec row helpers of the
+// build, AVX2). The pass is built twice from one source: bf16dot::softmax_rows (with AVX512-BF16) and
+// rows512::softmax_rows (without it, for CPUs that lack it), bitwise the same for fp32.
+// DARE_KERNELS_CPU_ROWS=avx512f takes the second on a CPU that has both (to test it). Read on every call.
+enum class F32Rows { Vec, Avx512Bf16, Avx512F };
+F32Rows f32_rows_path() {
+  static const bool hw_bf16 = bf16dot::supported(), hw_f = rows512::supported();
+  const char* env = std::getenv("DARE_KERNELS_CPU_ROWS");
+  const std::string v = env != nullptr ? env : "auto";
+  TORCH_CHECK(v == "auto" || v == "avx512f" || v.empty(), "DARE_KERNELS_CPU_ROWS must be auto or avx512f, got '",
+              v, "'");
+  if (!hw_f || dare_isa_is_avx2() || aten_capability_below_avx512()) return F32Rows::Vec;
+  return hw_bf16 && v != "avx512f" ? F32Rows::Avx512Bf16 : F32Rows::Avx512F;
 }
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
@@ -571,14 +581,18 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
       }
     });
   }
-  // bf16 products (or fp32 inputs, avx512_rows_enabled) with all keys in one block: the softmax, map rows
+  // bf16 products (or fp32 inputs with f32_rows_path() AVX-512) with all keys in one block: the softmax, map rows
   // (and bf16 P) of a head in one AVX-512 pass per row (bf16dot::softmax_rows). Score rows and the task's map rows are kept at a stride of whole 64-byte
   // lines (a masked store of one row's tail then never shares a line with the next row's loads: no stalled
   // store-to-load forwarding); the map rows of the task are summed over heads in a per-thread buffer, the
   // last head's pass writing the sum into the output rows.
   bool fused_rows = false;
   if constexpr (kBf16) fused_rows = exact && bdot.qk;
-  if constexpr (std::is_same_v<scalar_t, float>) fused_rows = exact && avx512_rows_enabled();
+  F32Rows f32_rows = F32Rows::Vec;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    f32_rows = f32_rows_path();
+    fused_rows = exact && f32_rows != F32Rows::Vec;
+  }
   // fp32 with fused rows: P normalised in the softmax pass, so P·V writes the output rows itself (a streamed
   // output: P·V into the block buffer, then the non-temporal stores with a row scale of 1, bitwise the same)
   const bool norm_p = fused_rows && std::is_same_v<scalar_t, float>;
@@ -675,9 +689,11 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             // into the output rows
             const bool first = h == h0, last = h == h0 + heads_per_task - 1;
             acc_t* map_out = map_rows == nullptr ? nullptr : last ? map_rows : mbuf.data();
-            bf16dot::softmax_rows(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp, map_out,
-                                  last ? Mm : ldm, first ? nullptr : mbuf.data(), ldm, map_start, map_stop, inv_h,
-                                  norm_p, row_m.data(), row_l.data(), row_scale.data());
+            // (bf16 inputs here have the bf16 products; fp32 inputs take the rows build f32_rows names)
+            auto* rows_pass = f32_rows == F32Rows::Avx512F ? &rows512::softmax_rows : &bf16dot::softmax_rows;
+            rows_pass(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp, map_out, last ? Mm : ldm,
+                      first ? nullptr : mbuf.data(), ldm, map_start, map_stop, inv_h, norm_p, row_m.data(),
+                      row_l.data(), row_scale.data());
             std::copy_n(row_m.data(), rows, lse_rows);
             add_log_rows(lse_rows, row_l.data(), rows);
             if (bdot.pv) {  // O = P·V scaled by 1/l and rounded to bf16 straight into the output rows

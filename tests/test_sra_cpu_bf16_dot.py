@@ -224,12 +224,14 @@ def test_bad_switch_value_is_rejected(monkeypatch):
 @needs_avx512_default
 @pytest.mark.parametrize("var,value", [("DARE_KERNELS_CPU_ISA", "avx2"), ("ATEN_CPU_CAPABILITY", "avx2")])
 def test_isa_switches_turn_the_bf16_products_off(monkeypatch, var, value):
-    """DARE_KERNELS_CPU_ISA=avx2 (and, for "auto", ATEN_CPU_CAPABILITY=avx2|default) give the fp32 products:
-    bitwise the result of DARE_KERNELS_CPU_BF16_DOT=0."""
+    """DARE_KERNELS_CPU_ISA=avx2 (and, for "auto", ATEN_CPU_CAPABILITY=avx2|default) give the fp32 products
+    and the at::vec rows: bitwise the result of DARE_KERNELS_CPU_BF16_DOT=0 with the at::vec rows."""
     gen = torch.Generator().manual_seed(8)
     q, k, v = make_qkv(1, 2, 40, 77, 40, 40, torch.bfloat16, gen=gen)
     monkeypatch.setenv(ENV, "0")
+    monkeypatch.setenv("DARE_KERNELS_CPU_ISA", "avx2")
     off = sra_attention(q, k, v, return_attn_map=True, return_lse=True, backend="cpu")
+    monkeypatch.delenv("DARE_KERNELS_CPU_ISA")
     monkeypatch.setenv(ENV, "auto")
     on = sra_attention(q, k, v, return_attn_map=True, return_lse=True, backend="cpu")
     assert not torch.equal(on[2], off[2])

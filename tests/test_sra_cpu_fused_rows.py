@@ -1,7 +1,7 @@
 """The fused softmax rows of the CPU SRA forward (bf16dot::softmax_rows, csrc/cpu/sra_bf16_dot.cpp).
 
-With all keys in one block (M <= 1024), bf16 inputs with the bf16 products and fp32 inputs on a CPU with
-AVX-512 run max, exp (our own polynomial), sum, map row, bf16 P (bf16 "1") and, for fp32, P / l in
+With all keys in one block (M <= 1024), bf16 inputs with the bf16 products, and fp32, fp16 and bf16 inputs
+(fp32 products) on a CPU with AVX-512, run max, exp (our own polynomial), sum, map row, bf16 P (bf16 "1") and, for fp32, P / l in
 one AVX-512 pass per row; rows of up to 128 keys are held in registers two at a time, longer rows take a
 general pass. fp32 then writes P·V straight into the output. DARE_KERNELS_CPU_ISA=avx2 gives fp32 the
 at::vec rows of the build; DARE_KERNELS_CPU_ROWS=avx512f the same AVX-512 pass built without BF16 (the
@@ -62,6 +62,8 @@ PATHS = [
     pytest.param(torch.float32, "auto", id="fp32-avx512-rows", marks=needs_avx512_rows),
     pytest.param(torch.float32, "avx512f", id="fp32-avx512f-rows", marks=needs_avx512f_rows),
     pytest.param(torch.float32, "avx2", id="fp32-avx2-rows"),
+    pytest.param(torch.float16, "auto", id="fp16-avx512-rows", marks=needs_avx512f_rows),
+    pytest.param(torch.bfloat16, "0", id="bf16-fp32-products-avx512-rows", marks=needs_avx512f_rows),
     pytest.param(torch.bfloat16, "1", id="bf16-qk-pv", marks=needs_avx512_rows),
     pytest.param(torch.bfloat16, "qk", id="bf16-qk", marks=needs_avx512_rows),
 ]
@@ -81,7 +83,7 @@ CASES = [
 def _set_path(monkeypatch, dtype, mode):
     if dtype == torch.float32 and mode == "avx512f":  # the rows built without AVX512-BF16
         monkeypatch.setenv(ROWS_ENV, mode)
-    elif dtype == torch.float32:
+    elif dtype in (torch.float32, torch.float16):
         monkeypatch.setenv(ISA_ENV, mode)
     else:
         monkeypatch.setenv(DOT_ENV, mode)
@@ -159,3 +161,22 @@ def test_bad_rows_switch_value_is_rejected(monkeypatch):
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(RuntimeError, match="DARE_KERNELS_CPU_ROWS must be auto or avx512f"):
         sra_attention(q, q, q, backend="cpu")
+
+
+@needs_avx512f_rows
+@pytest.mark.parametrize("dtype,dot", [(torch.float16, None), (torch.bfloat16, "0")], ids=["fp16", "bf16-fp32-products"])
+def test_half_inputs_take_the_fused_rows(monkeypatch, dtype, dot):
+    """fp16, and bf16 without the bf16 products, take the AVX-512 rows too (P unnormalised, O scaled on the
+    store): a different computation from the at::vec rows (DARE_KERNELS_CPU_ISA=avx2), within tolerance."""
+    if dot is not None:
+        monkeypatch.setenv(DOT_ENV, dot)
+    gen = torch.Generator().manual_seed(37)
+    q, k, v = make_qkv(2, 2, 64, 77, 40, 40, dtype, gen=gen)
+    w = make_weight("bm", 2, 2, 77, dtype, gen=gen)
+    out = {}
+    for isa in ("auto", "avx2"):
+        monkeypatch.setenv(ISA_ENV, isa)
+        out[isa] = sra_attention(q, k, v, w, return_attn_map=True, return_lse=True, backend="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(out["auto"], out["avx2"])), "the rows did not switch"
+    for a, b, name in zip(out["auto"], out["avx2"], ("o", "map", "lse")):
+        close(a, b.double(), dtype, f"avx512 vs at::vec rows: {name}")

@@ -34,8 +34,9 @@
 // rounded to bf16 in the P·V product's epilogue, and a map task takes 128 query rows (pick_blocks).
 // fp32 inputs on a CPU with AVX-512 F/BW/VL use the same softmax pass (built without BF16 where the CPU
 // lacks it: rows512, sra_rows_avx512.h) with P normalised, P·V then writing the output rows
-// (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows). The bf16 backward takes
-// S = Q·K^T and dP = dO·V^T by vdpbf16ps as well (K and V packed per task); fp16 and fp64 are unchanged.
+// (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows); fp16 inputs, and bf16
+// inputs without the bf16 products, use it with P unnormalised and O scaled on the store. The bf16
+// backward takes S = Q·K^T and dP = dO·V^T by vdpbf16ps as well (K and V packed per task).
 #include "cpu/sra_attention.h"
 
 #include <ATen/ATen.h>
@@ -586,12 +587,17 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
   // lines (a masked store of one row's tail then never shares a line with the next row's loads: no stalled
   // store-to-load forwarding); the map rows of the task are summed over heads in a per-thread buffer, the
   // last head's pass writing the sum into the output rows.
+  // (fp32, fp16 and bf16 without the bf16 products: the rows build f32_rows_path() names; fp16 / bf16 keep P
+  // unnormalised and scale O on the store, as the at::vec rows do)
   bool fused_rows = false;
-  if constexpr (kBf16) fused_rows = exact && bdot.qk;
   F32Rows f32_rows = F32Rows::Vec;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    f32_rows = f32_rows_path();
-    fused_rows = exact && f32_rows != F32Rows::Vec;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (bdot.qk) {
+      fused_rows = exact;
+    } else {
+      f32_rows = f32_rows_path();
+      fused_rows = exact && f32_rows != F32Rows::Vec;
+    }
   }
   // fp32 with fused rows: P normalised in the softmax pass, so P·V writes the output rows itself (a streamed
   // output: P·V into the block buffer, then the non-temporal stores with a row scale of 1, bitwise the same)
@@ -689,7 +695,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
             // into the output rows
             const bool first = h == h0, last = h == h0 + heads_per_task - 1;
             acc_t* map_out = map_rows == nullptr ? nullptr : last ? map_rows : mbuf.data();
-            // (bf16 inputs here have the bf16 products; fp32 inputs take the rows build f32_rows names)
+            // (the bf16 products need the BF16 build, which also writes bf16 P; other inputs take the build
+            // f32_rows names)
             auto* rows_pass = f32_rows == F32Rows::Avx512F ? &rows512::softmax_rows : &bf16dot::softmax_rows;
             rows_pass(s, lds, rows, M, brow, bdot.pv ? pb16.data() : nullptr, ldp, map_out, last ? Mm : ldm,
                       first ? nullptr : mbuf.data(), ldm, map_start, map_stop, inv_h, norm_p, row_m.data(),

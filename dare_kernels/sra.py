@@ -293,6 +293,11 @@ def sra_attention(
         return tuple([res[0]] + [r.float() if r.dtype != torch.float64 else r for r in res[1:]])
 
     fwd, _ = _ops_for(chosen)
+    if token_weight is not None and token_weight.dtype in (torch.float16, torch.bfloat16):
+        # the op gets fp16 / bf16 weights as float32 (exact; the kernels compute the bias in float32 anyway):
+        # its dw [B, H, M] is then summed over a broadcast batch / head in float32 and rounded to the
+        # weight's dtype once, not rounded per (b, h) and summed in bf16 (which loses a cancelling sum)
+        token_weight = token_weight.float()
     w = None if token_weight is None else expand_token_weight(token_weight, B, H, M)
     map_start, map_stop = (start, stop) if return_attn_map else (0, 0)
     out, lse, amap = fwd(query, key, value, w, key_padding_mask, strength, scale, map_start, map_stop)

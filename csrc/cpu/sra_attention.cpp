@@ -52,7 +52,9 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__)
@@ -467,6 +469,23 @@ void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, ac
   if (a != acc_t(1)) scale_row(dst.data(), rows * cols, a);
 }
 
+// rows x len rows of a bf16 tensor (rows l0.. of (b, h)) as the A operand of bf16dot::gemm (pairs along the
+// row): read in place when the rows are unit-stride with an even length, else copied into buf (rows x
+// 2·ceil(len / 2), zero-padded to even). Returns the rows and their stride.
+template <typename scalar_t>
+std::pair<const uint16_t*, int64_t> bf16_pair_rows(const View4<const scalar_t>& x, int64_t b, int64_t h, int64_t l0,
+                                                   int64_t rows, int64_t len, uint16_t* buf) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.at(b, h, l0));
+  if (x.sd == 1 && len % 2 == 0) return {src, rows == 1 ? len : x.sl};
+  const int64_t ld = len + len % 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = buf + r * ld;
+    for (int64_t c = 0; c < len; ++c) d[c] = src[r * x.sl + c * x.sd];
+    if (len % 2 != 0) d[len] = 0;
+  }
+  return {buf, ld};
+}
+
 // c[m x n] (+)= a[m x k]·b[k x n] through brgemm, with a tail of 8 or fewer columns (n > 16) as a product of
 // its own: brgemm pays a whole 16-lane product for it. Each output column's sum is the same either way
 // (measured on d40/M77 fp32: P·V bitwise the same as one product, forward ~4 % faster).
@@ -627,21 +646,8 @@ void forward_kernel(const at::Tensor& query, const at::Tensor& k_op, const at::T
         int64_t ldq = D;
         const uint16_t* q16 = qb16.data();
         int64_t ldq16 = 2 * kpairs;
-        if (bdot.qk && qv.sd == 1 && D % 2 == 0) {  // Q rows read in place as bf16 pairs
-          q16 = reinterpret_cast<const uint16_t*>(qv.at(b, h, i0));
-          ldq16 = rows == 1 ? D : qv.sl;
-        } else if (bdot.qk) {  // Q rows copied as bf16 pairs (D padded to even with a zero)
-          const uint16_t* qs = reinterpret_cast<const uint16_t*>(qv.at(b, h, i0));
-          for (int64_t r = 0; r < rows; ++r) {
-            uint16_t* d = qb16.data() + r * 2 * kpairs;
-            const uint16_t* src = qs + r * qv.sl;
-            if (qv.sd == 1) {
-              std::copy(src, src + D, d);
-            } else {
-              for (int64_t c = 0; c < D; ++c) d[c] = src[c * qv.sd];
-            }
-            if (D % 2 != 0) d[D] = 0;
-          }
+        if (bdot.qk) {  // Q rows as bf16 pairs
+          std::tie(q16, ldq16) = bf16_pair_rows(qv, b, h, i0, rows, D, qb16.data());
         } else if (ldq_direct >= 0) {
           qp = reinterpret_cast<const acc_t*>(qv.at(b, h, i0));
           ldq = ldq_direct;
@@ -885,7 +891,7 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
       const int64_t split = task % nsplit, bh = task / nsplit, b = bh / H, h = bh % H;
       const int64_t qb_begin = split * nqb / nsplit, qb_end = (split + 1) * nqb / nsplit;
       const acc_t* kp = kops.rows(b, h, H, kbuf, k_cached);
-      const acc_t* vp = vops.rows(b, h, H, vbuf, v_cached);
+      const acc_t* vp = bdot ? nullptr : vops.rows(b, h, H, vbuf, v_cached);  // (bdot: dP reads packed V)
       if (bdot) {
         if (pack_cached != bh) {
           const View4<const scalar_t> kv(t.k_op), vv(t.v_op);
@@ -934,24 +940,8 @@ void backward_kernel(const BwdTensors& t, double scale_d, int64_t map_start, int
         const uint16_t *q16 = nullptr, *go16 = nullptr;
         int64_t ldq16 = 0, ldgo16 = 0;
         if (bdot) {
-          auto pairs_rows = [&](const View4<const scalar_t>& x, int64_t len, int64_t npairs, std::vector<uint16_t>& buf,
-                                const uint16_t*& rows16, int64_t& ld16) {
-            const uint16_t* src = reinterpret_cast<const uint16_t*>(x.at(b, h, i0));
-            if (x.sd == 1 && len % 2 == 0) {
-              rows16 = src;
-              ld16 = rows == 1 ? len : x.sl;
-              return;
-            }
-            for (int64_t r = 0; r < rows; ++r) {
-              uint16_t* d = buf.data() + r * 2 * npairs;
-              for (int64_t c = 0; c < len; ++c) d[c] = src[r * x.sl + c * x.sd];
-              if (len % 2 != 0) d[len] = 0;
-            }
-            rows16 = buf.data();
-            ld16 = 2 * npairs;
-          };
-          pairs_rows(qv, D, kpairs, q16buf, q16, ldq16);
-          pairs_rows(gov, Dv, vpairs, go16buf, go16, ldgo16);
+          std::tie(q16, ldq16) = bf16_pair_rows(qv, b, h, i0, rows, D, q16buf.data());
+          std::tie(go16, ldgo16) = bf16_pair_rows(gov, b, h, i0, rows, Dv, go16buf.data());
         }
         const acc_t* lse_rows = lse_p + bh * N + i0;
         const acc_t* glse_rows = glse_p != nullptr ? glse_p + bh * N + i0 : nullptr;

@@ -75,16 +75,21 @@ CASES = [
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
 def test_bf16_forward_matches_reference(monkeypatch, case, mode):
+    # gradients on the small cases: the backward reuses the forward's O and LSE
+    _check_case(monkeypatch, case, mode, seed=17, with_grad=case[3] <= 226)
+
+
+def _check_case(monkeypatch, case, mode, seed, with_grad):
+    """One CASES / BWD_CASES row in DARE_KERNELS_CPU_BF16_DOT=mode against the float64 reference."""
     B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
-    gen = torch.Generator().manual_seed(17)
+    gen = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
     w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
     mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
     if mask is not None:
         mask[:, 0] = True
     monkeypatch.setenv(ENV, mode)
-    # gradients on the small cases: the backward reuses the forward's O and LSE
-    res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=M <= 226, gen=gen)
+    res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=with_grad, gen=gen)
     check_all(res, torch.bfloat16)
 
 
@@ -127,16 +132,7 @@ BWD_CASES = [
 def test_bf16_backward_matches_reference(monkeypatch, case, mode):
     """The backward's S and dP = dO·V^T take the bf16 products in modes "qk" and "1" (dV, dK, dQ stay fp32):
     gradients of q, k, v and the weights (through the output, the map and the LSE) against float64."""
-    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
-    gen = torch.Generator().manual_seed(19)
-    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
-    w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
-    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
-    if mask is not None:
-        mask[:, 0] = True
-    monkeypatch.setenv(ENV, mode)
-    res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=True, gen=gen)
-    check_all(res, torch.bfloat16)
+    _check_case(monkeypatch, case, mode, seed=19, with_grad=True)
 
 
 @needs_avx512_default

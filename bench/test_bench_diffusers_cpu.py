@@ -77,7 +77,7 @@ def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=
     M = key.shape[2]
     t0, t1 = (0, M) if text_slice is None else text_slice
     s = torch.matmul(query, key.transpose(-1, -2)) * D ** -0.5
-    w = handle._weights_for(self.layer_name, B, t1 - t0, frames, query.device, query.dtype)
+    w = handle.token_weights(self.layer_name, B, t1 - t0, frames=frames, device=query.device, dtype=query.dtype)
     if w is not None:
         bias = torch.zeros(B, M, dtype=s.dtype)
         bias[:, t0:t1] = handle.strength * torch.log(w)  # log 0 = -inf drops the key
@@ -88,11 +88,11 @@ def _eager_attend(self, query, key, value, *, text_slice=None, key_padding_mask=
         s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1)
     out = torch.matmul(p, value)
-    if handle._capturing:
+    if handle.capture_maps:
         amap = p[..., t0:t1].mean(dim=1)
         if map_rows is not None:
             amap = amap[:, map_rows[0]:map_rows[1]]
-        handle._record_map(self.layer_name, amap, frames)
+        handle.record_map(self.layer_name, amap, frames=frames)
     return out
 
 

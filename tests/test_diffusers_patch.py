@@ -1,4 +1,4 @@
-"""apply_dare on tiny random Wan / LTX-Video / CogVideoX / AnimateDiff models (nothing downloaded).
+"""apply_dare on tiny random Wan / LTX-Video / CogVideoX / HunyuanVideo / AnimateDiff models (nothing downloaded).
 
 For each model: patched with all weights 1 equals stock; with weights equals the *stock diffusers code*
 whose attention core is replaced by the float64 oracle ``reference.sra_attention_ref`` (so projections,
@@ -75,6 +75,23 @@ def _cog(rope=True):
     return dict(model=model, call=call, B=B, M=M, grid=(2, 4, 4), frames=1, kind="cogvideox", mask=None)
 
 
+def _hunyuan():
+    model = tiny.tiny_hunyuan_video(num_layers=1, num_single_layers=1)
+    B, M = 2, 12
+    x = torch.randn(B, 4, 3, 8, 8)  # grid 3 x 4 x 4 = 48 video tokens
+    e = torch.randn(B, M, 32)
+    mask = torch.ones(B, M)
+    mask[0, 9:] = 0
+    mask[1, 5:] = 0
+    pooled = torch.randn(B, 16)
+
+    def call():
+        return model(x, torch.full((B,), T_STEP), e, mask, pooled, guidance=torch.full((B,), 3000.0),
+                     return_dict=False)[0]
+
+    return dict(model=model, call=call, B=B, M=M, grid=(3, 4, 4), frames=1, kind="hunyuan", mask=mask.bool())
+
+
 def _animatediff():
     model = tiny.tiny_animatediff()
     B, F, M = 2, 3, 10
@@ -93,6 +110,7 @@ CASES = {
     "ltx": _ltx,
     "cogvideox": _cog,
     "cogvideox_no_rope": lambda: _cog(rope=False),
+    "hunyuan_video": _hunyuan,
     "animatediff": _animatediff,
 }
 
@@ -113,12 +131,30 @@ def _rel(a, b):
 # the oracle path: stock diffusers code, attention core = sra_attention_ref in float64
 # ---------------------------------------------------------------------------------------------
 
-class _Oracle:
-    """Replaces the attention call inside the stock processors; records the oracle's maps in call order."""
+def joint_renormalized_ref(w, strength, valid=None):
+    """float64 oracle of the joint renormalisation (SPEC §1): w / (mean over valid text keys of w^γ)^(1/γ)."""
+    w = w.double()
+    valid = torch.ones_like(w, dtype=torch.bool) if valid is None else valid
+    mean = (w.pow(strength) * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
+    return w / mean.pow(1.0 / strength)
 
-    def __init__(self, case, weights, strength):
+
+class _Oracle:
+    """Replaces the attention call inside the stock processors; records the oracle's maps in call order.
+
+    Joint-attention models (CogVideoX, HunyuanVideo) get the text weights renormalised by the float64 formula
+    unless ``joint_renormalize=False``.
+    """
+
+    def __init__(self, case, weights, strength, joint_renormalize=True):
         self.case, self.w, self.strength = case, weights, strength
+        self.joint_renormalize = joint_renormalize
         self.maps = []
+
+    def _joint(self, w, valid=None):
+        if w is None or not self.joint_renormalize:
+            return w
+        return joint_renormalized_ref(w, self.strength, valid)
 
     def _ref(self, q, k, v, w, kpm, map_keys, map_rows):
         o, amap = sra_attention_ref(q.double(), k.double(), v.double(), None if w is None else w.double(),
@@ -149,6 +185,20 @@ class _Oracle:
                 return o.transpose(1, 2)
 
             monkeypatch.setattr(mod, "dispatch_attention_fn", dispatch)
+        elif kind == "hunyuan":
+            import diffusers.models.transformers.transformer_hunyuan_video as hv_mod
+
+            def dispatch(query, key, value, attn_mask=None, **kw):  # [B, N + M, H, D], text keys last
+                total = key.shape[1]
+                kpm = attn_mask[:, 0, 0, :]
+                w = self._joint(self.w, kpm[:, total - M:])
+                if w is not None:
+                    w = torch.cat([torch.ones(c["B"], total - M, dtype=w.dtype), w], dim=1)
+                o = self._ref(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), w, kpm,
+                              (total - M, total), (0, total - M))
+                return o.transpose(1, 2)
+
+            monkeypatch.setattr(hv_mod, "dispatch_attention_fn", dispatch)
         else:
             import diffusers.models.attention_processor as ap
 
@@ -158,7 +208,8 @@ class _Oracle:
             def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):  # [B, H, N, D]
                 if kind == "cogvideox":
                     total = key.shape[2]
-                    w = None if self.w is None else torch.cat([self.w, torch.ones(B, total - M)], dim=1)
+                    w = self._joint(self.w)
+                    w = None if w is None else torch.cat([w, torch.ones(B, total - M, dtype=w.dtype)], dim=1)
                     return self._ref(query, key, value, w, None, (0, M), (M, total))
                 if key.shape[2] != M or key.shape[0] != B * frames:
                     return real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -251,7 +302,7 @@ def test_maps_sum_to_one_over_keys(case):
             assert amap.shape[0] == B and amap.shape[2] == M
             assert bool((amap >= 0).all())
             assert bool((amap[:, :, 1] == 0).all()), "a zero-weight key must get no attention"
-            if case["kind"] == "cogvideox":
+            if case["kind"] in ("cogvideox", "hunyuan"):
                 # joint attention: only the text columns are mapped, the video keys hold the rest
                 s = amap.sum(-1)
                 assert bool((s < 1).all()) and bool((s > 0).all())
@@ -284,7 +335,7 @@ def test_only_text_attention_is_patched():
     from dare_kernels.integrations.diffusers.processors import _DAREProcessorBase
 
     torch.manual_seed(0)
-    for c in (_wan(), _ltx(), _cog(), _animatediff()):
+    for c in (_wan(), _ltx(), _cog(), _hunyuan(), _animatediff()):
         model = c["model"]
         with apply_dare(model) as h:
             patched = [n for n, m in model.named_modules()
@@ -295,6 +346,8 @@ def test_only_text_attention_is_patched():
                 assert any(n.startswith("up_blocks") for n in patched) and any("mid_block" in n for n in patched)
             elif c["kind"] == "cogvideox":
                 assert all(n.endswith("attn1") for n in patched)
+            elif c["kind"] == "hunyuan":
+                assert patched == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
             else:
                 assert all(n.endswith("attn2") for n in patched)
             assert len(patched) > 0

@@ -147,12 +147,24 @@ def test_wrong_weight_length_and_batch():
     model = tiny.tiny_wan(num_layers=1)
     x, t, e = torch.randn(2, 4, 2, 4, 4), torch.tensor([500.0, 500.0]), torch.randn(2, 512, 32)
     with apply_dare(model) as h:
-        h.set_token_weights(torch.rand(2, 77))
-        with pytest.raises(ValueError, match=r"77 entries per prompt.*attends 512 text tokens.*pads every prompt"):
-            model(x, t, e)
-        h.set_token_weights(torch.rand(3, 512))
-        with pytest.raises(ValueError, match="hold 3 prompts"):
-            model(x, t, e)
+        # the length is checked when the weights are set (Wan fixes M = 512), whatever the values
+        for w in (torch.rand(2, 77), torch.ones(77), torch.ones(2, 77)):
+            with pytest.raises(ValueError, match=r"77 entries per prompt.*attends 512 text tokens.*pads every prompt"):
+                h.set_token_weights(w)
+        with pytest.raises(ValueError, match=r"77 entries per prompt"):
+            h.set_token_weights({"cond": torch.ones(512), "degraded": torch.ones(77)})
+        # the batch against each forward's branches, all-ones weights included (they run the stock fast path)
+        for w in (torch.rand(3, 512), torch.ones(3, 512)):
+            h.set_token_weights(w)
+            with pytest.raises(ValueError, match="hold 3 prompts"):
+                model(x, t, e)
+        h.set_token_weights(torch.ones(1, 512))  # one prompt tiles a branch of 2 samples
+        model(x, t, e)
+        for bad in (float("nan"), float("inf"), -1.0):
+            w = torch.ones(512)
+            w[5] = bad
+            with pytest.raises(ValueError, match="non-negative, finite and not NaN"):
+                h.set_token_weights(w)
         with pytest.raises(ValueError, match="non-negative"):
             h.set_token_weights(-torch.rand(2, 512))
         with pytest.raises(ValueError, match=r"\[B, M\] or \[M\]"):

@@ -8,9 +8,11 @@ Importing this package imports diffusers only when ``DAREGuidance`` is first use
 from __future__ import annotations
 
 from .guidance import CFG_MODES, dare_guidance
+from .models import MODEL_TABLE, ModelEntry
 from .patch import BRANCHES, SUPPORTED_MODELS, DAREHandle, apply_dare
 
-__all__ = ["apply_dare", "DAREHandle", "SUPPORTED_MODELS", "BRANCHES", "DAREGuidance", "dare_guidance",
+__all__ = ["apply_dare", "DAREHandle", "SUPPORTED_MODELS", "MODEL_TABLE", "ModelEntry", "BRANCHES", "DAREGuidance",
+           "dare_guidance",
            "CFG_MODES"]
 
 

@@ -8,39 +8,32 @@
 
 CFG branches. A forward's samples belong to branches: "uncond", "cond" and (DARE sampling) "degraded".
 The handle learns the branch layout of each forward from, in order: ``with handle.branch(...)`` /
-the DARE guiders (explicit), diffusers' ``model.cache_context(name)`` (stock Wan runs "cond" and
-"uncond" as separate passes; stock LTX / CogVideoX run one "cond_uncond" pass with the negative
-prompt first), else the whole batch is "cond" (a plain forward, as in training). Weights are given
-per branch (``set_token_weights(w, only_cond=True)`` leaves the unconditional pass stock).
+the DARE guiders (explicit), diffusers' ``model.cache_context(name)`` (stock Wan / HunyuanVideo run
+"cond" and "uncond" as separate passes; stock LTX / CogVideoX run one "cond_uncond" pass with the
+negative prompt first), the batched [uncond; cond] pass of a pipeline without cache_context
+(AnimateDiff; apply_dare must be given the pipeline), else the whole batch is "cond" (a plain forward,
+as in training). Weights are given per branch (``set_token_weights(w, only_cond=True)`` leaves the
+unconditional pass stock).
+
+The supported models are the entries of ``models.MODEL_TABLE``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, Iterator
 
 import torch
 
 from ...sra import BACKENDS
-from .processors import (
-    DAREAttnProcessor,
-    DARECogVideoXAttnProcessor,
-    DARELTXAttnProcessor,
-    DAREWanAttnProcessor,
-)
+from .models import SUPPORTED_MODELS, ForwardInfo, ModelEntry, entry_for
+from .weights import WAN_PADDING_HINT, check_batch, check_length, check_weight, fit_weight
 
 __all__ = ["apply_dare", "DAREHandle", "SUPPORTED_MODELS", "BRANCHES"]
 
 BRANCHES = ("uncond", "cond", "degraded")
-
-# class name -> what gets patched (the error for an unsupported model lists these)
-SUPPORTED_MODELS = {
-    "WanTransformer3DModel": "Wan 2.1 / 2.2 (T2V, I2V, FLF2V): text cross-attention blocks[i].attn2",
-    "LTXVideoTransformer3DModel": "LTX-Video: text cross-attention transformer_blocks[i].attn2 (with its text mask)",
-    "CogVideoXTransformer3DModel": "CogVideoX 1.0 / 1.5: joint text+video transformer_blocks[i].attn1 (text keys only)",
-    "UNetMotionModel": "AnimateDiff: spatial text cross-attention attn2 (motion modules untouched)",
-}
 
 _CONTEXT_LAYOUTS = {
     "cond": ("cond",),
@@ -55,95 +48,50 @@ def _supported_list() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# model discovery: which attention layers to patch, with which processor
+# model discovery: which attention layers to patch, with which processor (the table in models.py)
 # ---------------------------------------------------------------------------------------------
 
-def _model_kind(model) -> str | None:
-    from diffusers import (
-        CogVideoXTransformer3DModel,
-        LTXVideoTransformer3DModel,
-        UNetMotionModel,
-        WanTransformer3DModel,
-    )
-
-    for cls, kind in ((WanTransformer3DModel, "wan"), (LTXVideoTransformer3DModel, "ltx"),
-                      (CogVideoXTransformer3DModel, "cogvideox"), (UNetMotionModel, "animatediff")):
-        if isinstance(model, cls):
-            return kind
-    return None
-
-
-def _check_processor(name: str, attn, allowed: tuple[type, ...], hint: str = "") -> None:
-    proc = attn.processor
-    if not isinstance(proc, allowed):
-        expected = " or ".join(c.__name__ for c in allowed)
-        raise TypeError(
-            f"apply_dare: layer {name} uses processor {type(proc).__name__}, DARE replaces {expected} only"
-            f"{hint}. Restore the stock processor (e.g. model.set_default_attn_processor()) first."
-        )
-
-
-def _find_layers(model, kind: str, prefix: str) -> list[tuple[str, Any, type]]:
-    """[(qualified layer name, attention module, DARE processor class)] for one model."""
+def _find_layers(model, entry: ModelEntry, prefix: str) -> list[tuple[str, Any, type]]:
+    """[(qualified layer name, attention module, DARE processor class)] for one model; refuses replaced processors."""
+    allowed = entry.stock_processors()
     layers = []
-    if kind == "wan":
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        for i, block in enumerate(model.blocks):
-            name = f"{prefix}blocks.{i}.attn2"
-            _check_processor(name, block.attn2, (WanAttnProcessor,))
-            layers.append((name, block.attn2, DAREWanAttnProcessor))
-    elif kind == "ltx":
-        from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
-
-        for i, block in enumerate(model.transformer_blocks):
-            name = f"{prefix}transformer_blocks.{i}.attn2"
-            _check_processor(name, block.attn2, (LTXVideoAttnProcessor,))
-            layers.append((name, block.attn2, DARELTXAttnProcessor))
-    elif kind == "cogvideox":
-        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
-
-        for i, block in enumerate(model.transformer_blocks):
-            name = f"{prefix}transformer_blocks.{i}.attn1"
-            _check_processor(name, block.attn1, (CogVideoXAttnProcessor2_0,),
-                             " (fused QKV projections: call model.unfuse_qkv_projections() first)")
-            layers.append((name, block.attn1, DARECogVideoXAttnProcessor))
-    elif kind == "animatediff":
-        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-
-        for mname, module in model.named_modules():
-            parts = mname.split(".")
-            if not isinstance(module, Attention) or parts[-1] != "attn2" or "motion_modules" in parts:
-                continue
-            if not module.is_cross_attention:
-                continue
-            name = prefix + mname
-            _check_processor(name, module, (AttnProcessor2_0, AttnProcessor))
-            layers.append((name, module, DAREAttnProcessor))
+    for rel_name, attn in entry.find_layers(model):
+        name = prefix + rel_name
+        proc = attn.processor
+        if not isinstance(proc, allowed):
+            expected = " or ".join(c.__name__ for c in allowed)
+            raise TypeError(
+                f"apply_dare: layer {name} uses processor {type(proc).__name__}, DARE replaces {expected} only"
+                f"{entry.refuse_hint}. Restore the stock processor (e.g. model.set_default_attn_processor()) first."
+            )
+        layers.append((name, attn, entry.dare_processor))
     if not layers:
         raise ValueError(f"apply_dare: found no text-conditioning attention layer to patch in {type(model).__name__}")
     return layers
 
 
-def _models_of(obj) -> list[tuple[str, torch.nn.Module]]:
-    """[(prefix, model)] for a supported model or a pipeline holding one (Wan 2.2: transformer and transformer_2)."""
+def _models_of(obj) -> list[tuple[str, torch.nn.Module, ModelEntry]]:
+    """[(prefix, model, entry)] for a supported model or a pipeline holding one (Wan 2.2 A14B: two experts)."""
     if isinstance(obj, torch.nn.Module):
-        if _model_kind(obj) is None:
+        entry = entry_for(obj)
+        if entry is None:
             raise TypeError(
                 f"apply_dare: {type(obj).__name__} is not supported. Supported models: {_supported_list()}; "
-                "or a pipeline holding one of them (WanPipeline, LTXPipeline, CogVideoXPipeline, AnimateDiffPipeline, ...)"
+                "or a pipeline holding one of them (WanPipeline, LTXPipeline, CogVideoXPipeline, "
+                "HunyuanVideoPipeline, AnimateDiffPipeline, ...)"
             )
-        return [("", obj)]
+        return [("", obj, entry)]
     found = []
     for attr in ("transformer", "transformer_2", "unet"):
         model = getattr(obj, attr, None)
         if isinstance(model, torch.nn.Module):
-            if _model_kind(model) is None:
+            entry = entry_for(model)
+            if entry is None:
                 raise TypeError(
                     f"apply_dare: {type(obj).__name__}.{attr} is a {type(model).__name__}, which is not supported. "
                     f"Supported models: {_supported_list()}"
                 )
-            found.append((f"{attr}.", model))
+            found.append((f"{attr}.", model, entry))
     if not found:
         raise TypeError(
             f"apply_dare: expected a diffusers model or pipeline, got {type(obj).__name__}. "
@@ -163,6 +111,10 @@ class DAREHandle:
         strength: γ of SRA attention (bias γ·log w_j); may be changed between forwards.
         backend: sra_attention backend ("auto", "cpu", "triton", "cuda", "reference").
         capture_maps: record the head-averaged maps of every patched layer on each forward.
+        joint_renormalize: in joint text+video attention (CogVideoX, HunyuanVideo) rescale each sample's text
+            weights so that mean(w^γ) over its valid text keys is 1 (SPEC §1), so the weights redistribute
+            attention among the text tokens; False = the raw weights. Cross-attention models ignore it (their
+            softmax is over text keys only, where a common factor changes nothing). Default True.
         maps: {layer name: float32 [B_model, N_video, M_text]} of the latest forward (rows in the model's batch
             order; AnimateDiff rows are samples, frames unfolded into N). Keeps the autograd graph when grad is on.
         branch_maps: {"uncond" | "cond" | "degraded": {layer: map rows of that branch}} of the latest forward
@@ -170,27 +122,38 @@ class DAREHandle:
         map_grids: {layer: (frames, height, width)} of the latent token grid behind N (None when N is a
             context-parallel shard or the grid is unknown).
         layers: names of the patched layers.
+        text_len: the text length the patched models fix (Wan 512; CogVideoX with learned positions its
+            ``max_text_seq_length``), checked when weights are set; None = any length (checked per forward).
         fast_path: when a forward needs neither weights (none set, or all exactly 1) nor maps, run diffusers'
             own attention call instead of sra_attention (bitwise stock output, stock speed). Default True.
+
+    Processor interface (what the DARE processors call; also for custom processors): ``token_weights``,
+    ``record_map``, ``frames_folded``, ``current_layout`` and the attributes above.
     """
 
-    def __init__(self, strength: float, capture_maps: bool, backend: str):
+    def __init__(self, strength: float, capture_maps: bool, backend: str, joint_renormalize: bool = True,
+                 text_len: int | None = None):
         self.strength = float(strength)
         self.capture_maps = bool(capture_maps)
         self.backend = backend
+        self.joint_renormalize = bool(joint_renormalize)
+        self.text_len = text_len
         self.maps: dict[str, torch.Tensor] = {}
         self.branch_maps: dict[str, dict[str, torch.Tensor]] = {}
         self.map_grids: dict[str, tuple[int, int, int] | None] = {}
-        self._models: list[tuple[str, torch.nn.Module, str]] = []
+        self.fast_path = True
+        self._models: list[tuple[str, torch.nn.Module, ModelEntry]] = []
         self._layers: list[tuple[str, Any, Any]] = []  # (name, attn module, original processor)
+        self._length_hint = ""  # appended to a wrong-length error (Wan's padding)
         self._hooks: list[Any] = []
-        self._spec: dict[str, torch.Tensor | None] | None = None
-        self._forced_layout: tuple[str, ...] | None = None
-        self._context_name: str | None = None
-        self._fwd: dict[str, Any] = {}  # per-forward state: batch, frames, latent grid, layout
+        self._pipeline: weakref.ref | None = None  # the pipeline given to apply_dare (batched-CFG layout)
+        self._spec: dict[str, torch.Tensor | None] | None = None  # per-branch weights, None = unweighted
+        self._shapes: dict[str, tuple[int | None, int] | None] = {}  # per-branch (prompts, M), all-ones included
+        self._forced_layout: tuple[str, ...] | None = None  # with handle.branch(...) / the DARE guiders
+        self._context_name: str | None = None  # the model's cache_context name
+        self._fwd: dict[str, Any] = {}  # per-forward state: batch, frames, latent grid, batched CFG
         self._wcache: dict[tuple, torch.Tensor | None] = {}
         self._active = False
-        self.fast_path = True
 
     # -- public API -------------------------------------------------------------------------
 
@@ -207,12 +170,15 @@ class DAREHandle:
 
         Args:
             weights: [B, M] or [M] tensor (M = the text length the patched layers attend: Wan 512 including
-                padding, CogVideoX 226, LTX 128, ...); or a dict {"cond": w, "uncond": w, "degraded": w} with
-                None for "unweighted". A batch of B prompts is tiled when a branch holds k·B samples.
+                padding, CogVideoX 226, HunyuanVideo 256, LTX 128, AnimateDiff 77, ...); or a dict
+                {"cond": w, "uncond": w, "degraded": w} with None for "unweighted". A batch of B prompts is tiled
+                when a branch holds k·B samples.
             only_cond: apply ``weights`` to the conditional (and degraded) branch only; the unconditional
                 pass stays stock.
             degraded: weights of the degraded branch (e.g. 0 on the high-density tokens, SPEC §3);
                 default: the same as the conditional branch.
+        Checked here, whatever the values (all ones too): type, rank, values (NaN, negative, infinite) and the
+        length M against ``text_len`` where the model fixes it; the batch against each forward's branches.
         From a fitted ``TokenDensity``: ``set_token_weights(density.weights(token_ids))`` (it gives padding weight 0,
         i.e. drops Wan's padding keys, which stock Wan attends; pass ``pad_id=None`` to keep them at the floor).
         """
@@ -222,11 +188,18 @@ class DAREHandle:
                 raise ValueError(f"set_token_weights: unknown branch names {sorted(unknown)}; use {BRANCHES}")
             if only_cond or degraded is not None:
                 raise ValueError("set_token_weights: give only_cond / degraded only with a single weights tensor")
-            spec = {b: self._check_weight(weights.get(b), f"weights[{b!r}]") for b in BRANCHES}
+            spec = {b: check_weight(weights.get(b), f"weights[{b!r}]") for b in BRANCHES}
         else:
-            w = self._check_weight(weights, "weights")
-            d = self._check_weight(degraded, "degraded") if degraded is not None else w
+            w = check_weight(weights, "weights")
+            d = check_weight(degraded, "degraded") if degraded is not None else w
             spec = {"cond": w, "uncond": None if only_cond else w, "degraded": d}
+        if self.text_len is not None and self._layers:
+            for v in spec.values():
+                if v is not None:
+                    check_length(v.shape[-1], self.text_len, self._layers[0][0], self._length_hint)
+        # the shapes are kept for the per-forward batch check, whatever the values
+        self._shapes = {b: None if v is None else (v.shape[0] if v.dim() == 2 else None, v.shape[-1])
+                        for b, v in spec.items()}
         # all-ones weights change nothing (SPEC §1): drop them so the fast path can run (one check, here)
         spec = {b: (None if v is not None and bool((v == 1).all()) else v) for b, v in spec.items()}
         self._spec = None if all(v is None for v in spec.values()) else spec
@@ -289,66 +262,44 @@ class DAREHandle:
         return (f"DAREHandle({len(self._layers)} layers, strength={self.strength}, capture_maps={self.capture_maps}, "
                 f"backend={self.backend!r}, active={self._active})")
 
-    # -- internals used by the processors ---------------------------------------------------
+    # -- processor interface ----------------------------------------------------------------
 
-    @staticmethod
-    def _check_weight(w, what: str):
-        if w is None:
-            return None
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"set_token_weights: {what} must be a torch.Tensor [B, M] or [M], got {type(w).__name__}")
-        if not w.is_floating_point():
-            raise TypeError(f"set_token_weights: {what} must be floating point, got {w.dtype}")
-        if w.dim() not in (1, 2):
-            raise ValueError(f"set_token_weights: {what} must be [B, M] or [M], got shape {list(w.shape)}")
-        if w.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(torch.isnan(w).any()) or bool((w < 0).any()):
-                raise ValueError(f"set_token_weights: {what} must be non-negative and not NaN")
-        return w
+    def current_layout(self) -> tuple[str, ...]:
+        """The CFG branches stacked along the batch of the running forward, in batch order.
 
-    @property
-    def _capturing(self) -> bool:
-        return self.capture_maps
-
-    def _layout(self, model_batch: int) -> tuple[str, ...]:
+        From, in order: ``with handle.branch(...)`` / the DARE guiders; the model's ``cache_context`` name; a
+        batched [uncond; cond] forward of the pipeline given to apply_dare (AnimateDiff: the pipeline says
+        ``do_classifier_free_guidance`` and the batch is two copies of one latent batch); else ("cond",).
+        """
         if self._forced_layout is not None:
             return self._forced_layout
         if self._context_name in _CONTEXT_LAYOUTS:
             return _CONTEXT_LAYOUTS[self._context_name]
+        if self._fwd.get("cfg_batched"):
+            return ("uncond", "cond")
         return ("cond",)
 
-    def _frames_folded(self, attn_batch: int) -> int:
-        """Frames folded into an AnimateDiff attention batch (attention batch = model batch × frames)."""
+    def _layout(self, model_batch: int | None = None) -> tuple[str, ...]:
+        """Former private name of :meth:`current_layout` (tests/test_diffusers_guidance.py reads it)."""
+        return self.current_layout()
+
+    def frames_folded(self, attn_batch: int) -> int:
+        """Frames folded into an AnimateDiff attention batch (attention batch = model batch × frames), else 1."""
         frames = self._fwd.get("frames", 1)
         model_batch = self._fwd.get("batch")
         if model_batch is not None and attn_batch == model_batch * frames:
             return frames
         return 1
 
-    def _fit(self, w: torch.Tensor, branch: str, chunk: int, m: int, layer: str) -> torch.Tensor:
-        if w.shape[-1] != m:
-            hint = ""
-            if ".attn2" in layer and "blocks" in layer and "transformer_blocks" not in layer:
-                hint = (" (Wan pads every prompt to 512 tokens and attends the padding; give weights for all 512 "
-                        "positions, e.g. 1 on the padding for stock behaviour or 0 to drop it)")
-            raise ValueError(
-                f"token weights have {w.shape[-1]} entries per prompt, but layer {layer} attends {m} text tokens{hint}"
-            )
-        if w.dim() == 1:
-            return w.view(1, m).expand(chunk, m)
-        b = w.shape[0]
-        if b == chunk:
-            return w
-        if b >= 1 and chunk % b == 0:
-            return w.repeat(chunk // b, 1)
-        raise ValueError(
-            f"token weights hold {b} prompts, but the {branch!r} branch of this forward at layer {layer} has "
-            f"{chunk} samples (expected {chunk} or a divisor of it)"
-        )
+    def token_weights(self, layer: str, attn_batch: int, m: int, *, frames: int = 1, device=None,
+                      dtype=torch.float32) -> torch.Tensor | None:
+        """[attn_batch, M] weights of this forward at ``layer`` (None = unweighted), cached per forward.
 
-    def _weights_for(self, layer: str, attn_batch: int, m: int, frames: int, device, dtype):
-        """[attn_batch, M] weights of this forward (None = unweighted), cached per forward."""
-        if self._spec is None:
+        Rows follow ``current_layout()``; a branch without weights gets ones; ``frames`` > 1 repeats each sample's
+        row per frame (AnimateDiff). Float64 for float64 queries, else float32. Raises ValueError when the weights
+        set do not fit this forward (length, prompts per branch), all-ones weights included.
+        """
+        if self._spec is None and not any(self._shapes.values()):
             return None
         key = (attn_batch, m, frames, device, dtype)
         if key in self._wcache:
@@ -356,41 +307,47 @@ class DAREHandle:
         if attn_batch % frames:
             raise ValueError(f"layer {layer}: attention batch {attn_batch} is not a multiple of {frames} frames")
         model_batch = attn_batch // frames
-        layout = self._layout(model_batch)
+        layout = self.current_layout()
         if model_batch % len(layout):
             raise ValueError(
                 f"layer {layer}: a batch of {model_batch} cannot hold the CFG branches {layout} in equal parts"
             )
         chunk = model_batch // len(layout)
-        wdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        parts, weighted = [], False
-        for br in layout:
-            w = self._spec.get(br)
-            if w is None:
-                parts.append(torch.ones(chunk, m, device=device, dtype=wdtype))
-            else:
-                weighted = True
-                parts.append(self._fit(w, br, chunk, m, layer).to(device=device, dtype=wdtype))
+        for br in layout:  # shape checks whatever the values (all-ones weights run the fast path)
+            shape = self._shapes.get(br)
+            if shape is not None:
+                check_length(shape[1], m, layer, self._length_hint)
+                check_batch(shape[0], br, chunk, layer)
         out = None
-        if weighted:
+        if self._spec is not None and any(self._spec.get(br) is not None for br in layout):
+            wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+            parts = []
+            for br in layout:
+                w = self._spec.get(br)
+                if w is None:
+                    parts.append(torch.ones(chunk, m, device=device, dtype=wdtype))
+                else:
+                    parts.append(fit_weight(w, br, chunk, m, layer).to(device=device, dtype=wdtype))
             out = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
             if frames > 1:
                 out = out.repeat_interleave(frames, dim=0)
         self._wcache[key] = out
         return out
 
-    def _record_map(self, layer: str, amap: torch.Tensor, frames: int) -> None:
-        """Store [attn_batch, N, T] as [model_batch, frames·N, T]; also split it per CFG branch."""
+    def record_map(self, layer: str, amap: torch.Tensor, *, frames: int = 1) -> None:
+        """Store a layer's map [attn_batch, N, T] as [model_batch, frames·N, T]; also split it per CFG branch."""
         if frames > 1:
             ab, n, t = amap.shape
             amap = amap.reshape(ab // frames, frames * n, t)
         self.maps[layer] = amap
         self.map_grids[layer] = self._grid_for(amap.shape[1])
-        layout = self._layout(amap.shape[0])
+        layout = self.current_layout()
         if amap.shape[0] % len(layout) == 0:
             c = amap.shape[0] // len(layout)
             for k, br in enumerate(layout):
                 self.branch_maps.setdefault(br, {})[layer] = amap[k * c:(k + 1) * c]
+
+    # -- internals --------------------------------------------------------------------------
 
     def _grid_for(self, n: int):
         grid = self._fwd.get("grid")
@@ -407,32 +364,34 @@ class DAREHandle:
                 return (f, hh, ww)
         return None
 
-    # forward pre-hook on each patched model: the batch and the latent token grid of this forward
-    def _pre_hook(self, kind: str, model, args, kwargs) -> None:
-        def arg(name, idx):
-            if name in kwargs:
-                return kwargs[name]
-            return args[idx] if len(args) > idx else None
+    def _batched_cfg(self, info: ForwardInfo) -> bool:
+        """Whether this forward is a pipeline's batched [uncond; cond] CFG pass that no cache_context names.
 
-        hs = arg("sample" if kind == "animatediff" else "hidden_states", 0)
-        grid, batch, frames = None, None, 1
-        if isinstance(hs, torch.Tensor):
-            batch = hs.shape[0]
-            cfg = model.config
-            if kind == "wan" and hs.dim() == 5:
-                pt, ph, pw = cfg.patch_size
-                grid = (hs.shape[2] // pt, hs.shape[3] // ph, hs.shape[4] // pw)
-            elif kind == "cogvideox" and hs.dim() == 5:
-                p, pt = cfg.patch_size, cfg.patch_size_t or 1
-                grid = (hs.shape[1] // pt, hs.shape[3] // p, hs.shape[4] // p)
-            elif kind == "ltx":
-                nf, h, w = arg("num_frames", 4), arg("height", 5), arg("width", 6)
-                if all(isinstance(x, int) for x in (nf, h, w)):
-                    grid = (nf // cfg.patch_size_t, h // cfg.patch_size, w // cfg.patch_size)
-            elif kind == "animatediff" and hs.dim() == 5:
-                frames = hs.shape[2]
-                grid = (frames, hs.shape[3], hs.shape[4])
-        self._fwd = {"batch": batch, "grid": grid, "frames": frames}
+        AnimateDiff pipelines run torch.cat([negative, positive]) prompts on torch.cat([latents] * 2) in one UNet
+        call. The pipeline's public ``do_classifier_free_guidance`` (set from guidance_scale at the start of each
+        call) says CFG is on; the two equal halves of the latent batch confirm this call is its CFG pass (and not
+        a later direct call to the model, when the pipeline's flag is stale).
+        """
+        if self._forced_layout is not None or self._context_name is not None or self._pipeline is None:
+            return False
+        pipe = self._pipeline()
+        try:
+            cfg = pipe is not None and bool(pipe.do_classifier_free_guidance)
+        except Exception:  # before the pipeline's first call its guidance state is unset
+            return False
+        sample = info.sample
+        if not cfg or sample is None or sample.shape[0] % 2:
+            return False
+        if torch.compiler.is_compiling():
+            return True  # a data-dependent check would break the graph: trust the pipeline's state
+        half = sample.shape[0] // 2
+        return bool(torch.equal(sample[:half], sample[half:]))
+
+    # forward pre-hook on each patched model: the batch, latent token grid and CFG layout of this forward
+    def _pre_hook(self, entry: ModelEntry, model, args, kwargs) -> None:
+        info = entry.forward_info(model, args, kwargs)
+        self._fwd = {"batch": info.batch, "grid": info.grid, "frames": info.frames,
+                     "cfg_batched": self._batched_cfg(info)}
         self._wcache.clear()
         if self.capture_maps:
             self.maps = {}
@@ -440,15 +399,21 @@ class DAREHandle:
 
 
 def apply_dare(model_or_pipeline, *, strength: float = 1.0, capture_maps: bool = False,
-               backend: str = "auto") -> DAREHandle:
+               backend: str = "auto", joint_renormalize: bool = True, text_len: int | None = None) -> DAREHandle:
     """Patch the text-conditioning attention of a diffusers video model (or pipeline) with SRA attention.
 
     Args:
-        model_or_pipeline: WanTransformer3DModel, LTXVideoTransformer3DModel, CogVideoXTransformer3DModel,
-            UNetMotionModel, or a pipeline holding one (``.transformer`` / ``.transformer_2`` / ``.unet``).
+        model_or_pipeline: a model of ``SUPPORTED_MODELS`` (WanTransformer3DModel, LTXVideoTransformer3DModel,
+            CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, UNetMotionModel), or a pipeline holding
+            them (``.transformer`` / ``.transformer_2`` / ``.unet``; one handle patches both Wan 2.2 experts).
+            Give the pipeline for AnimateDiff: its batched [uncond; cond] CFG pass is recognised from it.
         strength: γ >= 0 of the bias γ·log w_j.
         capture_maps: record head-averaged text attention maps (float32 [B, N_video, M]) per layer each forward.
         backend: sra_attention backend.
+        joint_renormalize: joint-attention models only (CogVideoX, HunyuanVideo): renormalise each sample's text
+            weights so that mean(w^γ) over its valid text keys is 1 (default); False = the raw weights.
+        text_len: the text length the weights must have, checked when they are set (default: the model's own
+            where it fixes one, e.g. 512 for Wan; give it for a Wan pipeline run with another max_sequence_length).
 
     Returns:
         A :class:`DAREHandle`; ``handle.remove()`` (or leaving ``with apply_dare(...) as h:``) restores the
@@ -459,26 +424,33 @@ def apply_dare(model_or_pipeline, *, strength: float = 1.0, capture_maps: bool =
         raise ValueError(f"apply_dare: strength must be a finite number >= 0, got {strength!r}")
     if backend not in BACKENDS:
         raise ValueError(f"apply_dare: backend must be one of {BACKENDS}, got {backend!r}")
+    if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1):
+        raise ValueError(f"apply_dare: text_len must be a positive int or None, got {text_len!r}")
     models = _models_of(model_or_pipeline)
-    for prefix, model in models:
+    for prefix, model, _ in models:
         if model.__dict__.get("_dare_handle") is not None:
             raise RuntimeError(
                 f"apply_dare: {type(model).__name__} is already patched by {model.__dict__['_dare_handle']!r}; "
                 "call handle.remove() before applying DARE again"
             )
     # discover everything before touching anything, so an error leaves the model as it was
-    plan = [(prefix, model, _model_kind(model), _find_layers(model, _model_kind(model), prefix))
-            for prefix, model in models]
+    plan = [(prefix, model, entry, _find_layers(model, entry, prefix)) for prefix, model, entry in models]
+    if text_len is None:
+        fixed = {entry.text_len(model) for _, model, entry in models}
+        text_len = fixed.pop() if len(fixed) == 1 else None
 
-    handle = DAREHandle(strength, capture_maps, backend)
-    for prefix, model, kind, layers in plan:
-        handle._models.append((prefix, model, kind))
+    handle = DAREHandle(strength, capture_maps, backend, joint_renormalize, text_len)
+    handle._length_hint = next((e.length_hint for _, _, e in models if e.length_hint), "")
+    if not isinstance(model_or_pipeline, torch.nn.Module):
+        handle._pipeline = weakref.ref(model_or_pipeline)
+    for prefix, model, entry, layers in plan:
+        handle._models.append((prefix, model, entry))
         for name, attn, proc_cls in layers:
             original = attn.processor
             attn.processor = proc_cls(handle, name, original)
             handle._layers.append((name, attn, original))
         handle._hooks.append(model.register_forward_pre_hook(
-            lambda mod, args, kwargs, _kind=kind: handle._pre_hook(_kind, mod, args, kwargs), with_kwargs=True))
+            lambda mod, args, kwargs, _entry=entry: handle._pre_hook(_entry, mod, args, kwargs), with_kwargs=True))
         if hasattr(model, "cache_context"):
             model.__dict__["cache_context"] = _context_tracker(handle, model.cache_context)
         model.__dict__["_dare_handle"] = handle

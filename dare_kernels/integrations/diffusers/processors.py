@@ -11,8 +11,7 @@ Layout notes (what each processor sees):
   diffusers computes it (``dispatch_attention_fn``), added to the text attention output.
 - LTX-Video ``transformer_blocks[i].attn2``: text mask arrives as an additive bias [B, 1, M]
   (0 = attend, -10000 = padding); it becomes ``key_padding_mask``.
-- CogVideoX ``transformer_blocks[i].attn1``: joint attention over [text; video]; only the T text keys
-  are weighted and mapped (``attn_map_keys=(0, T)``); RoPE on the video part as in diffusers.
+- Joint text+video attention (CogVideoX, HunyuanVideo): see ``joint.py``.
 - AnimateDiff (UNetMotionModel) spatial ``attn2``: batch is B·F (frames folded into the batch).
 """
 
@@ -21,12 +20,14 @@ from __future__ import annotations
 import torch
 
 from ...sra import sra_attention
+from .weights import renormalize_joint
 
 __all__ = [
     "DAREWanAttnProcessor",
     "DARELTXAttnProcessor",
-    "DARECogVideoXAttnProcessor",
     "DAREAttnProcessor",
+    "project_qkv",
+    "project_out",
 ]
 
 
@@ -59,8 +60,44 @@ def _prepared_mask(attn, attention_mask, sequence_length: int, batch_size: int):
     return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
 
 
+def project_qkv(attn, hidden_states, context, *, layout: str, projections=None):
+    """The query from ``hidden_states``, key / value from ``context``, split into heads, QK-normed as diffusers does.
+
+    ``layout``:
+      - "norm_then_split": norms over all heads first, then [B, L, H, D] (Wan, LTX-Video);
+      - "split_then_norm": [B, L, H, D], then per-head norms (HunyuanVideo);
+      - "heads_first": [B, H, L, D] (view + transpose), then per-head norms (AttnProcessor2_0, CogVideoX).
+    ``projections(attn, hidden_states, context)`` replaces the plain to_q / to_k / to_v (Wan's fused projections).
+    Every step is the stock processor's own, in its order, so the fast path stays bitwise stock.
+    """
+    if projections is not None:
+        query, key, value = projections(attn, hidden_states, context)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    if layout == "norm_then_split":
+        query, key = attn.norm_q(query), attn.norm_k(key)
+    if layout == "heads_first":
+        batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    else:
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+    if layout != "norm_then_split":
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+    return query, key, value
+
+
+def project_out(attn, hidden_states):
+    """diffusers' output projection and dropout (``to_out[0]``, ``to_out[1]``)."""
+    return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
 class _DAREProcessorBase:
-    """Shared state: the owning handle and the layer's name; diffusers' backend / parallel attributes."""
+    """Shared state (the owning handle, the layer's name, diffusers' backend / parallel attributes) and the
+    attention call. The handle's processor interface: ``token_weights``, ``record_map``, ``frames_folded``,
+    ``capture_maps``, ``strength``, ``backend``, ``fast_path``, ``joint_renormalize``."""
 
     _attention_backend = None
     _parallel_config = None
@@ -87,15 +124,20 @@ class _DAREProcessorBase:
         B, H, N, _ = query.shape
         M = key.shape[2]
         t0, t1 = (0, M) if text_slice is None else text_slice
-        weight = handle._weights_for(self.layer_name, B, t1 - t0, frames, query.device, query.dtype)
-        if stock is not None and weight is None and not handle._capturing and handle.fast_path:
+        weight = handle.token_weights(self.layer_name, B, t1 - t0, frames=frames, device=query.device,
+                                      dtype=query.dtype)
+        want_map = handle.capture_maps
+        if stock is not None and weight is None and not want_map and handle.fast_path:
             return stock()
         if callable(key_padding_mask):
             key_padding_mask = key_padding_mask()
         if weight is not None and (t0, t1) != (0, M):
+            # joint attention: text keys beside unweighted video keys (SPEC §1, joint renormalisation)
+            if handle.joint_renormalize:
+                valid = None if key_padding_mask is None else key_padding_mask[:, t0:t1]
+                weight = renormalize_joint(weight, handle.strength, valid)
             ones = torch.ones(B, M, device=weight.device, dtype=weight.dtype)
             weight = torch.cat([ones[:, :t0], weight, ones[:, t1:]], dim=1)
-        want_map = handle._capturing
         res = sra_attention(
             query, key, value, weight,
             key_padding_mask=key_padding_mask,
@@ -108,7 +150,7 @@ class _DAREProcessorBase:
             out, amap = res
             if map_rows is not None:
                 amap = amap[:, map_rows[0]:map_rows[1]]
-            handle._record_map(self.layer_name, amap, frames)
+            handle.record_map(self.layer_name, amap, frames=frames)
             return out
         return res
 
@@ -137,12 +179,8 @@ class DAREWanAttnProcessor(_DAREProcessorBase):
             encoder_hidden_states_img = encoder_hidden_states[:, :image_context_length]
             encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
 
-        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states, layout="norm_then_split",
+                                        projections=_get_qkv_projections)
 
         hidden_states_img = None
         if encoder_hidden_states_img is not None:
@@ -165,9 +203,7 @@ class DAREWanAttnProcessor(_DAREProcessorBase):
         hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if hidden_states_img is not None:
             hidden_states = hidden_states + hidden_states_img
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states
+        return project_out(attn, hidden_states)
 
 
 class DARELTXAttnProcessor(_DAREProcessorBase):
@@ -184,17 +220,14 @@ class DARELTXAttnProcessor(_DAREProcessorBase):
         if attention_mask is not None:
             key_padding_mask = lambda: _key_padding_from_bias(attention_mask, batch_size, m, self.layer_name)  # noqa: E731
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if image_rotary_emb is not None:
+        if image_rotary_emb is None:
+            query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states, layout="norm_then_split")
+        else:  # RoPE sits between the norms and the head split
+            query, key = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(encoder_hidden_states))
+            value = attn.to_v(encoder_hidden_states)
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+            query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
 
         def stock():
             mask = attention_mask
@@ -208,60 +241,7 @@ class DARELTXAttnProcessor(_DAREProcessorBase):
         out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                            key_padding_mask=key_padding_mask, stock=stock)
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states
-
-
-class DARECogVideoXAttnProcessor(_DAREProcessorBase):
-    """Replaces ``CogVideoXAttnProcessor2_0`` on the joint text+video ``attn1`` of CogVideoX blocks.
-
-    All queries (text and video) attend all keys; only the T text keys carry the weights; the map keeps
-    the video query rows and the text key columns: [B, N_video, T].
-    """
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        text_seq_length = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch_size, sequence_length, _ = hidden_states.shape
-        key_padding_mask = None
-        if attention_mask is not None:
-            key_padding_mask = lambda: _key_padding_from_bias(  # noqa: E731
-                attention_mask, batch_size, sequence_length, self.layer_name)
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
-
-        def stock():
-            return torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=_prepared_mask(attn, attention_mask, sequence_length, batch_size),
-                dropout_p=0.0, is_causal=False)
-
-        out = self._attend(query, key, value, text_slice=(0, text_seq_length), key_padding_mask=key_padding_mask,
-                           map_rows=(text_seq_length, sequence_length), stock=stock)
-        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        encoder_hidden_states, hidden_states = hidden_states.split(
-            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
-        )
-        return hidden_states, encoder_hidden_states
+        return project_out(attn, hidden_states)
 
 
 class DAREAttnProcessor(_DAREProcessorBase):
@@ -289,33 +269,20 @@ class DAREAttnProcessor(_DAREProcessorBase):
                 attention_mask, batch_size, sequence_length, self.layer_name)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_qkv(attn, hidden_states, encoder_hidden_states, layout="heads_first")
 
-        frames = self._handle._frames_folded(batch_size)
+        frames = self._handle.frames_folded(batch_size)
+
         def stock():
             return torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=_prepared_mask(attn, attention_mask, sequence_length, batch_size),
                 dropout_p=0.0, is_causal=False)
 
         out = self._attend(query, key, value, key_padding_mask=key_padding_mask, frames=frames, stock=stock)
-        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * query.shape[-1])
+        hidden_states = project_out(attn, hidden_states.to(query.dtype))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:

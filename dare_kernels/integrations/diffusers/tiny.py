@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "tiny_wan", "tiny_ltx", "tiny_cogvideox", "tiny_animatediff",
-    "tiny_wan_pipeline", "tiny_ltx_pipeline", "tiny_cogvideox_pipeline",
+    "tiny_wan", "tiny_ltx", "tiny_cogvideox", "tiny_hunyuan_video", "tiny_animatediff",
+    "tiny_wan_pipeline", "tiny_wan22_pipeline", "tiny_ltx_pipeline", "tiny_cogvideox_pipeline",
+    "tiny_animatediff_pipeline",
 ]
 
 
@@ -66,6 +67,28 @@ def tiny_cogvideox(*, num_layers: int = 2, heads: int = 2, head_dim: int = 16, t
     return model.eval()
 
 
+def tiny_hunyuan_video(*, num_layers: int = 1, num_single_layers: int = 1, heads: int = 2, head_dim: int = 16,
+                       text_dim: int = 32, pooled_dim: int = 16, in_channels: int = 4, guidance_embeds: bool = True,
+                       seed: int = 0):
+    """HunyuanVideoTransformer3DModel (patch 2, temporal patch 1): dual-stream and single-stream joint blocks.
+
+    Forward: ``model(x [B, C, F, H, W], timestep [B], text [B, T, text_dim], text_mask [B, T], pooled [B, pooled_dim],
+    guidance=[B] (when guidance_embeds, as HunyuanVideo-T2V))``.
+    """
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    _seeded(seed)
+    t_axis = head_dim // 4 // 2 * 2
+    hw_axis = (head_dim - t_axis) // 2
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=in_channels, num_attention_heads=heads, attention_head_dim=head_dim,
+        num_layers=num_layers, num_single_layers=num_single_layers, num_refiner_layers=1, mlp_ratio=2.0,
+        patch_size=2, patch_size_t=1, guidance_embeds=guidance_embeds, text_embed_dim=text_dim,
+        pooled_projection_dim=pooled_dim, rope_axes_dim=(t_axis, hw_axis, head_dim - t_axis - hw_axis),
+    )
+    return model.eval()
+
+
 def tiny_animatediff(*, cross_attention_dim: int = 32, seed: int = 0):
     """UNetMotionModel with two resolution levels, spatial cross-attention and motion modules."""
     from diffusers import UNetMotionModel
@@ -95,6 +118,16 @@ def tiny_wan_pipeline(*, seed: int = 0, **model_kwargs):
                        transformer=tiny_wan(seed=seed, **model_kwargs))
 
 
+def tiny_wan22_pipeline(*, seed: int = 0, boundary_ratio: float = 0.5, **model_kwargs):
+    """Wan 2.2 A14B-style WanPipeline: two experts, ``transformer`` (high noise) and ``transformer_2`` (low noise),
+    switched at ``boundary_ratio`` of the timesteps."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_flow_scheduler(),
+                       transformer=tiny_wan(seed=seed, **model_kwargs),
+                       transformer_2=tiny_wan(seed=seed + 1, **model_kwargs), boundary_ratio=boundary_ratio)
+
+
 def tiny_ltx_pipeline(*, seed: int = 0, **model_kwargs):
     """LTXPipeline around :func:`tiny_ltx`."""
     from diffusers import LTXPipeline
@@ -109,3 +142,12 @@ def tiny_cogvideox_pipeline(*, seed: int = 0, **model_kwargs):
 
     return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=CogVideoXDDIMScheduler(),
                              transformer=tiny_cogvideox(seed=seed, **model_kwargs))
+
+
+def tiny_animatediff_pipeline(*, seed: int = 0, **model_kwargs):
+    """AnimateDiffPipeline around :func:`tiny_animatediff` (DDIM; prompt_embeds [B, 77, 32] and output_type="latent")."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1)
+    return AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=tiny_animatediff(seed=seed, **model_kwargs),
+                               motion_adapter=None, scheduler=scheduler)

@@ -77,6 +77,11 @@ def test_animatediff_batched_cfg_layout_and_reference(monkeypatch):
             assert torch.equal(h.branch_maps["uncond"][name], plain["uncond"][name])
             assert not torch.allclose(h.branch_maps["cond"][name], plain["cond"][name])
             assert torch.equal(h.branch_maps["cond"][name], h.maps[name][1:])
+        from dare_kernels.viz import maps_to_grid
+
+        # render_maps(branch="cond") draws the conditional half only (row 1 of the [uncond; cond] batch)
+        assert torch.equal(maps_to_grid(h, [0, 3], branch="cond"), maps_to_grid(h, [0, 3], sample=1))
+        assert not torch.equal(maps_to_grid(h, [0, 3], branch="cond"), maps_to_grid(h, [0, 3], sample=0))
         # a direct UNet call after the run (the pipeline's CFG flag is stale): distinct halves = one "cond" batch
         x = torch.randn(2, 4, FRAMES, 4, 4)
         h.reset_maps()

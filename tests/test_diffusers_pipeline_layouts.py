@@ -159,3 +159,44 @@ def test_wan22_two_experts_one_handle(monkeypatch):
     monkeypatch.setattr(wan_mod, "dispatch_attention_fn", dispatch)
     ref = _wan22_run(pipe)
     torch.testing.assert_close(out, ref, atol=2e-5 * float(ref.abs().max()), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# HunyuanVideo: true CFG as separate "cond" / "uncond" passes, text masks per branch
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_hunyuan_video_pipeline_true_cfg():
+    pipe = tiny.tiny_hunyuan_video_pipeline()
+    T = 12
+    g = torch.Generator().manual_seed(0)
+    pe, ne = torch.randn(1, T, 32, generator=g), torch.randn(1, T, 32, generator=g)
+    pm, nm = torch.ones(1, T), torch.ones(1, T)
+    pm[:, 9:] = 0
+    nm[:, 4:] = 0
+    pp, npool = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
+
+    def run(steps=2):
+        return pipe(prompt_embeds=pe, prompt_attention_mask=pm, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
+                    negative_prompt_attention_mask=nm, negative_pooled_prompt_embeds=npool, true_cfg_scale=4.0,
+                    height=32, width=32, num_frames=5, num_inference_steps=steps, output_type="latent",
+                    generator=torch.Generator().manual_seed(1)).frames
+
+    stock = run()
+    with apply_dare(pipe, capture_maps=True) as h:
+        h.set_token_weights(torch.ones(1, T))
+        h.fast_path = False
+        ones = run()
+        run(steps=1)  # one step: both branches see the same latents
+        plain = {b: {k: v.clone() for k, v in maps.items()} for b, maps in h.branch_maps.items()}
+        w = torch.rand(1, T, generator=g) + 0.05
+        h.set_token_weights(w, only_cond=True)
+        out = run()
+        run(steps=1)
+        for name in h.layers:
+            assert torch.equal(h.branch_maps["uncond"][name], plain["uncond"][name])
+            assert not torch.allclose(h.branch_maps["cond"][name], plain["cond"][name])
+            assert bool((h.branch_maps["cond"][name][..., 9:] == 0).all())  # padded text keys: no attention
+            assert bool((h.branch_maps["uncond"][name][..., 4:] == 0).all())
+    torch.testing.assert_close(ones, stock, atol=1e-5 * float(stock.abs().max()), rtol=1e-5)
+    assert float((out - stock).abs().max()) > 1e-4 * float(stock.abs().max())

@@ -12,7 +12,7 @@ import torch
 __all__ = [
     "tiny_wan", "tiny_ltx", "tiny_cogvideox", "tiny_hunyuan_video", "tiny_animatediff",
     "tiny_wan_pipeline", "tiny_wan22_pipeline", "tiny_ltx_pipeline", "tiny_cogvideox_pipeline",
-    "tiny_animatediff_pipeline",
+    "tiny_hunyuan_video_pipeline", "tiny_animatediff_pipeline",
 ]
 
 
@@ -126,6 +126,16 @@ def tiny_wan22_pipeline(*, seed: int = 0, boundary_ratio: float = 0.5, **model_k
     return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_flow_scheduler(),
                        transformer=tiny_wan(seed=seed, **model_kwargs),
                        transformer_2=tiny_wan(seed=seed + 1, **model_kwargs), boundary_ratio=boundary_ratio)
+
+
+def tiny_hunyuan_video_pipeline(*, seed: int = 0, **model_kwargs):
+    """HunyuanVideoPipeline around :func:`tiny_hunyuan_video` (no text encoders: prompt_embeds [B, T, 32],
+    prompt_attention_mask [B, T], pooled_prompt_embeds [B, 16]; true CFG with ``true_cfg_scale`` > 1 and the
+    negative_* embeddings)."""
+    from diffusers import HunyuanVideoPipeline
+
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=tiny_hunyuan_video(seed=seed, **model_kwargs),
+                                vae=None, scheduler=_flow_scheduler(), text_encoder_2=None, tokenizer_2=None)
 
 
 def tiny_ltx_pipeline(*, seed: int = 0, **model_kwargs):

@@ -15,7 +15,9 @@ pytest.importorskip("diffusers")
 from dare_kernels.integrations.diffusers import MODEL_TABLE, SUPPORTED_MODELS, apply_dare  # noqa: E402
 from dare_kernels.integrations.diffusers.models import entry_for  # noqa: E402
 from dare_kernels.integrations.diffusers.weights import renormalize_joint  # noqa: E402
-from test_diffusers_patch import _Oracle, _cog, _hunyuan, _ltx, _rel, _wan, _weights, joint_renormalized_ref  # noqa: E402
+from test_diffusers_patch import (  # noqa: E402
+    _Oracle, _cog, _hunyuan, _ltx, _rel, _wan, _weights, joint_renormalized_ref,
+)
 
 
 # ---------------------------------------------------------------------------------------------

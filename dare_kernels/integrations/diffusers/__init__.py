@@ -12,8 +12,7 @@ from .models import MODEL_TABLE, ModelEntry
 from .patch import BRANCHES, SUPPORTED_MODELS, DAREHandle, apply_dare
 
 __all__ = ["apply_dare", "DAREHandle", "SUPPORTED_MODELS", "MODEL_TABLE", "ModelEntry", "BRANCHES", "DAREGuidance",
-           "dare_guidance",
-           "CFG_MODES"]
+           "dare_guidance", "CFG_MODES"]
 
 
 def __getattr__(name):

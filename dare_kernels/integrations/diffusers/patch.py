@@ -29,7 +29,7 @@ import torch
 
 from ...sra import BACKENDS
 from .models import SUPPORTED_MODELS, ForwardInfo, ModelEntry, entry_for
-from .weights import WAN_PADDING_HINT, check_batch, check_length, check_weight, fit_weight
+from .weights import check_batch, check_length, check_weight, fit_weight
 
 __all__ = ["apply_dare", "DAREHandle", "SUPPORTED_MODELS", "BRANCHES"]
 

@@ -134,8 +134,9 @@ def tiny_hunyuan_video_pipeline(*, seed: int = 0, **model_kwargs):
     negative_* embeddings)."""
     from diffusers import HunyuanVideoPipeline
 
-    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=tiny_hunyuan_video(seed=seed, **model_kwargs),
-                                vae=None, scheduler=_flow_scheduler(), text_encoder_2=None, tokenizer_2=None)
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, vae=None, scheduler=_flow_scheduler(),
+                                text_encoder_2=None, tokenizer_2=None,
+                                transformer=tiny_hunyuan_video(seed=seed, **model_kwargs))
 
 
 def tiny_ltx_pipeline(*, seed: int = 0, **model_kwargs):
@@ -155,9 +156,9 @@ def tiny_cogvideox_pipeline(*, seed: int = 0, **model_kwargs):
 
 
 def tiny_animatediff_pipeline(*, seed: int = 0, **model_kwargs):
-    """AnimateDiffPipeline around :func:`tiny_animatediff` (DDIM; prompt_embeds [B, 77, 32] and output_type="latent")."""
+    """AnimateDiffPipeline around :func:`tiny_animatediff` (DDIM; prompt_embeds [B, M, 32], output_type="latent")."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler
 
     scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1)
-    return AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=tiny_animatediff(seed=seed, **model_kwargs),
-                               motion_adapter=None, scheduler=scheduler)
+    return AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, motion_adapter=None, scheduler=scheduler,
+                               unet=tiny_animatediff(seed=seed, **model_kwargs))

@@ -7,7 +7,7 @@ Public API:
 
 from __future__ import annotations
 
-from . import _ext
+from . import _ext, switches
 from .sra import sra_attention
 
 __version__ = "0.1.0"
@@ -77,4 +77,5 @@ def info() -> dict:
         "extension": "loaded" if ext_ok else f"not loaded: {_ext.EXT_ERROR}",
         "build": _ext.build_info(),
         "backends": backends,
+        "switches": switches.resolved(),
     }

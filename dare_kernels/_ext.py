@@ -14,10 +14,12 @@ import warnings
 
 import torch
 
+from . import switches
+
 EXT = None
 EXT_ERROR: str | None = None
 
-if os.environ.get("DARE_KERNELS_DISABLE_EXT", "0") == "1":
+if switches.get("DARE_KERNELS_DISABLE_EXT"):
     EXT_ERROR = "disabled by DARE_KERNELS_DISABLE_EXT=1"
 else:
     try:

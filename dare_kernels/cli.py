@@ -29,6 +29,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, (ok, why) in data["backends"].items():
         print(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+    print("switches (value, where it comes from; see README 'Switches'):")
+    for name, row in data["switches"].items():
+        print(f"  {name:<36} {row['value'] or '-':<16} {row['source']:<9} {row['scope']}")
     return 0
 
 

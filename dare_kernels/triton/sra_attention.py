@@ -37,6 +37,7 @@ import triton
 
 from . import _sra_kernels as K
 from .. import sra as _sra
+from .. import switches
 
 __all__ = ["sra_attention_fwd_triton", "sra_attention_bwd_triton"]
 
@@ -199,7 +200,7 @@ _TUNE_KEY = ["N", "M", "D", "DV", "HAS_W", "HAS_MASK"]
 
 # DARE_KERNELS_TRITON_AUTOTUNE=0 launches one heuristic configuration per kernel instead of autotuning
 # (fast start-up: correctness runs over many small shapes compile once instead of once per config)
-AUTOTUNE = os.environ.get("DARE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+AUTOTUNE = switches.get("DARE_KERNELS_TRITON_AUTOTUNE")
 
 
 def set_autotune(enabled: bool) -> bool:

@@ -53,29 +53,31 @@ def __getattr__(name):
 
 
 
-
-
 def info() -> dict:
-    """Versions and backend availability: {"version", "torch", "extension", "build", "backends": {name: (ok, why)}}."""
+    """Versions, backends and switches, from the backend registry.
+
+    {"version", "torch", "extension", "torch_mismatch", "build", "backends": {name: (ok, why)},
+     "ops": {op: {"auto": {device: order}, "backends": {name: (ok, why)}}}, "switches": {name: {...}}}.
+    "backends" is SRA attention's view (every op has the same backends).
+    """
     import torch
 
-    ext_ok = _ext.EXT is not None
-    backends = {
-        "reference": (True, "always available (PyTorch ops)"),
-        "cpu": (ext_ok, "fused C++ kernels in dare_kernels._C" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}"),
-    }
-    if _ext.has_cuda_kernels():
-        from .tuning import CUDA_SRA_STATUS
-        backends["cuda"] = (torch.cuda.is_available(),
-                            CUDA_SRA_STATUS + ("" if torch.cuda.is_available() else "; no CUDA device"))
-    else:
-        backends["cuda"] = (False, "extension built without CUDA kernels" if ext_ok else f"extension not loaded: {_ext.EXT_ERROR}")
-    backends["triton"] = _ext.triton_status()
+    from . import backends as registry
+
+    names = ("reference", "cpu", "cuda", "triton")
+    ops = {}
+    for op in registry.OPS:
+        ops[op] = {
+            "auto": {dev: registry.auto_order(op, dev) + (registry.LAST_RESORT[op],) for dev in ("cpu", "cuda")},
+            "backends": {name: registry.available(op, name) for name in names},
+        }
     return {
         "version": __version__,
         "torch": torch.__version__,
-        "extension": "loaded" if ext_ok else f"not loaded: {_ext.EXT_ERROR}",
+        "extension": "loaded" if _ext.EXT is not None else f"not loaded: {_ext.EXT_ERROR}",
+        "torch_mismatch": _ext.TORCH_MISMATCH,
         "build": _ext.build_info(),
-        "backends": backends,
+        "backends": ops["sra_attention"]["backends"],
+        "ops": ops,
         "switches": switches.resolved(),
     }

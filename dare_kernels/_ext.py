@@ -1,31 +1,99 @@
-"""Loading the compiled extension ``dare_kernels._C`` and telling which backends are usable.
+"""Loading the compiled extension ``dare_kernels._C``, only where it can run correctly.
 
-Importing the package never fails because of the extension: when it is missing or broken,
-``EXT`` is None, ``EXT_ERROR`` says why, and every op falls back to the reference backend
-with a one-time warning.
+Importing the package never fails because of the extension. It is not loaded (``EXT`` is None,
+``EXT_ERROR`` says why, and ``backend="auto"`` takes the PyTorch fallback) when:
+- ``DARE_KERNELS_DISABLE_EXT=1``;
+- the CPU lacks what the build was compiled for (x86-64: AVX2, FMA and F16C): importing it would end in
+  SIGILL, so it is not imported at all;
+- it fails to import (not built; an undefined symbol: built against another torch);
+- it was built against another torch than the one running (recorded in ``_C.build_info()``).
+The last three, and a CPU without the ISA, each give one RuntimeWarning that names the fix.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
-import warnings
+import platform
 
 import torch
 
 from . import switches
+from ._warn import warn_once
 
 EXT = None
 EXT_ERROR: str | None = None
+# set when the extension and the running torch disagree: {"built": version, "running": version}
+TORCH_MISMATCH: dict | None = None
 
-if switches.get("DARE_KERNELS_DISABLE_EXT"):
-    EXT_ERROR = "disabled by DARE_KERNELS_DISABLE_EXT=1"
-else:
+REBUILD = "rebuild it against this torch: `pip install --no-build-isolation -e .` (or `make setup`)"
+# instruction-set extensions the x86-64 build is compiled with (CMakeLists.txt: -mavx2 -mfma -mf16c)
+X86_REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where that cannot be read."""
     try:
-        EXT = importlib.import_module("dare_kernels._C")
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def missing_cpu_features() -> list[str]:
+    """Instruction-set extensions the build needs and this CPU lacks (empty: fine, or not x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = cpu_flags()
+    if flags is None:  # no /proc/cpuinfo: PyTorch's own dispatch probe (AVX2 there implies FMA; F16C unknown)
+        cap = torch.backends.cpu.get_cpu_capability()
+        return [] if cap in ("AVX2", "AVX512") else ["avx2", "fma"]
+    return [f for f in X86_REQUIRED_FLAGS if f not in flags]
+
+
+def _base_version(v: str) -> str:
+    return str(v).split("+")[0]
+
+
+def _load() -> None:
+    global EXT, EXT_ERROR, TORCH_MISMATCH
+    if switches.get("DARE_KERNELS_DISABLE_EXT"):
+        EXT_ERROR = "disabled by DARE_KERNELS_DISABLE_EXT=1"
+        return
+    missing = missing_cpu_features()
+    if missing:
+        EXT_ERROR = (f"this CPU lacks {', '.join(missing)}, which the x86-64 build of dare_kernels._C needs "
+                     f"({', '.join(X86_REQUIRED_FLAGS)}); the extension was not imported")
+        warn_once("ext-cpu-isa", f"dare_kernels: {EXT_ERROR}. Every op runs on the PyTorch fallback (slow).")
+        return
+    try:
+        ext = importlib.import_module("dare_kernels._C")
     except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
         EXT_ERROR = f"{type(exc).__name__}: {exc}"
+        if "undefined symbol" in str(exc):
+            TORCH_MISMATCH = {"built": "unknown (the extension does not load)", "running": str(torch.__version__)}
+            warn_once("ext-torch-abi",
+                      f"dare_kernels: the compiled extension does not load with torch {torch.__version__} "
+                      f"(undefined symbol: it was built against another torch); {REBUILD}. "
+                      "Until then every op runs on the PyTorch fallback (slow).")
+        return
+    built = str(dict(ext.build_info()).get("torch_version", "unknown"))
+    if built != "unknown" and _base_version(built) != _base_version(torch.__version__):
+        TORCH_MISMATCH = {"built": built, "running": str(torch.__version__)}
+        EXT_ERROR = f"built against torch {built}, running torch {torch.__version__}"
+        warn_once("ext-torch-abi",
+                  f"dare_kernels: the compiled extension was built against torch {built} but torch "
+                  f"{torch.__version__} is running; {REBUILD}. Until then it is not used and every op runs on "
+                  "the PyTorch fallback (slow).")
+        return
+    EXT = ext
+
+
+_load()
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,83 +110,3 @@ def has_cpu_kernels() -> bool:
 
 def has_cuda_kernels() -> bool:
     return EXT is not None and bool(build_info().get("with_cuda", False))
-
-
-def triton_status() -> tuple[bool, str]:
-    """(usable, reason). Triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:
-        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True, "TRITON_INTERPRET=1 (CPU interpreter)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
-    return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """Emit ``message`` as a RuntimeWarning once per process for ``key``."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def resolve_backend(op: str, backend: str, choices: tuple[str, ...], device, dtype, unavailable, auto_order) -> str:
-    """The backend an op runs for inputs on ``device`` / ``dtype``.
-
-    ``unavailable(name, device, dtype)`` says why a backend cannot run (None when it can);
-    ``auto_order`` lists what ``"auto"`` tries, best first. An explicit but unusable backend raises;
-    ``"auto"`` with nothing usable falls back to ``"reference"`` with a one-time warning.
-    """
-    if backend not in choices:
-        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    if backend != "auto":
-        why = unavailable(backend, device, dtype)
-        if why is not None:
-            raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
-        return backend
-    reasons = []
-    for candidate in auto_order:
-        why = unavailable(candidate, device, dtype)
-        if why is None:
-            return candidate
-        reasons.append(f"{candidate}: {why}")
-    warn_once(
-        f"{op}-ref-{device.type}-{dtype}",
-        f"dare_kernels.{op}: no compiled backend for {device.type} {dtype} inputs "
-        f"({'; '.join(reasons) or 'none exists for this device'}); using the slow PyTorch reference.",
-    )
-    return "reference"
-
-
-def common_unavailable(backend: str, device, dtype) -> str | None:
-    """Device, extension and Triton checks every op's backends share (op-specific checks follow them).
-
-    Returns why ``backend`` cannot run on ``device`` / ``dtype`` here, or None when these checks pass.
-    """
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"backend='cpu' needs CPU tensors, got {device}"
-        if EXT is None:
-            return f"the compiled extension is not loaded ({EXT_ERROR})"
-    elif backend == "cuda":
-        if device.type != "cuda":
-            return f"backend='cuda' needs CUDA tensors, got {device}"
-        if not has_cuda_kernels():
-            return "the extension was built without CUDA kernels" if EXT is not None else \
-                f"the compiled extension is not loaded ({EXT_ERROR})"
-    elif backend == "triton":
-        ok, why = triton_status()
-        if not ok:
-            return why
-        if device.type != "cuda" and why.startswith("triton "):
-            return f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
-        if dtype == torch.float64:
-            return "the Triton kernels take float16, bfloat16 and float32"
-    return None

@@ -1,20 +1,9 @@
-"""Rectified CFG combine (SPEC.md §2): public function, input checks, backend choice, custom ops and autograd.
+"""Rectified CFG combine (SPEC.md §2): the public function, its input checks and the coefficient math.
 
-Every mode is g = Σ_k γ_k x_k over x = (u, c, d, b_old) with per-sample γ computed from statistics
-of a small basis of the branches (layout in csrc/include/rectified_cfg_params.h: sums of the slots
-u, D = c - u (+ β b_old), E = c - d, c, then their Gram entries 00 01 02 03 11 12 13 22 23 33).
-Each compiled backend is a triple of torch custom ops with one schema shape:
-
-    <fused>(Tensor u, Tensor c, Tensor? d, Tensor(a!)? momentum_buffer, Tensor(b!) out, int n_reduce,
-            str guidance_mode, float guidance_scale, float rectify_scale, float guidance_rescale, float eta,
-            float norm_threshold, float momentum) -> ()
-    <stats>(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, int n_reduce, float momentum) -> Tensor [G, 14]
-    <combine>(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, Tensor coeffs [G, 4], int n_reduce) -> Tensor
-
-All tensors share the shape [*groups, *reduced] (the last ``n_reduce`` dims are reduced). The fused op
-is the inference path (statistics, coefficients and combine in the kernels, no host sync). When a
-gradient is needed the function runs stats -> coefficients (PyTorch ops, so autograd sees how γ
-depends on the statistics) -> combine; both ops have closed-form backward formulas below.
+Every mode is g = Σ_k γ_k x_k over x = (u, c, d, b_old) with per-sample γ from statistics of the branches;
+the custom ops' schema, fakes and autograd are in dare_kernels/ops/rectified_cfg.py, the backend choice in
+dare_kernels/backends.py. Without gradients the fused op runs (no host sync); with them, stats ->
+coefficients (PyTorch ops below, so autograd sees how γ depends on the statistics) -> combine.
 
 Conventions where SPEC.md and diffusers 0.42.1 differ or are silent (tests/test_cfg.py holds them):
 - Branch order u, c[, d] along dim 0 (diffusers pipelines chunk uncond first; guiders take
@@ -33,26 +22,22 @@ Conventions where SPEC.md and diffusers 0.42.1 differ or are silent (tests/test_
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Sequence
 
 import torch
 
-from . import _ext
+from . import backends
+from .ops.rectified_cfg import NUM_STATS, groups, pair, stats_dtype
 from .reference import CFG_MODES, rectified_cfg_ref
 
 __all__ = ["rectified_cfg", "CFG_MODES", "BACKENDS"]
 
-BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-NUM_STATS = 14
-NUM_COEFFS = 4
-_MODE_ID = {"cfg": 0, "cfg_zero_star": 1, "apg": 2}
-
-
-def _pair(i: int, j: int) -> int:
-    return 4 + i * 4 - (i * (i - 1)) // 2 + (j - i)
+BACKENDS = backends.CHOICES
+# why a backend cannot run the CFG combine here (None when it can): kept for callers outside the package's core
+_unavailable = functools.partial(backends.unsupported_reason, "rectified_cfg")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +75,7 @@ def _split_branches(preds, num_branches) -> list[torch.Tensor]:
         if kb % k != 0 or kb == 0:
             raise ValueError(f"preds' batch {kb} is not divisible by num_branches={k} "
                              f"(branches are stacked along dim 0: uncond, cond[, degraded])")
-        if preds.dtype not in _FLOAT_DTYPES:
+        if preds.dtype not in backends.FLOAT_DTYPES:
             raise TypeError(f"preds must be float16, bfloat16, float32 or float64, got {preds.dtype}")
         # equal chunks of one tensor: the branches share dtype, device and shape (no per-branch checks)
         return list(preds.chunk(k, dim=0))
@@ -106,7 +91,7 @@ def _split_branches(preds, num_branches) -> list[torch.Tensor]:
     else:
         raise TypeError(f"preds must be a torch.Tensor [K*B, ...] or a sequence of K tensors, got {type(preds).__name__}")
     ref = branches[0]
-    if ref.dtype not in _FLOAT_DTYPES:
+    if ref.dtype not in backends.FLOAT_DTYPES:
         raise TypeError(f"preds must be float16, bfloat16, float32 or float64, got {ref.dtype}")
     if ref.dim() < 2:
         raise ValueError(f"each branch must be [B, ...] with at least one non-batch dim, got shape {tuple(ref.shape)}")
@@ -254,9 +239,9 @@ def coefficients_from_stats(stats: torch.Tensor, n: int, *, K: int, mode: str, m
         i, j = min(i, j), max(i, j)
         if j == 3 and not momentum:
             if i == 3:
-                return st[:, _pair(0, 0)] + 2.0 * st[:, _pair(0, 1)] + st[:, _pair(1, 1)]
+                return st[:, pair(0, 0)] + 2.0 * st[:, pair(0, 1)] + st[:, pair(1, 1)]
             return Gm(i, 0) + Gm(i, 1)
-        return st[:, _pair(i, j)]
+        return st[:, pair(i, j)]
 
     s = float(guidance_scale)
     sr = float(rectify_scale) if K == 3 else 0.0
@@ -295,196 +280,6 @@ def coefficients_from_stats(stats: torch.Tensor, n: int, *, K: int, mode: str, m
     gamma = [gb[0] - gb[1], gb[1] + gb[2] + gb[3], -gb[2], beta * gb[1] if momentum else zero]
     out = torch.stack(gamma, dim=1)
     return out if lam is None else out * lam.unsqueeze(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# custom ops: fake implementations and autograd, shared by every compiled backend
-# ---------------------------------------------------------------------------------------------
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _groups(shape, n_reduce: int):
-    return math.prod(shape[: len(shape) - n_reduce])
-
-
-def _fake_fused(u, c, d, momentum_buffer, out, n_reduce, guidance_mode, guidance_scale, rectify_scale, guidance_rescale,
-                eta, norm_threshold, momentum):
-    return None
-
-
-def _fake_stats(u, c, d, momentum_buffer, n_reduce, momentum):
-    return u.new_empty((_groups(u.shape, n_reduce), NUM_STATS), dtype=_stats_dtype(u.dtype))
-
-
-def _fake_combine(u, c, d, momentum_buffer, coeffs, n_reduce):
-    return torch.empty_like(u, memory_format=torch.contiguous_format)
-
-
-def _as_rows(t: torch.Tensor, n_reduce: int, dtype: torch.dtype) -> torch.Tensor:
-    n = math.prod(t.shape[t.dim() - n_reduce:])
-    return t.reshape(-1, n).to(dtype)
-
-
-def _stats_setup(ctx, inputs, output):
-    u, c, d, buf, n_reduce, momentum = inputs
-    ctx.save_for_backward(u, c, d, buf)
-    ctx.n_reduce = n_reduce
-    ctx.momentum = momentum
-
-
-def _stats_backward(ctx, g_stats):
-    u, c, d, buf = ctx.saved_tensors
-    acc = _stats_dtype(u.dtype)
-    nr = ctx.n_reduce
-    U, C = _as_rows(u, nr, acc), _as_rows(c, nr, acc)
-    D = C - U
-    if buf is not None:
-        D = D + ctx.momentum * _as_rows(buf, nr, acc)
-    slots = [U, D, (C - _as_rows(d, nr, acc)) if d is not None else None, C if buf is not None else None]
-    gs = g_stats.to(acc)
-    gv = []
-    for i, vi in enumerate(slots):
-        if vi is None:
-            gv.append(None)
-            continue
-        g = gs[:, i:i + 1].expand_as(vi)
-        for j, vj in enumerate(slots):
-            if vj is None:
-                continue
-            w = gs[:, _pair(min(i, j), max(i, j))].unsqueeze(1)
-            g = g + (2.0 * w if i == j else w) * vj
-        gv.append(g)
-    gu = gv[0] - gv[1]
-    gc = gv[1] + (gv[2] if gv[2] is not None else 0) + (gv[3] if gv[3] is not None else 0)
-    gd = -gv[2] if gv[2] is not None else None
-    shape = u.shape
-    return (gu.reshape(shape).to(u.dtype), gc.reshape(shape).to(c.dtype),
-            gd.reshape(shape).to(d.dtype) if gd is not None else None, None, None, None)
-
-
-def _combine_setup(ctx, inputs, output):
-    u, c, d, buf, coeffs, n_reduce = inputs
-    ctx.save_for_backward(u, c, d, buf, coeffs)
-    ctx.n_reduce = n_reduce
-
-
-def _combine_backward(ctx, g_out):
-    u, c, d, buf, coeffs = ctx.saved_tensors
-    acc = _stats_dtype(u.dtype)
-    nr = ctx.n_reduce
-    go = _as_rows(g_out, nr, acc)
-    gam = coeffs.to(acc)
-    xs = [u, c, d, buf]
-    grads = []
-    g_coeffs = torch.zeros_like(gam)
-    for k, x in enumerate(xs):
-        if x is None:
-            grads.append(None)
-            continue
-        if k < 3 and ctx.needs_input_grad[k]:
-            grads.append((gam[:, k:k + 1] * go).reshape(x.shape).to(x.dtype))
-        else:
-            grads.append(None)
-        if ctx.needs_input_grad[4]:
-            g_coeffs[:, k] = (go * _as_rows(x, nr, acc)).sum(dim=1)
-    return grads[0], grads[1], grads[2], None, g_coeffs.to(coeffs.dtype), None
-
-
-def register_backend_ops(fused_name: str, stats_name: str, combine_name: str) -> None:
-    """Give a (fused, stats, combine) triple of custom ops the shared fake impls and autograd."""
-    torch.library.register_fake(fused_name)(_fake_fused)
-    torch.library.register_fake(stats_name)(_fake_stats)
-    torch.library.register_fake(combine_name)(_fake_combine)
-    torch.library.register_autograd(stats_name, _stats_backward, setup_context=_stats_setup)
-    torch.library.register_autograd(combine_name, _combine_backward, setup_context=_combine_setup)
-
-
-def _resolve(qualname: str):
-    namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name).default
-
-
-_OP_NAMES = {
-    "cpu": ("dare_kernels::rectified_cfg_fused", "dare_kernels::rectified_cfg_stats",
-            "dare_kernels::rectified_cfg_combine"),
-    "cuda": ("dare_kernels::rectified_cfg_fused", "dare_kernels::rectified_cfg_stats",
-             "dare_kernels::rectified_cfg_combine"),
-    "triton": ("dare_kernels::rectified_cfg_fused_triton", "dare_kernels::rectified_cfg_stats_triton",
-               "dare_kernels::rectified_cfg_combine_triton"),
-}
-
-
-def _ops_for(backend: str):
-    """(fused, stats, combine) custom ops of a compiled backend."""
-    if backend == "triton":
-        from .triton import rectified_cfg as _triton_cfg  # noqa: F401  (defines and registers the ops)
-    ops = _OPS_CACHE.get(backend)
-    if ops is None:
-        ops = _OPS_CACHE[backend] = tuple(_resolve(n) for n in _OP_NAMES[backend])
-    return ops
-
-
-_OPS_CACHE: dict[str, tuple] = {}  # resolved OpOverloads per backend (per-call lookups cost microseconds)
-
-
-def _cpu_ops_registered() -> bool:
-    return _ext.EXT is not None and hasattr(torch.ops.dare_kernels, "rectified_cfg_fused")
-
-
-if _cpu_ops_registered():
-    register_backend_ops(*_OP_NAMES["cpu"])
-
-
-# ---------------------------------------------------------------------------------------------
-# backend choice
-# ---------------------------------------------------------------------------------------------
-
-def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot run on these inputs, or None when it can."""
-    why = _ext.common_unavailable(backend, device, dtype)
-    if why is not None:
-        return why
-    if backend == "cpu" and not _cpu_ops_registered():
-        return "the extension has no rectified_cfg ops (rebuild it)"
-    if backend == "cuda" and dtype == torch.float64:
-        return "the CUDA kernels take float16, bfloat16 and float32"
-    if backend == "triton":
-        try:
-            _ops_for("triton")
-        except ImportError as exc:
-            return f"the Triton rectified-CFG kernels are not available ({exc})"
-    return None
-
-
-
-def _auto_order(device: torch.device) -> tuple[str, ...]:
-    # The CUDA kernels are compile-checked only; "auto" never picks them until a GPU session has
-    # validated and measured them (then add "cuda" here, first).
-    if device.type == "cuda":
-        return ("triton",)
-    if device.type == "cpu":
-        return ("cpu",)
-    return ()
-
-
-def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``backend`` for inputs on ``device``; explicit but unusable backends raise."""
-    cpu_key = (backend, dtype) if device.type == "cpu" and backend in ("auto", "cpu") else None
-    if cpu_key is not None:
-        hit = _CPU_CHOICE.get(cpu_key)
-        if hit is not None:
-            return hit
-    chosen = _ext.resolve_backend("rectified_cfg", backend, BACKENDS, device, dtype, _unavailable, _auto_order(device))
-    if cpu_key is not None and chosen == "cpu":
-        _CPU_CHOICE[cpu_key] = chosen
-    return chosen
-
-
-# (backend, dtype) -> "cpu" for CPU inputs once the extension's ops were found usable: that cannot change
-# within a process, and resolving it costs over a microsecond per call.
-_CPU_CHOICE: dict[tuple, str] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +331,7 @@ def rectified_cfg(
                                               else any(t.requires_grad for t in a.branches))
     if needs_grad and a.out is not None:
         raise ValueError("out= does not support autograd: the predictions require grad")
-    chosen = choose_backend(backend, ref.device, ref.dtype)
+    chosen = backends.choose("rectified_cfg", backend, ref.device, ref.dtype)
     if chosen == "reference":
         res = rectified_cfg_ref(a.branches, a.s, mode=a.mode, rectify_scale=a.sr, guidance_rescale=a.phi,
                                 eta=a.eta, norm_threshold=a.tau, momentum=a.beta, momentum_buffer=a.buf,
@@ -546,7 +341,7 @@ def rectified_cfg(
             return a.out
         return res
 
-    fused, stats_op, combine_op = _ops_for(chosen)
+    fused, stats_op, combine_op = backends.ops_for("rectified_cfg", chosen)
     nd = ref.dim()
     n_reduce = len(a.dims)
     identity = a.dims == list(range(nd - n_reduce, nd))  # the reduced dims are already the last ones
@@ -574,13 +369,13 @@ def rectified_cfg(
         stats = stats_op(u, c, d, buf, n_reduce, beta)
         gamma = coefficients_from_stats(stats, a.n, **params)
     else:
-        G = _groups(u.shape, n_reduce)
-        st = torch.zeros((G, NUM_STATS), dtype=_stats_dtype(ref.dtype), device=ref.device)
+        G = groups(u.shape, n_reduce)
+        st = torch.zeros((G, NUM_STATS), dtype=stats_dtype(ref.dtype), device=ref.device)
         gamma = coefficients_from_stats(st, a.n, **params)
     res = combine_op(u, c, d, buf, gamma, n_reduce)
     if buf is not None:
         with torch.no_grad():
-            acc = _stats_dtype(ref.dtype)
+            acc = stats_dtype(ref.dtype)
             a.buf.copy_(a.branches[1].to(acc) - a.branches[0].to(acc) + beta * a.buf.to(acc))
     if not identity:
         inv = [0] * nd

@@ -24,11 +24,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"dare_kernels {data['version']}  (torch {data['torch']})")
     print(f"extension: {data['extension']}")
+    if data["torch_mismatch"]:
+        m = data["torch_mismatch"]
+        print(f"  torch mismatch: built against {m['built']}, running {m['running']}: "
+              "rebuild with `pip install --no-build-isolation -e .` (or `make setup`)")
     for k, v in data["build"].items():
         print(f"  {k}: {v}")
     print("backends:")
     for name, (ok, why) in data["backends"].items():
         print(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+    for op, row in data["ops"].items():
+        print(f"auto order of {op}: " + "; ".join(f"{dev}: {' > '.join(order)}" for dev, order in row["auto"].items()))
     print("switches (value, where it comes from; see README 'Switches'):")
     for name, row in data["switches"].items():
         print(f"  {name:<36} {row['value'] or '-':<16} {row['source']:<9} {row['scope']}")

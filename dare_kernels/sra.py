@@ -1,39 +1,27 @@
-"""SRA attention: public function, input checks, backend choice, custom ops and their autograd.
+"""SRA attention (SPEC.md §1): the public function and its input checks.
 
-Every compiled backend is a pair of torch custom ops with one schema shape:
-
-    <fwd>(Tensor query, Tensor key, Tensor value, Tensor? token_weight, Tensor? key_padding_mask,
-          float strength, float scale, int map_start, int map_stop) -> (out, lse, attn_map)
-    <bwd>(Tensor grad_out, Tensor? grad_map, Tensor? grad_lse, Tensor query, Tensor key, Tensor value,
-          Tensor? token_weight, Tensor? key_padding_mask, Tensor out, Tensor lse,
-          float strength, float scale, int map_start, int map_stop) -> (dq, dk, dv, dw)
-
-Contract shared by all backends (the kernels may rely on it, the wrapper guarantees it):
-- ``token_weight`` arrives as [B, H, M] (often an expanded view with stride 0 on H), same dtype
-  as ``query`` or float32; ``key_padding_mask`` as bool [B, M]. Any strides elsewhere.
-- ``out`` is [B, H, N, Dv] in query's dtype, allocated as [B, N, H, Dv] memory (like SDPA on CPU),
-  ``lse`` [B, H, N] (-inf for a row with no valid key), ``attn_map`` [B, N, map_stop - map_start]
-  ([B, N, 0] when no map is asked for). "acc" below = float64 for float64 inputs, else float32;
-  lse, attn_map and dw are in acc.
-- ``dq, dk, dv`` like ``torch.empty_like`` of the inputs; ``dw`` acc [B, H, M] holding
-  γ / w · Σ_i dS (0 for invalid keys), or an empty tensor when ``token_weight`` is None.
-  ``grad_lse`` enters as dS += P · grad_lse (ring / context-parallel merges differentiate the LSE).
+The backend choice and the custom ops live below this module: dare_kernels/backends.py (which backend runs,
+and why not), dare_kernels/ops/sra_attention.py (the ops' schema, fakes and autograd), the kernels in
+dare_kernels._C and dare_kernels/triton/, and the memory-safe PyTorch fallback in sra_fallback.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
 
 import torch
 
-from . import _ext
+from . import backends
+from .ops.sra_attention import acc_dtype
 from .reference import expand_token_weight, sra_attention_ref
+from .sra_fallback import sra_attention_fallback
 
 __all__ = ["sra_attention", "BACKENDS"]
 
-BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = backends.CHOICES
+# why a backend cannot run SRA attention here (None when it can): kept for callers outside the package's core
+_unavailable = functools.partial(backends.unsupported_reason, "sra_attention")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +34,7 @@ def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, s
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, seq, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in backends.FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
@@ -64,7 +52,7 @@ def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, s
     if token_weight is not None:
         if not isinstance(token_weight, torch.Tensor):
             raise TypeError(f"token_weight must be a torch.Tensor or None, got {type(token_weight).__name__}")
-        if token_weight.dtype not in _FLOAT_DTYPES:
+        if token_weight.dtype not in backends.FLOAT_DTYPES:
             raise TypeError(f"token_weight must be a floating-point tensor, got {token_weight.dtype}")
         if token_weight.device != query.device:
             raise ValueError(f"token_weight is on {token_weight.device}, query on {query.device}")
@@ -105,139 +93,6 @@ def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, s
             raise TypeError(f"attn_map_keys must be a (start, stop) pair of ints, got {attn_map_keys!r}") from None
         if not 0 <= start < stop <= M:
             raise ValueError(f"attn_map_keys must satisfy 0 <= start < stop <= M={M}, got ({start}, {stop})")
-
-
-# ---------------------------------------------------------------------------------------------
-# custom ops: fake implementations and autograd, shared by every compiled backend
-# ---------------------------------------------------------------------------------------------
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fake_fwd(query, key, value, token_weight, key_padding_mask, strength, scale, map_start, map_stop):
-    B, H, N, _ = query.shape
-    Dv = value.shape[-1]
-    acc = _acc_dtype(query.dtype)
-    out = query.new_empty((B, N, H, Dv)).transpose(1, 2)
-    lse = query.new_empty((B, H, N), dtype=acc)
-    amap = query.new_empty((B, N, map_stop - map_start), dtype=acc)
-    return out, lse, amap
-
-
-def _fake_bwd(grad_out, grad_map, grad_lse, query, key, value, token_weight, key_padding_mask, out, lse,
-              strength, scale, map_start, map_stop):
-    acc = _acc_dtype(query.dtype)
-    dw = (query.new_empty(token_weight.shape, dtype=acc) if token_weight is not None
-          else query.new_empty((0,), dtype=acc))
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dw
-
-
-def register_backend_ops(fwd_name: str, bwd_name: str) -> None:
-    """Give a (forward, backward) pair of custom ops the shared fake impls and autograd.
-
-    Names are qualified ("dare_kernels::sra_attention_fwd"); both ops follow the schema above.
-    """
-    torch.library.register_fake(fwd_name)(_fake_fwd)
-    torch.library.register_fake(bwd_name)(_fake_bwd)
-    bwd = _resolve(bwd_name)
-
-    def setup_context(ctx, inputs, output):
-        query, key, value, token_weight, key_padding_mask, strength, scale, map_start, map_stop = inputs
-        out, lse, _ = output
-        ctx.save_for_backward(query, key, value, token_weight, key_padding_mask, out, lse)
-        ctx.params = (strength, scale, map_start, map_stop)
-
-    def backward(ctx, grad_out, grad_lse, grad_map):
-        query, key, value, token_weight, key_padding_mask, out, lse = ctx.saved_tensors
-        strength, scale, map_start, map_stop = ctx.params
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        if grad_map is not None and grad_map.numel() == 0:
-            grad_map = None
-        dq, dk, dv, dw = bwd(grad_out, grad_map, grad_lse, query, key, value, token_weight, key_padding_mask,
-                             out, lse, strength, scale, map_start, map_stop)
-        dw = dw.to(token_weight.dtype) if token_weight is not None else None
-        return dq, dk, dv, dw, None, None, None, None, None
-
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-
-
-def _resolve(qualname: str):
-    namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name).default
-
-
-# backend -> qualified names of its (forward, backward) ops
-_OP_NAMES = {
-    "cpu": ("dare_kernels::sra_attention_fwd", "dare_kernels::sra_attention_bwd"),
-    "cuda": ("dare_kernels::sra_attention_fwd", "dare_kernels::sra_attention_bwd"),
-    "triton": ("dare_kernels::sra_attention_fwd_triton", "dare_kernels::sra_attention_bwd_triton"),
-}
-
-
-def _ops_for(backend: str):
-    """(fwd, bwd) custom ops of a compiled backend."""
-    if backend == "triton":
-        from .triton import sra_attention as _triton_sra  # noqa: F401  (defines and registers the ops)
-    fwd_name, bwd_name = _OP_NAMES[backend]
-    return _resolve(fwd_name), _resolve(bwd_name)
-
-
-if _ext.EXT is not None:
-    register_backend_ops(*_OP_NAMES["cpu"])
-
-
-# ---------------------------------------------------------------------------------------------
-# backend choice
-# ---------------------------------------------------------------------------------------------
-
-def _unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot run on these inputs, or None when it can."""
-    why = _ext.common_unavailable(backend, device, dtype)
-    if why is not None:
-        return why
-    if backend == "cuda" and dtype not in (torch.float16, torch.bfloat16):
-        return (f"the CUDA kernels take float16 and bfloat16, got {dtype} "
-                "(use backend='triton' for float32, or cast)")
-    if backend == "triton":
-        try:
-            _ops_for("triton")
-        except ImportError as exc:
-            return f"the Triton SRA kernels are not available ({exc})"
-    return None
-
-
-
-def _auto_order(device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        from .tuning import preferred_gpu_backends
-        return preferred_gpu_backends()
-    if device.type == "cpu":
-        return ("cpu",)
-    return ()
-
-
-def choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``backend`` for inputs on ``device``; explicit but unusable backends raise."""
-    return _ext.resolve_backend("sra_attention", backend, BACKENDS, device, dtype, _unavailable, _auto_order(device))
-    if backend != "auto":
-        why = _unavailable(backend, device, dtype)
-        if why is not None:
-            raise RuntimeError(f"sra_attention: backend={backend!r} is not available: {why}")
-        return backend
-    reasons = []
-    for candidate in _auto_order(device):
-        why = _unavailable(candidate, device, dtype)
-        if why is None:
-            return candidate
-        reasons.append(f"{candidate}: {why}")
-    _ext.warn_once(
-        f"sra-ref-{device.type}-{dtype}",
-        f"dare_kernels.sra_attention: no compiled backend for {device.type} {dtype} inputs "
-        f"({'; '.join(reasons) or 'none exists for this device'}); using the slow PyTorch reference.",
-    )
-    return "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +137,10 @@ def sra_attention(
     strength = float(strength)
     start, stop = (0, M) if attn_map_keys is None else (int(attn_map_keys[0]), int(attn_map_keys[1]))
 
-    chosen = choose_backend(backend, query.device, query.dtype)
+    chosen = backends.choose("sra_attention", backend, query.device, query.dtype, head_dim=D,
+                             head_dim_v=value.shape[3])
+    if M == 0:  # no keys: every row is empty, the same on every backend (O = 0, lse = -inf, map [B, N, 0])
+        return _pack(*_no_keys(query, value, return_attn_map), return_attn_map, return_lse)
     if chosen == "reference":
         res = sra_attention_ref(query, key, value, token_weight, key_padding_mask=key_padding_mask,
                                 strength=strength, scale=scale, return_attn_map=return_attn_map,
@@ -291,8 +149,12 @@ def sra_attention(
             return res
         res = list(res)
         return tuple([res[0]] + [r.float() if r.dtype != torch.float64 else r for r in res[1:]])
+    if chosen == "fallback":
+        out, amap, lse = sra_attention_fallback(query, key, value, token_weight, key_padding_mask, strength, scale,
+                                                (start, stop) if return_attn_map else None, return_lse)
+        return _pack(out, lse, amap, return_attn_map, return_lse)
 
-    fwd, _ = _ops_for(chosen)
+    fwd, _ = backends.ops_for("sra_attention", chosen)
     if token_weight is not None and token_weight.dtype in (torch.float16, torch.bfloat16):
         # the op gets fp16 / bf16 weights as float32 (exact; the kernels compute the bias in float32 anyway):
         # its dw [B, H, M] is then summed over a broadcast batch / head in float32 and rounded to the
@@ -301,9 +163,39 @@ def sra_attention(
     w = None if token_weight is None else expand_token_weight(token_weight, B, H, M)
     map_start, map_stop = (start, stop) if return_attn_map else (0, 0)
     out, lse, amap = fwd(query, key, value, w, key_padding_mask, strength, scale, map_start, map_stop)
+    return _pack(out, lse, amap, return_attn_map, return_lse)
+
+
+def _pack(out, lse, amap, return_attn_map: bool, return_lse: bool):
+    """``o``, or the tuple the flags ask for, in the order (o, attn_map, lse)."""
     results = [out]
     if return_attn_map:
         results.append(amap)
     if return_lse:
         results.append(lse)
     return results[0] if len(results) == 1 else tuple(results)
+
+
+class _NoKeys(torch.autograd.Function):
+    """O = 0 for inputs without keys; its gradient w.r.t. query is zero (key, value, weights are empty)."""
+
+    @staticmethod
+    def forward(ctx, query, value):
+        B, H, N, _ = query.shape
+        ctx.shapes = (query.shape, value.shape)
+        return query.new_zeros((B, N, H, value.shape[3])).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qshape, vshape = ctx.shapes
+        return grad_out.new_zeros(qshape), grad_out.new_zeros(vshape)
+
+
+def _no_keys(query, value, return_attn_map: bool):
+    """(O zeros [B, H, N, Dv] in query's dtype, lse -inf [B, H, N] acc, map acc [B, N, 0])."""
+    B, H, N, _ = query.shape
+    acc = acc_dtype(query.dtype)
+    out = _NoKeys.apply(query, value)
+    lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=query.device)
+    amap = query.new_zeros((B, N, 0), dtype=acc)
+    return out, lse, amap

@@ -163,8 +163,10 @@ def reload() -> None:
 
 
 def _loaded_extension():
-    # the extension as dare_kernels._ext loaded it (never imported from here: _ext decides whether it may load)
-    return sys.modules.get("dare_kernels._C")
+    # the extension as dare_kernels._ext accepted it; never imported from here (_ext imports this module,
+    # and decides whether the extension may load at all)
+    ext_module = sys.modules.get("dare_kernels._ext")
+    return getattr(ext_module, "EXT", None)
 
 
 def resolved() -> dict[str, dict[str, str]]:

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import dare_kernels as dk
-from dare_kernels import cfg as cfg_mod
+from dare_kernels import backends
 from dare_kernels.reference import rectified_cfg_ref
 
 from conftest import tol
 
-pytestmark = pytest.mark.skipif(not cfg_mod._cpu_ops_registered(), reason="compiled extension not loaded")
+pytestmark = pytest.mark.skipif(backends.unsupported_reason("rectified_cfg", "cpu", "cpu", torch.float32) is not None,
+                                reason="compiled extension not loaded")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPE_5D = (2, 4, 3, 6, 10)      # [B, C, F, H, W] video latent, N = 720 per sample
@@ -329,8 +330,8 @@ def test_explicit_unavailable_backend_raises_and_auto_never_picks_cuda():
     x = make_preds(2, (2, 3, 4))
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         dk.rectified_cfg(x, 2.0, backend="cuda")
-    assert cfg_mod._auto_order(torch.device("cuda")) == ("triton",)
-    assert cfg_mod.choose_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert backends.auto_order("rectified_cfg", torch.device("cuda")) == ("triton",)
+    assert backends.choose("rectified_cfg", "auto", torch.device("cpu"), torch.float32) == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def test_explicit_unavailable_backend_raises_and_auto_never_picks_cuda():
 # ---------------------------------------------------------------------------------------------
 
 def test_opcheck_cpu_ops():
-    fused, stats, combine = cfg_mod._ops_for("cpu")
+    fused, stats, combine = backends.ops_for("rectified_cfg", "cpu")
     u, c, d = make_preds(3, (2, 3, 5, 6), seed=70).chunk(3)
     buf = torch.randn(2, 3, 5, 6)
     out = torch.empty(2, 3, 5, 6)

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import dare_kernels as dk
-from dare_kernels import cfg as cfg_mod
+from dare_kernels import backends
 
 from conftest import tol
 
-pytestmark = pytest.mark.skipif(not cfg_mod._cpu_ops_registered(), reason="compiled extension not loaded")
+pytestmark = pytest.mark.skipif(backends.unsupported_reason("rectified_cfg", "cpu", "cpu", torch.float32) is not None,
+                                reason="compiled extension not loaded")
 
 ENV = "DARE_KERNELS_CPU_ISA"
 

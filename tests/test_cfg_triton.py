@@ -18,13 +18,13 @@ if _SET_INTERPRET:
 pytest.importorskip("triton")
 
 import dare_kernels as dk  # noqa: E402
-from dare_kernels import cfg as cfg_mod  # noqa: E402
+from dare_kernels import backends  # noqa: E402
 from dare_kernels.reference import rectified_cfg_ref  # noqa: E402
 
 from conftest import tol  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_WHY = cfg_mod._unavailable("triton", torch.device(DEVICE), torch.float32)
+_WHY = backends.unsupported_reason("rectified_cfg", "triton", torch.device(DEVICE), torch.float32)
 if _SET_INTERPRET:
     del os.environ["TRITON_INTERPRET"]
 pytestmark = [
@@ -120,7 +120,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_opcheck_triton_ops():
-    fused, stats, combine = cfg_mod._ops_for("triton")
+    fused, stats, combine = backends.ops_for("rectified_cfg", "triton")
     u, c, d = make_preds(3, (2, 3, 40), seed=50).chunk(3)
     buf = torch.randn(2, 3, 40, device=DEVICE)
     out = torch.empty(2, 3, 40, device=DEVICE)

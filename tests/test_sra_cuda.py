@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dare_kernels as dk
-from dare_kernels import _ext
+from dare_kernels import _ext, backends
 from dare_kernels.reference import sra_attention_ref
 
 from conftest import TOL
@@ -211,11 +211,10 @@ def test_float32_is_rejected_with_a_clear_error():
 
 
 def test_auto_never_picks_unvalidated_cuda():
-    from dare_kernels import sra
     from dare_kernels.tuning import CUDA_SRA_VALIDATED_ON_GPU
 
     if not CUDA_SRA_VALIDATED_ON_GPU:
-        assert "cuda" not in sra._auto_order(torch.device("cuda"))
+        assert "cuda" not in backends.auto_order("sra_attention", torch.device("cuda"))
 
 
 def test_opcheck():
@@ -226,9 +225,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("shape", _MODEL[:3], ids=[s[0] for s in _MODEL[:3]])
 def test_cuda_matches_triton(shape):
-    from dare_kernels import sra
-
-    why = sra._unavailable("triton", torch.device("cuda"), torch.bfloat16)
+    why = backends.unsupported_reason("sra_attention", "triton", torch.device("cuda"), torch.bfloat16)
     if why is not None:
         pytest.skip(f"triton backend: {why}")
     _, B, H, N, M, D, keys = shape

@@ -10,7 +10,7 @@ Three launches, no host synchronisation:
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow: tests use small shapes).
 The ops are registered as ``dare_kernels::rectified_cfg_{fused,stats,combine}_triton``; fake impls
-and autograd come from dare_kernels/cfg.py.
+and autograd come from dare_kernels/ops/rectified_cfg.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cfg import NUM_COEFFS, NUM_STATS, register_backend_ops
+from ..ops.rectified_cfg import NUM_COEFFS, NUM_STATS, register_backend_ops
 
 _MODES = {"cfg": 0, "cfg_zero_star": 1, "apg": 2}
 _PART_STRIDE = 16      # partial statistics are padded to 16 floats

@@ -1,6 +1,6 @@
 """Triton SRA attention (SPEC.md §1): the custom ops ``dare_kernels::sra_attention_{fwd,bwd}_triton``.
 
-Schemas, output layout and semantics are those documented at the top of ``dare_kernels/sra.py``;
+Schemas, output layout and semantics are those documented at the top of ``dare_kernels/ops/sra_attention.py``;
 importing this module defines the two ops and registers the shared fake impls and autograd.
 
 Kernel choice (made inside the op from the shapes):
@@ -36,7 +36,7 @@ import torch
 import triton
 
 from . import _sra_kernels as K
-from .. import sra as _sra
+from ..ops import sra_attention as _op
 from .. import switches
 
 __all__ = ["sra_attention_fwd_triton", "sra_attention_bwd_triton"]
@@ -458,4 +458,4 @@ def sra_attention_bwd_triton(
     return dq, dk, dv, dw
 
 
-_sra.register_backend_ops("dare_kernels::sra_attention_fwd_triton", "dare_kernels::sra_attention_bwd_triton")
+_op.register_backend_ops("dare_kernels::sra_attention_fwd_triton", "dare_kernels::sra_attention_bwd_triton")

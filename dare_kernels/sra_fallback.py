@@ -3,8 +3,9 @@
 - The output alone: ``F.scaled_dot_product_attention`` with the additive bias γ·log w (-inf for invalid
   keys) as a [B, H, 1, M] mask broadcast over the queries, which SDPA's fused kernels (CPU flash, CUDA
   memory-efficient) never expand to [B, H, N, M]. A (b, h) with no valid key gets O = 0 (SPEC §1).
-- Maps, LSE and every backward: the reference (dare_kernels/reference.py, SPEC §1 as written) run over
-  chunks of query rows, so at most about ``CHUNK_ELEMENTS`` probabilities exist at once.
+- Maps and LSE: the same formula over chunks of query rows (in place on one score block), and every
+  backward: the reference (dare_kernels/reference.py, SPEC §1 as written) with autograd over the same
+  chunks, so at most about ``CHUNK_ELEMENTS`` probabilities exist at once.
 Computes in float32 (float64 for float64 inputs) like the compiled backends; differentiable w.r.t. query,
 key, value and the token weights.
 """
@@ -19,8 +20,9 @@ from .reference import expand_token_weight, sra_attention_ref
 
 __all__ = ["sra_attention_fallback", "CHUNK_ELEMENTS"]
 
-# probabilities per reference chunk: 4 Mi elements = 16 MiB in float32 (a few temporaries of that size)
-CHUNK_ELEMENTS = 1 << 22
+# probabilities per row chunk: 8 Mi elements = 32 MiB in float32 (one block in the forward; the backward's
+# autograd through the reference keeps a few temporaries of that size)
+CHUNK_ELEMENTS = 1 << 23
 # query rows per SDPA call: bounds the memory even where SDPA has no fused kernel for the inputs
 SDPA_CHUNK_ELEMENTS = 1 << 26
 
@@ -74,10 +76,17 @@ def _sdpa_out(query, key, value, token_weight, key_padding_mask, strength, scale
 
 
 def _chunked_forward(query, key, value, token_weight, key_padding_mask, strength, scale, map_keys, want_lse):
-    """(O, map or None, lse or None) from the reference over row chunks (no autograd graph)."""
+    """(O, map or None, lse or None) over row chunks of the queries (no autograd graph).
+
+    The reference's formula with in-place steps on one [B, H, rows, M] score block at a time (the backward
+    runs the reference itself). A (b, h) without valid keys has a zero bias here and is zeroed afterwards.
+    """
     B, H, N, _ = query.shape
     M, Dv = key.shape[2], value.shape[3]
     acc = acc_dtype(query.dtype)
+    k, v = key.to(acc), value.to(acc)
+    bias, has_key = _bias(token_weight, key_padding_mask, B, H, M, strength, acc, query.device)
+    keep = None if has_key is None else has_key.view(B, H, 1, 1).to(acc)
     out = torch.empty((B, N, H, Dv), dtype=query.dtype, device=query.device).transpose(1, 2)
     amap = None if map_keys is None else torch.empty((B, N, map_keys[1] - map_keys[0]), dtype=acc,
                                                      device=query.device)
@@ -85,15 +94,22 @@ def _chunked_forward(query, key, value, token_weight, key_padding_mask, strength
     step = _rows(B, H, N, M, CHUNK_ELEMENTS)
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
-        res = sra_attention_ref(query[:, :, r0:r1], key, value, token_weight, key_padding_mask=key_padding_mask,
-                                strength=strength, scale=scale, return_attn_map=amap is not None,
-                                attn_map_keys=map_keys, return_lse=want_lse)
-        res = list(res) if isinstance(res, tuple) else [res]
-        out[:, :, r0:r1] = res.pop(0)
+        p = torch.matmul(query[:, :, r0:r1].to(acc), k.transpose(-1, -2)).mul_(scale)
+        if bias is not None:
+            p.add_(bias)
+        row_max = p.amax(dim=-1, keepdim=True)
+        denom = p.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+        p.div_(denom)
+        if keep is not None:
+            p.mul_(keep)
+        out[:, :, r0:r1] = torch.matmul(p, v)
         if amap is not None:
-            amap[:, r0:r1] = res.pop(0)
+            amap[:, r0:r1] = p[..., map_keys[0]:map_keys[1]].mean(dim=1)
         if lse is not None:
-            lse[:, :, r0:r1] = res.pop(0)
+            chunk = denom.log_().add_(row_max).squeeze(-1)
+            if has_key is not None:
+                chunk = torch.where(has_key.unsqueeze(-1), chunk, float("-inf"))
+            lse[:, :, r0:r1] = chunk
     return out, amap, lse
 
 

@@ -226,7 +226,7 @@ def auto_order(op: str, device) -> tuple[str, ...]:
     return order
 
 
-# (op, backend, dtype) -> "cpu" for CPU inputs once the extension's ops were found usable: that cannot change
+# (op, "auto" or "cpu", dtype) -> "cpu" for CPU inputs once the extension's ops were found usable: that cannot change
 # within a process, and resolving it again costs over a microsecond per call
 _CPU_CHOICE: dict[tuple, str] = {}
 
@@ -239,22 +239,25 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, head_dim: int |
     ``"auto"`` with nothing usable returns ``LAST_RESORT[op]`` ("fallback" or "reference") after a
     one-time warning that lists why each candidate was skipped.
     """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    cpu_key = (op, backend, dtype) if device.type == "cpu" and backend in ("auto", "cpu") else None
+    if cpu_key is not None:  # the per-call fast path (a dict lookup)
+        hit = _CPU_CHOICE.get(cpu_key)
+        if hit is not None:
+            return hit
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    device = torch.device(device)
     shape = dict(head_dim=head_dim, head_dim_v=head_dim_v)
     if backend != "auto":
         why = unsupported_reason(op, backend, device, dtype, **shape)
         if why is not None:
             raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
+        if cpu_key is not None:
+            _CPU_CHOICE[cpu_key] = backend
         return backend
-    cpu_key = (op, dtype) if device.type == "cpu" else None
-    if cpu_key is not None:
-        hit = _CPU_CHOICE.get(cpu_key)
-        if hit is not None:
-            return hit
     reasons = []
     for candidate in auto_order(op, device):
         why = unsupported_reason(op, candidate, device, dtype, **shape)

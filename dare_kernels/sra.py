@@ -124,7 +124,8 @@ def sra_attention(
         return_attn_map: also return A [B, N, stop - start] float32, the probabilities averaged over heads.
         attn_map_keys: (start, stop) key range of the map (default all M keys); all keys still attend.
         return_lse: also return the log-sum-exp of the biased logits, float32 [B, H, N] (-inf for empty rows).
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda" or "reference". "auto" without a usable compiled backend
+            warns once and runs the memory-safe PyTorch fallback (dare_kernels/sra_fallback.py).
 
     Returns:
         ``o`` [B, H, N, Dv] in query's dtype, or a tuple ``(o, attn_map)``, ``(o, lse)`` or ``(o, attn_map, lse)``.

@@ -140,12 +140,17 @@ def _parse(s: Switch, raw: str | None) -> Any:
 def get(name: str) -> Any:
     """The parsed value of a Python-side switch (bool, int, float or str), read once and cached.
 
+    None for an unset switch whose default is computed by its reader (shown as ``<...>`` in the table).
     Raises ValueError naming the switch for a value it does not take.
     """
     if name in _cache:
         return _cache[name]
     s = spec(name)
-    value = _parse(s, os.environ.get(name))
+    raw = os.environ.get(name)
+    if s.default.startswith("<") and (raw is None or not raw.strip()):
+        value = None
+    else:
+        value = _parse(s, raw)
     _cache[name] = value
     return value
 

@@ -17,12 +17,7 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 # sm_90a in CI (tools/nvcc_check.py) but not yet run on a GPU. Flip only after tests/test_sra_cuda.py and
 # tools/sanitize_sra_cuda.sh pass on a GPU; "auto" then still needs measurements to prefer "cuda".
 CUDA_SRA_VALIDATED_ON_GPU = False
-CUDA_SRA_STATUS = "CUDA kernels built, not validated on a GPU (only backend='cuda' selects them)"
 
 # The CUDA rectified-CFG kernels (csrc/cuda/rectified_cfg*.cu) are compile-checked only, like the SRA ones.
 CUDA_CFG_VALIDATED_ON_GPU = False
 
-
-def preferred_gpu_backends() -> tuple[str, ...]:
-    """GPU backends for SRA attention in the order ``auto`` tries them."""
-    return AUTO_ORDER["sra_attention"]["cuda"]

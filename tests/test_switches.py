@@ -142,6 +142,17 @@ def test_bad_values_raise_naming_the_switch(monkeypatch, name, value, words):
         switches.reload()
 
 
+def test_a_default_computed_by_the_reader_reads_as_none(monkeypatch):
+    monkeypatch.delenv("DARE_KERNELS_BENCH_RUN_ID", raising=False)
+    switches.reload()
+    assert switches.get("DARE_KERNELS_BENCH_RUN_ID") is None
+    monkeypatch.setenv("DARE_KERNELS_BENCH_RUN_ID", "run-7")
+    switches.reload()
+    assert switches.get("DARE_KERNELS_BENCH_RUN_ID") == "run-7"
+    monkeypatch.delenv("DARE_KERNELS_BENCH_RUN_ID")
+    switches.reload()
+
+
 def test_unknown_switch_name_raises():
     name = switches.PREFIX + "NOPE"  # built here: the scan above must not find it
     with pytest.raises(KeyError, match=name):

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["NUM_STATS", "NUM_COEFFS", "pair", "stats_dtype", "groups", "register_backend_ops"]
+__all__ = ["NUM_STATS", "NUM_COEFFS", "pair", "stats_dtype", "groups", "register_backend_ops", "coefficients_from_stats"]
 
 NUM_STATS = 14
 NUM_COEFFS = 4
@@ -132,3 +132,65 @@ def register_backend_ops(fused_name: str, stats_name: str, combine_name: str) ->
     torch.library.register_fake(combine_name)(_fake_combine)
     torch.library.register_autograd(stats_name, _stats_backward, setup_context=_stats_setup)
     torch.library.register_autograd(combine_name, _combine_backward, setup_context=_combine_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# coefficients from statistics (PyTorch ops: the differentiable mirror of rcfg::coefficients)
+# ---------------------------------------------------------------------------------------------
+
+def coefficients_from_stats(stats: torch.Tensor, n: int, *, K: int, mode: str, momentum: bool, guidance_scale: float,
+                            rectify_scale: float = 0.0, guidance_rescale: float = 0.0, eta: float = 1.0,
+                            norm_threshold: float = 0.0, beta: float = 0.0) -> torch.Tensor:
+    """γ [G, 4] over (u, c, d, b_old) from statistics [G, 14]; same math as csrc/include/rectified_cfg_params.h."""
+    st = stats
+
+    def S(i):
+        if i == 3 and not momentum:
+            return st[:, 0] + st[:, 1]
+        return st[:, i]
+
+    def Gm(i, j):
+        i, j = min(i, j), max(i, j)
+        if j == 3 and not momentum:
+            if i == 3:
+                return st[:, pair(0, 0)] + 2.0 * st[:, pair(0, 1)] + st[:, pair(1, 1)]
+            return Gm(i, 0) + Gm(i, 1)
+        return st[:, pair(i, j)]
+
+    s = float(guidance_scale)
+    sr = float(rectify_scale) if K == 3 else 0.0
+    zero = torch.zeros_like(st[:, 0])
+    gb = [zero + 1.0, zero + s, zero + sr, zero]
+    used = [True, True, K == 3, False]
+    if mode == "cfg_zero_star":
+        uu, ud = Gm(0, 0), Gm(0, 1)
+        alpha = (uu + ud) / (uu + 1e-8)
+        gb[0] = alpha + s * ((1e-8 - ud) / (uu + 1e-8))
+    elif mode == "apg":
+        dd = Gm(1, 1)
+        rho = torch.ones_like(dd)
+        if norm_threshold > 0:
+            safe = torch.where(dd > 0, dd, torch.ones_like(dd))
+            rho = torch.where(dd > 0, torch.clamp(norm_threshold / safe.sqrt(), max=1.0), rho)
+        cnorm = Gm(3, 3).sqrt().clamp_min(1e-12)
+        proj = Gm(1, 3) / (cnorm * cnorm)
+        b = s * rho * (eta - 1.0) * proj
+        gb[1] = s * rho
+        if momentum:
+            gb[3] = b
+            used[3] = True
+        else:
+            gb[0] = gb[0] + b
+            gb[1] = gb[1] + b
+    lam = None
+    if guidance_rescale > 0:
+        idx = [i for i in range(4) if used[i]]
+        sg = sum(gb[i] * S(i) for i in idx)
+        sgg = sum(gb[i] * gb[j] * Gm(i, j) for i in idx for j in idx)
+        sc = S(3)
+        var_g = torch.clamp(sgg - sg * sg / n, min=0.0) / (n - 1)
+        var_c = torch.clamp(Gm(3, 3) - sc * sc / n, min=0.0) / (n - 1)
+        lam = guidance_rescale * var_c.sqrt() / var_g.sqrt() + (1.0 - guidance_rescale)
+    gamma = [gb[0] - gb[1], gb[1] + gb[2] + gb[3], -gb[2], beta * gb[1] if momentum else zero]
+    out = torch.stack(gamma, dim=1)
+    return out if lam is None else out * lam.unsqueeze(1)

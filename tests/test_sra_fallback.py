@@ -239,3 +239,14 @@ def test_no_keys_triton_under_the_interpreter():
     if out.stdout.startswith("skip"):
         pytest.skip(out.stdout.strip())
     assert "ok" in out.stdout
+
+
+@pytest.mark.parametrize("D,Dv", [(4, 8), (8, 4)])
+def test_fallback_sdpa_path_with_unequal_head_dims(D, Dv):
+    # SDPA's fused CPU kernel needs D == Dv: the fallback pads with zero columns, which change nothing
+    q, k, v, w, mask = _inputs(2, 2, 9, 5, D, Dv, torch.float32, empty_rows=False)
+    out, _, _ = sra_fallback.sra_attention_fallback(q, k, v, w, mask, 1.3, 0.7, None, False)
+    ref = sra_attention_ref(q.double(), k.double(), v.double(), w.double(), key_padding_mask=mask, strength=1.3,
+                            scale=0.7)
+    assert out.shape == (2, 2, 9, Dv)
+    _close(out, ref, torch.float32, "O")

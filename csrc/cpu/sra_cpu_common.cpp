@@ -46,8 +46,6 @@ int64_t gemm_ld(const at::Tensor& t, at::ScalarType acc) {
   return ld;
 }
 
-// bias [B,H,M] acc (γ·log w for valid keys, -inf for invalid) and the validity mask; undefined when
-// neither weight nor mask is given.
 std::pair<at::Tensor, at::Tensor> make_bias(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& mask,
                                             double strength, int64_t B, int64_t H, int64_t M, at::ScalarType acc) {
   const bool has_w = w.has_value() && w->defined();

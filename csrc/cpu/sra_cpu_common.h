@@ -215,7 +215,6 @@ void store_block(const S* src, int64_t ld_src, int64_t rows, int64_t cols, D* ds
   }
 }
 
-
 // Can a [B,H,L,D] tensor of dtype `acc` serve as a GEMM operand in place (unit column stride, row
 // stride >= D that fits a BLAS int)? Returns the leading dimension, or -1.
 int64_t gemm_ld(const at::Tensor& t, at::ScalarType acc);

@@ -49,6 +49,8 @@ def main() -> None:
             os.environ.pop("DARE_KERNELS_CPU_ISA", None)
         else:
             os.environ["DARE_KERNELS_CPU_ISA"] = isa
+        # the C++ kernels parse their switches once (csrc/include/switches.h): re-read them
+        getattr(dk._ext.EXT, "reload_cpu_switches", lambda: None)()
 
     for thr in args.threads:
         torch.set_num_threads(thr)

@@ -61,10 +61,15 @@ def eager_maps_fp32(x, shape):
     return (p @ vf).to(x["q"].dtype), p.mean(1)
 
 
+# the C++ kernels parse their switches once (csrc/include/switches.h): re-read them after each change
+reload_cpu_switches = getattr(dk._ext.EXT, "reload_cpu_switches", lambda: None)
+
+
 def with_env(name, value, fn):
     def run(x):
         old = os.environ.get(name)
         os.environ[name] = value
+        reload_cpu_switches()
         try:
             return fn(x)
         finally:
@@ -72,6 +77,7 @@ def with_env(name, value, fn):
                 del os.environ[name]
             else:
                 os.environ[name] = old
+            reload_cpu_switches()
     return run
 
 

@@ -31,6 +31,14 @@ def _synced(fn):
     return call
 
 
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch; its undo also re-reads the C++ switch table (parsed once, csrc/include/switches.h)."""
+    yield monkeypatch
+    monkeypatch.undo()
+    getattr(dk._ext.EXT, "reload_cpu_switches", lambda: None)()
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
@@ -47,7 +55,8 @@ def test_bench_rectified_cfg_gpu(benchmark, shape, mode, dtype, provider, monkey
         if why is not None:
             pytest.skip(why)
         path = "two_pass" if provider.endswith("two_pass") else "single_pass"
-        monkeypatch.setenv("DARE_KERNELS_CFG_CUDA_PATH", path)
+        monkeypatch.setenv("DARE_KERNELS_CUDA_CFG_PATH", path)
+        getattr(dk._ext.EXT, "reload_cpu_switches", lambda: None)()  # the C++ switch table is parsed once
         fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="cuda", **kw), inputs)
         nbytes = int((2.5 if path == "two_pass" else 1.5) * in_bytes)
     elif provider == "dare_triton":

@@ -1,5 +1,5 @@
-// Schemas of the rectified CFG ops (SPEC.md §2) and their CPU implementations. Fake impls and
-// autograd are registered from Python (dare_kernels/cfg.py); CUDA impls in python/cuda/.
+// Schemas of the rectified CFG ops (SPEC.md §2). Per-device implementations: python/cpu/rectified_cfg_cpu.cpp,
+// python/cuda/rectified_cfg_cuda.cpp; fake impls and autograd from Python (dare_kernels/cfg.py).
 #include <torch/library.h>
 
 #include "cpu/rectified_cfg.h"
@@ -15,12 +15,6 @@ TORCH_LIBRARY_FRAGMENT(dare_kernels, m) {
   m.def(
       "rectified_cfg_combine(Tensor u, Tensor c, Tensor? d, Tensor? momentum_buffer, Tensor coeffs, "
       "int n_reduce) -> Tensor");
-  // Which CPU vector path the ops above take now ("avx512", "avx2" or "default"); see rectified_cfg.h.
+  // Which CPU vector path the ops above take now ("avx512", "avx2" or "default"); see csrc/cpu/rectified_cfg.h.
   m.def("rectified_cfg_cpu_isa() -> str", &dare::cpu::rectified_cfg_cpu_isa);
-}
-
-TORCH_LIBRARY_IMPL(dare_kernels, CPU, m) {
-  m.impl("rectified_cfg_fused", &dare::cpu::rectified_cfg_fused);
-  m.impl("rectified_cfg_stats", &dare::cpu::rectified_cfg_stats);
-  m.impl("rectified_cfg_combine", &dare::cpu::rectified_cfg_combine);
 }

@@ -1,7 +1,6 @@
-// Schemas of the SRA attention ops and their per-device implementations.
+// Schemas of the SRA attention ops. Per-device implementations: python/cpu/sra_attention_cpu.cpp,
+// python/cuda/sra_attention_cuda.cpp; fake impls and autograd from Python (dare_kernels/sra.py).
 #include <torch/library.h>
-
-#include "cpu/sra_attention.h"
 
 TORCH_LIBRARY_FRAGMENT(dare_kernels, m) {
   m.def(
@@ -13,9 +12,4 @@ TORCH_LIBRARY_FRAGMENT(dare_kernels, m) {
       "Tensor key, Tensor value, Tensor? token_weight, Tensor? key_padding_mask, Tensor out, "
       "Tensor lse, float strength, float scale, int map_start, int map_stop) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(dare_kernels, CPU, m) {
-  m.impl("sra_attention_fwd", &dare::cpu::sra_attention_fwd);
-  m.impl("sra_attention_bwd", &dare::cpu::sra_attention_bwd);
 }

@@ -89,3 +89,38 @@ def pytest_report_header(config):
     if os.environ.get("CI"):
         lines.append("  CI=true")
     return lines
+
+
+def reload_cpu_switches() -> None:
+    """Make the C++ kernels re-read their environment switches: they parse them once into a cached table
+    (csrc/include/switches.h), so a test that changes os.environ at run time calls this afterwards."""
+    from dare_kernels import _ext
+
+    reload = getattr(_ext.EXT, "reload_cpu_switches", None)
+    if reload is not None:
+        reload()
+
+
+class SwitchAwareMonkeyPatch(pytest.MonkeyPatch):
+    """pytest's MonkeyPatch whose environment changes (and their undo) also reload the C++ switch table."""
+
+    def setenv(self, name, value, prepend=None):
+        super().setenv(name, value, prepend)
+        reload_cpu_switches()
+
+    def delenv(self, name, raising=True):
+        super().delenv(name, raising)
+        reload_cpu_switches()
+
+    def undo(self):
+        super().undo()
+        reload_cpu_switches()
+
+
+@pytest.fixture
+def monkeypatch():
+    """The builtin monkeypatch fixture, switch-aware (SwitchAwareMonkeyPatch): a monkeypatch.setenv of a
+    DARE_KERNELS_* / ATEN_CPU_CAPABILITY switch reaches the kernels at once, and its undo at teardown too."""
+    mp = SwitchAwareMonkeyPatch()
+    yield mp
+    mp.undo()

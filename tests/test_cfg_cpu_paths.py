@@ -37,7 +37,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run_both(monkeypatch, fn):
-    """fn() under DARE_KERNELS_CPU_ISA=avx512 and =avx2 (each value read by the kernels on every call)."""
+    """fn() under DARE_KERNELS_CPU_ISA=avx512 and =avx2 (monkeypatch reloads the switch table, conftest.py)."""
     monkeypatch.setenv(ENV, "avx512")
     fast = fn()
     monkeypatch.setenv(ENV, "avx2")

@@ -20,6 +20,7 @@ from dare_kernels import _ext, sra_attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import reload_cpu_switches
 from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both, sra_problem
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
@@ -32,6 +33,7 @@ def _bf16_dot_available() -> bool:
     q = torch.randn(1, 1, 2, 4).bfloat16()
     old = os.environ.get(ENV)
     os.environ[ENV] = "1"
+    reload_cpu_switches()
     try:
         sra_attention(q, q, q, backend="cpu")
         return True
@@ -44,6 +46,7 @@ def _bf16_dot_available() -> bool:
             del os.environ[ENV]
         else:
             os.environ[ENV] = old
+        reload_cpu_switches()
 
 
 HAVE_BF16_DOT = _ext.has_cpu_kernels() and _bf16_dot_available()
@@ -105,6 +108,7 @@ def test_hypothesis_bf16_products(problem, mode):
     mask = (torch.rand(B, M, generator=gen) > 0.3) if use_mask else None
     old = os.environ.get(ENV)
     os.environ[ENV] = mode
+    reload_cpu_switches()
     try:
         # gradients too where M is small (the backward's bf16 S and dP on random layouts and odd sizes)
         res = run_both(q, k, v, w, mask, strength, keys, with_grad=M <= 300, gen=gen)
@@ -113,6 +117,7 @@ def test_hypothesis_bf16_products(problem, mode):
             del os.environ[ENV]
         else:
             os.environ[ENV] = old
+        reload_cpu_switches()
     check_all(res, torch.bfloat16)
 
 

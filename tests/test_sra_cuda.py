@@ -162,8 +162,8 @@ def test_strength(strength):
 
 @pytest.mark.parametrize("path", ["exact", "online"])
 def test_forward_paths_agree(monkeypatch, path):
-    # DARE_SRA_CUDA_PATH forces the forward's key loop (the map always takes the exact one)
-    monkeypatch.setenv("DARE_SRA_CUDA_PATH", path)
+    # DARE_KERNELS_CUDA_SRA_PATH forces the forward's key loop (the map always takes the exact one)
+    monkeypatch.setenv("DARE_KERNELS_CUDA_SRA_PATH", path)  # reloaded by conftest.monkeypatch
     q, k, v, w, _ = _inputs(1, 2, 130, 300, 128, 128, torch.float16)
     o = dk.sra_attention(q, k, v, w, backend="cuda")
     o64 = sra_attention_ref(q.double(), k.double(), v.double(), w.double(), compute_dtype=torch.float64)

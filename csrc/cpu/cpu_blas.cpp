@@ -15,13 +15,13 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 
 #if defined(__linux__) || defined(__APPLE__)
 #include <dlfcn.h>
 #define DARE_HAVE_DLFCN 1
 #endif
+
+#include "switches.h"
 
 namespace dare::cpu::blas {
 namespace {
@@ -43,8 +43,6 @@ struct Fns {
 
 Fns load() {
   Fns f;
-  const char* env = std::getenv("DARE_KERNELS_CPU_BLAS");
-  if (env != nullptr && std::strcmp(env, "fallback") == 0) return f;
 #ifdef DARE_HAVE_DLFCN
   // the library that defines at::get_num_threads is libtorch_cpu
   Dl_info info;
@@ -61,9 +59,11 @@ Fns load() {
   return f;
 }
 
+// the symbols are looked up once; DARE_KERNELS_CPU_BLAS=fallback (switches.h) hides them
 const Fns& fns() {
-  static const Fns f = load();
-  return f;
+  static const Fns loaded = load();
+  static const Fns none{};
+  return switches().blas_fallback ? none : loaded;
 }
 
 bool fits_int(int64_t x) { return x >= 0 && x <= INT_MAX; }
@@ -155,11 +155,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
 }
 
 namespace {
-bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
-
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 // one small product through the micro-kernel, compared with a plain loop: false when the call throws
 // (no supported ISA, oneDNN micro-kernels not built) or the result is wrong
@@ -188,8 +183,7 @@ bool probe_brgemm() {
 bool brgemm_f32_available() {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   static const bool probed = probe_brgemm();
-  return probed && at::globalContext().userEnabledMkldnn() && !env_is("DARE_KERNELS_CPU_BRGEMM", "0") &&
-         !env_is("DARE_KERNELS_CPU_BLAS", "fallback");
+  return probed && at::globalContext().userEnabledMkldnn() && switches().brgemm && !switches().blas_fallback;
 #else
   return false;
 #endif

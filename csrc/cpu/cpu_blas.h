@@ -33,7 +33,7 @@ class SequentialScope {
 // ~13 % faster than MKL's sgemm_ on the attention block shapes (no alpha: callers pre-scale).
 // brgemm_f32_available(): the torch build has it, a one-time probe call succeeded, oneDNN is enabled
 // (torch.backends.mkldnn), and neither DARE_KERNELS_CPU_BRGEMM=0 nor DARE_KERNELS_CPU_BLAS=fallback is
-// set (read on every call). Call it on the calling thread before a parallel region, never inside one.
+// set (csrc/include/switches.h). Call it on the calling thread before a parallel region, never inside one.
 bool brgemm_f32_available();
 void brgemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                 float* c, int64_t ldc, bool add_c);

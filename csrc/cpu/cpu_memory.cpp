@@ -2,29 +2,19 @@
 #include "cpu/cpu_memory.h"
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-namespace dare::cpu {
+#include "switches.h"
 
-namespace {
-bool huge_pages_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("DARE_KERNELS_CPU_HUGE_PAGES");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  return on;
-}
-}  // namespace
+namespace dare::cpu {
 
 void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.defined() || !t.device().is_cpu() || !huge_pages_enabled()) return;
+  if (!t.defined() || !t.device().is_cpu() || !switches().huge_pages) return;
   const size_t nbytes = t.storage().nbytes();
   if (nbytes < 4 * kHuge) return;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.storage().data());

@@ -2,7 +2,8 @@
 // statistics (fixed kChunk-element chunks: float accumulation inside a chunk, chunk partials added in
 // float64 in chunk order, so results do not depend on the thread count), a per-group coefficient
 // step in float64 (rectified_cfg_params.h), then one read + one write for the combine. bfloat16
-// combines run the AVX-512 kernel (rectified_cfg_avx512.cpp) when the CPU has it: same bits.
+// combines run the AVX-512 kernel (rectified_cfg_avx512.cpp) when the CPU has it: same bits. Entry points
+// with the argument checks: python/cpu/rectified_cfg_cpu.cpp.
 #include "cpu/rectified_cfg.h"
 
 #include <ATen/ATen.h>
@@ -17,8 +18,6 @@
 #endif
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -248,21 +247,6 @@ constexpr bool kAvx512Ok = std::is_same_v<T, c10::BFloat16> && std::is_same_v<Bt
 inline const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 inline uint16_t* bits(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
-// True when this call runs the AVX-512 kernels: the CPU has them, unless DARE_KERNELS_CPU_ISA says
-// "avx2" (the build's at::vec path: AVX2, or generic code in a build without it) or ATEN_CPU_CAPABILITY
-// keeps PyTorch itself below AVX-512. Read on every call (a few hundred ns) so a process can switch.
-bool use_avx512() {
-  static const bool hw = avx512::supported();
-  const char* isa = std::getenv("DARE_KERNELS_CPU_ISA");
-  if (isa != nullptr && *isa != '\0' && std::strcmp(isa, "auto") != 0) {
-    if (std::strcmp(isa, "avx2") == 0) return false;
-    TORCH_CHECK(std::strcmp(isa, "avx512") == 0, "DARE_KERNELS_CPU_ISA must be auto, avx2 or avx512, got '", isa, "'");
-    TORCH_CHECK(hw, "DARE_KERNELS_CPU_ISA=avx512 but this CPU (or OS) lacks AVX-512 F/BW/VL/DQ/BF16");
-    return true;
-  }
-  return hw && !aten_capability_below_avx512();
-}
-
 // Calls f(Tag<T>, Tag<Bt>, bool_constant<K3>, bool_constant<MOM>) for the runtime combination.
 template <typename F>
 void dispatch(at::ScalarType st, bool buf_f32, bool k3, bool mom, F&& f) {
@@ -290,57 +274,11 @@ void dispatch(at::ScalarType st, bool buf_f32, bool k3, bool mom, F&& f) {
   }
 }
 
-struct Inputs {
-  at::Tensor u, c, d, b;  // contiguous; d / b undefined when absent
-  int64_t groups = 0, n = 0;
-  bool k3 = false, mom = false, buf_f32 = false;
-};
-
-Inputs prepare(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-               const std::optional<at::Tensor>& buf, int64_t n_reduce) {
-  TORCH_CHECK(u.device().is_cpu(), "rectified_cfg (cpu): inputs must be CPU tensors, got ", u.device());
-  TORCH_CHECK(n_reduce >= 0 && n_reduce <= u.dim(), "rectified_cfg: n_reduce=", n_reduce, " out of range for ", u.dim(), "-D inputs");
-  Inputs in;
-  auto check = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == u.sizes(), "rectified_cfg: ", name, " has shape ", t.sizes(), ", expected ", u.sizes());
-    TORCH_CHECK(t.device() == u.device(), "rectified_cfg: ", name, " is on ", t.device(), ", expected ", u.device());
-  };
-  check(c, "cond");
-  TORCH_CHECK(c.scalar_type() == u.scalar_type(), "rectified_cfg: branch dtypes differ");
-  in.u = u.contiguous();
-  in.c = c.contiguous();
-  if (d.has_value()) {
-    check(*d, "degraded");
-    TORCH_CHECK(d->scalar_type() == u.scalar_type(), "rectified_cfg: branch dtypes differ");
-    in.d = d->contiguous();
-    in.k3 = true;
-  }
-  if (buf.has_value()) {
-    check(*buf, "momentum_buffer");
-    const auto bt = buf->scalar_type();
-    TORCH_CHECK(bt == u.scalar_type() || (bt == at::kFloat && u.scalar_type() != at::kDouble),
-                "rectified_cfg: momentum_buffer must be float32 or the predictions' dtype, got ", bt);
-    in.b = buf->contiguous();
-    in.mom = true;
-    in.buf_f32 = bt == at::kFloat && u.scalar_type() != at::kFloat;
-  }
-  in.n = 1;
-  for (int64_t i = u.dim() - n_reduce; i < u.dim(); ++i) in.n *= u.size(i);
-  in.groups = in.n == 0 ? 0 : u.numel() / in.n;
-  return in;
-}
-
-int mode_id(c10::string_view mode) {
-  if (mode == "cfg") return rc::kModeCfg;
-  if (mode == "cfg_zero_star") return rc::kModeZeroStar;
-  if (mode == "apg") return rc::kModeApg;
-  TORCH_CHECK(false, "rectified_cfg: unknown mode '", std::string(mode), "' (expected cfg, cfg_zero_star or apg)");
-}
-
 int64_t num_chunks(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
 
-// Per-group statistics, float64 [G * 14].
-std::vector<double> compute_stats(const Inputs& in, double beta) {
+}  // namespace
+
+std::vector<double> rectified_cfg_stats_cpu(const CfgInputs& in, double beta) {
   const int64_t G = in.groups, N = in.n, nch = num_chunks(N);
   std::vector<double> partial(static_cast<size_t>(G * nch * rc::kNumStats), 0.0);
   std::vector<double> stats(static_cast<size_t>(G * rc::kNumStats), 0.0);
@@ -369,8 +307,8 @@ std::vector<double> compute_stats(const Inputs& in, double beta) {
   return stats;
 }
 
-// out (contiguous) = Σ γ x per group; gamma is float64 [G * 4]; b_new written with momentum.
-void combine(const Inputs& in, const double* gamma, double beta, at::Tensor& out, at::Tensor* b_new, bool avx512) {
+void rectified_cfg_combine_cpu(const CfgInputs& in, const double* gamma, double beta, at::Tensor& out, at::Tensor* b_new,
+                               bool avx512) {
   const int64_t G = in.groups, N = in.n, nch = num_chunks(N);
   if (G == 0) return;
   dispatch(in.u.scalar_type(), in.buf_f32, in.k3, in.mom, [&](auto t, auto b, auto k3, auto mom) {
@@ -418,24 +356,11 @@ void combine(const Inputs& in, const double* gamma, double beta, at::Tensor& out
   });
 }
 
-}  // namespace
-
-void rectified_cfg_fused(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-                         const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& out,
-                         int64_t n_reduce, c10::string_view mode, double guidance_scale,
-                         double rectify_scale, double guidance_rescale, double eta,
-                         double norm_threshold, double momentum) {
-  Inputs in = prepare(u, c, d, momentum_buffer, n_reduce);
-  TORCH_CHECK(out.sizes() == u.sizes() && out.scalar_type() == u.scalar_type() && out.device() == u.device(),
-              "rectified_cfg: out must match the branch shape ", u.sizes(), " and dtype ", u.scalar_type());
-  rc::CoeffParams p{mode_id(mode), in.k3 ? 3 : 2, in.mom ? 1 : 0, guidance_scale, rectify_scale,
-                    guidance_rescale, eta, norm_threshold, momentum};
-  TORCH_CHECK(!in.mom || p.mode == rc::kModeApg, "rectified_cfg: a momentum buffer is only used by mode 'apg'");
+std::vector<double> rectified_cfg_coeffs_cpu(const CfgInputs& in, const rcfg::CoeffParams& p) {
   const int64_t G = in.groups;
-  const bool avx512 = use_avx512();
   std::vector<double> gamma(static_cast<size_t>(G * rc::kNumCoeffs));
   if (rc::needs_stats(p)) {
-    const std::vector<double> stats = compute_stats(in, momentum);
+    const std::vector<double> stats = rectified_cfg_stats_cpu(in, p.beta);
     for (int64_t g = 0; g < G; ++g)
       rc::coefficients(stats.data() + g * rc::kNumStats, static_cast<double>(in.n), p, gamma.data() + g * rc::kNumCoeffs);
   } else {
@@ -444,36 +369,21 @@ void rectified_cfg_fused(const at::Tensor& u, const at::Tensor& c, const std::op
     rc::coefficients(st, static_cast<double>(in.n), p, g0);
     for (int64_t g = 0; g < G; ++g) std::copy(g0, g0 + rc::kNumCoeffs, gamma.begin() + g * rc::kNumCoeffs);
   }
-  at::Tensor o = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
-  at::Tensor bnew;
-  if (in.mom) bnew = momentum_buffer->is_contiguous() ? *momentum_buffer : in.b;  // in.b is a private copy then
-  combine(in, gamma.data(), momentum, o, in.mom ? &bnew : nullptr, avx512);
-  if (!o.is_same(out)) out.copy_(o);
-  if (in.mom && !bnew.is_same(*momentum_buffer)) momentum_buffer->copy_(bnew);
+  return gamma;
 }
 
-at::Tensor rectified_cfg_stats(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-                               const std::optional<at::Tensor>& momentum_buffer, int64_t n_reduce,
-                               double momentum) {
-  Inputs in = prepare(u, c, d, momentum_buffer, n_reduce);
-  const std::vector<double> stats = compute_stats(in, momentum);
-  at::Tensor res = at::empty({in.groups, rc::kNumStats}, u.options().dtype(at::kDouble));
-  std::copy(stats.begin(), stats.end(), res.mutable_data_ptr<double>());
-  return u.scalar_type() == at::kDouble ? res : res.to(at::kFloat);
+bool rectified_cfg_use_avx512() {
+  static const bool hw = avx512::supported();
+  const Switches& sw = switches();
+  TORCH_CHECK(sw.cpu_isa_error.empty(), sw.cpu_isa_error);
+  if (sw.cpu_isa == Switches::CpuIsa::kAvx2) return false;
+  if (sw.cpu_isa == Switches::CpuIsa::kAvx512) {
+    TORCH_CHECK(hw, "DARE_KERNELS_CPU_ISA=avx512 but this CPU (or OS) lacks AVX-512 F/BW/VL/DQ/BF16");
+    return true;
+  }
+  return hw && !aten_capability_below_avx512();
 }
 
-at::Tensor rectified_cfg_combine(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-                                 const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& coeffs,
-                                 int64_t n_reduce) {
-  Inputs in = prepare(u, c, d, momentum_buffer, n_reduce);
-  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == in.groups && coeffs.size(1) == rc::kNumCoeffs,
-              "rectified_cfg: coeffs must be [G=", in.groups, ", 4], got ", coeffs.sizes());
-  at::Tensor gamma = coeffs.to(at::kDouble).contiguous();
-  at::Tensor out = at::empty(u.sizes(), u.options().memory_format(at::MemoryFormat::Contiguous));
-  combine(in, gamma.const_data_ptr<double>(), 0.0, out, nullptr, use_avx512());
-  return out;
-}
-
-std::string rectified_cfg_cpu_isa() { return use_avx512() ? "avx512" : DARE_KERNELS_CPU_VEC; }
+std::string rectified_cfg_cpu_isa() { return rectified_cfg_use_avx512() ? "avx512" : DARE_KERNELS_CPU_VEC; }
 
 }  // namespace dare::cpu

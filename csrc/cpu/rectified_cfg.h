@@ -1,35 +1,42 @@
-// Rectified CFG combine on CPU (SPEC.md §2): fused forward, and the statistics / combine halves used
-// by the differentiable path. Every tensor argument u, c, d, buffer, out has one shape
-// [*groups, *reduced]; the last `n_reduce` dims are reduced (N elements per group, G groups).
+// Rectified CFG combine on CPU (SPEC.md §2): the kernels behind the fused op and the statistics / combine
+// halves of the differentiable path. The op entry points (argument checks, contiguous copies, output
+// allocation) are in python/cpu/rectified_cfg_cpu.cpp. Every tensor u, c, d, buffer has one shape
+// [*groups, *reduced]; the last dims are reduced (n elements per group, `groups` groups).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <optional>
 #include <string>
-#include <string_view>
+#include <vector>
+
+#include "rectified_cfg_params.h"
 
 namespace dare::cpu {
 
-// out <- Σ γ_k x_k with γ from the statistics; the momentum buffer (APG) is updated in place.
-void rectified_cfg_fused(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-                         const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& out,
-                         int64_t n_reduce, c10::string_view mode, double guidance_scale,
-                         double rectify_scale, double guidance_rescale, double eta,
-                         double norm_threshold, double momentum);
+// Checked, contiguous operands: d / b undefined when absent; b (the momentum buffer) float32 or u's dtype.
+struct CfgInputs {
+  at::Tensor u, c, d, b;
+  int64_t groups = 0, n = 0;
+  bool k3 = false, mom = false, buf_f32 = false;  // buf_f32: a float32 buffer with non-float32 predictions
+};
 
-// Per-group statistics [G, 14] (float64 for float64 inputs, else float32); layout in rectified_cfg_params.h.
-at::Tensor rectified_cfg_stats(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-                               const std::optional<at::Tensor>& momentum_buffer, int64_t n_reduce,
-                               double momentum);
+// Per-group statistics, float64 [groups * 14] (layout in rectified_cfg_params.h); beta: momentum β.
+std::vector<double> rectified_cfg_stats_cpu(const CfgInputs& in, double beta);
 
-// out = Σ γ_k x_k with γ = coeffs[G, 4] over (u, c, d, b_old); a new tensor in the inputs' dtype.
-at::Tensor rectified_cfg_combine(const at::Tensor& u, const at::Tensor& c, const std::optional<at::Tensor>& d,
-                                 const std::optional<at::Tensor>& momentum_buffer, const at::Tensor& coeffs,
-                                 int64_t n_reduce);
+// Per-group coefficients γ, float64 [groups * 4], from the statistics when the mode needs them.
+std::vector<double> rectified_cfg_coeffs_cpu(const CfgInputs& in, const rcfg::CoeffParams& p);
 
-// The vector path the CPU kernels take now: "avx512" (when the CPU has AVX-512 F/BW/VL/DQ/BF16 and
-// DARE_KERNELS_CPU_ISA is unset, "auto" or "avx512"), else the build's at::vec path ("avx2" or
-// "default"; DARE_KERNELS_CPU_ISA=avx2 forces it).
+// out (contiguous, u's shape and dtype) = Σ γ x per group (gamma float64 [groups * 4] over u, c, d, b_old);
+// with momentum also *b_new = c - u + β b_old (b_new may be null: not written). avx512: the AVX-512 bf16
+// combine (rectified_cfg_use_avx512()), bitwise the same as the at::vec one.
+void rectified_cfg_combine_cpu(const CfgInputs& in, const double* gamma, double beta, at::Tensor& out, at::Tensor* b_new,
+                               bool avx512);
+
+// True when the combine takes the AVX-512 kernel: the CPU has AVX-512 F/BW/VL/DQ/BF16 and
+// DARE_KERNELS_CPU_ISA is unset, "auto" or "avx512" (an error without the hardware) and, for auto,
+// ATEN_CPU_CAPABILITY does not keep PyTorch below AVX-512; DARE_KERNELS_CPU_ISA=avx2 turns it off.
+bool rectified_cfg_use_avx512();
+
+// The vector path the CPU kernels take now: "avx512", else the build's at::vec path ("avx2" or "default").
 std::string rectified_cfg_cpu_isa();
 
 }  // namespace dare::cpu

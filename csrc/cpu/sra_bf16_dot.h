@@ -1,5 +1,5 @@
 // bf16 block products of the CPU SRA forward with AVX512-BF16 (vdpbf16ps), picked at run time by
-// sra_attention.cpp for bfloat16 inputs. Compiled with function target attributes (no build flags), so
+// sra_cpu_fwd.cpp / sra_cpu_bwd.cpp for bfloat16 inputs. Compiled with function target attributes (no build flags), so
 // the extension still loads and runs its fp32 path on CPUs without AVX512-BF16.
 //
 // Arithmetic of vdpbf16ps (Intel SDM, VDPBF16PS): per 32-bit lane, acc += a[2l+1]·b[2l+1], then

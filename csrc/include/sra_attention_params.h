@@ -18,7 +18,8 @@ namespace cuda {
 
 enum class SraDtype : int32_t { kFloat16 = 0, kBFloat16 = 1 };
 
-// How the forward treats the keys (env DARE_SRA_CUDA_PATH can force one; see sra_attention_fwd.cu).
+// How the forward treats the keys (DARE_KERNELS_CUDA_SRA_PATH, csrc/include/switches.h, can force one; see
+// sra_attention_fwd.cu).
 enum class SraFwdPath : int32_t {
   kAuto = 0,    // exact when a map is asked for or M <= 512 and the keys fit in shared memory, else online
   kExact = 1,   // two passes over the keys: exact row max/sum, then P = exp(s - lse) with no rescaling

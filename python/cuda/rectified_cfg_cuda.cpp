@@ -1,7 +1,7 @@
 // CUDA implementations of the rectified CFG ops (schemas in python/rectified_cfg_ops.cpp). Built only
 // with a CUDA torch. Kernels live in csrc/cuda/rectified_cfg.cu (torch-free); this file turns tensors
 // into LaunchParams, allocates the workspace from torch's caching allocator and launches on the
-// current stream. DARE_KERNELS_CFG_CUDA_PATH = auto (single pass when it fits) | two_pass | single_pass.
+// current stream. DARE_KERNELS_CUDA_CFG_PATH = auto (single pass when it fits) | two_pass | single_pass.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,12 +9,12 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
 #include <string>
 
 #define DARE_RCFG_CUDA_API 1
 #include "rectified_cfg_params.h"
+#include "switches.h"
 
 namespace {
 
@@ -103,15 +103,14 @@ void fused_cuda(const at::Tensor& u, const at::Tensor& c, const std::optional<at
   r.p.out = o.data_ptr();
   if (r.b.defined()) r.p.b_new = r.b.data_ptr();  // r.b is the buffer itself, or a private contiguous copy
   if (r.p.groups == 0) return;
-  const char* path = std::getenv("DARE_KERNELS_CFG_CUDA_PATH");
-  const std::string want = path ? path : "auto";
+  const auto path = dare::switches().cuda_cfg_path;  // DARE_KERNELS_CUDA_CFG_PATH (switches.h)
   const at::Tensor ws = workspace(r.p, u);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (want == "single_pass") {
+  if (path == dare::Switches::CudaCfgPath::kSinglePass) {
     C10_CUDA_CHECK(rc::launch_single_pass(r.p, ws.data_ptr(), stream));
   } else {
     int used = 0;
-    C10_CUDA_CHECK(rc::launch_fused(r.p, ws.data_ptr(), want != "two_pass", stream, &used));
+    C10_CUDA_CHECK(rc::launch_fused(r.p, ws.data_ptr(), path != dare::Switches::CudaCfgPath::kTwoPass, stream, &used));
   }
   if (!o.is_same(out)) out.copy_(o);
   if (r.b.defined() && !r.b.is_same(*momentum_buffer)) momentum_buffer->copy_(r.b);

@@ -10,12 +10,11 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "sra_attention_params.h"
+#include "switches.h"
 
 namespace dare {
 namespace cuda_binding {
@@ -122,13 +121,13 @@ std::optional<Tensor> fill_inputs(SraParams& p, const Tensor& q, const Tensor& k
   return w;
 }
 
-SraFwdPath fwd_path_from_env() {
-  const char* env = std::getenv("DARE_SRA_CUDA_PATH");  // "exact" | "online" | unset/"auto"
-  if (env == nullptr) return SraFwdPath::kAuto;
-  const std::string s(env);
-  if (s == "exact") return SraFwdPath::kExact;
-  if (s == "online") return SraFwdPath::kOnline;
-  return SraFwdPath::kAuto;
+// DARE_KERNELS_CUDA_SRA_PATH = exact | online | auto (switches.h)
+SraFwdPath fwd_path_switch() {
+  switch (dare::switches().cuda_sra_path) {
+    case dare::Switches::CudaSraPath::kExact: return SraFwdPath::kExact;
+    case dare::Switches::CudaSraPath::kOnline: return SraFwdPath::kOnline;
+    default: return SraFwdPath::kAuto;
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> sra_attention_fwd_cuda(const Tensor& query, const Tensor& key,
@@ -154,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> sra_attention_fwd_cuda(const Tensor& query, c
     p.attn_map = amap.data_ptr<float>();
     strides(p.map_stride, amap);
   }
-  p.fwd_path = fwd_path_from_env();
+  p.fwd_path = fwd_path_switch();
   check_launch(dare::cuda::sra_attention_fwd_launch(p, c10::cuda::getCurrentCUDAStream().stream()),
                "sra_attention_fwd");
   return {out, lse, amap};

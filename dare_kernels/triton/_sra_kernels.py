@@ -7,7 +7,10 @@ Conventions shared by every kernel:
   ``s2 = -inf`` and so ``P = 0``. A row with no valid key has ``lse = -inf``; kernels that read the
   LSE turn it into ``+inf`` so every ``P`` of that row is 0 (never NaN).
 - Head dims are padded to the power-of-two ``BLOCK_D`` / ``BLOCK_DV`` and masked.
-- Every tensor is addressed through its strides; batch/head offsets are computed in int64.
+- Every tensor is addressed through its strides. Batch/head offsets and the start row / column of a
+  tile are computed in int64 (``_tile``): with the [B, N, H, D] layout the row stride is H·D, so
+  row·stride passes 2^31 once N·H·D does. Offsets inside a tile stay int32; the host keeps them below
+  2^31 (``sra_attention._tile_safe``).
 - ``IEEE``: float32 inputs use exact float32 dot products (no TF32), half inputs use tensor cores
   (see ``_dot``).
 """
@@ -34,16 +37,24 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, r0, stride_r, c0, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pointers of the [BLOCK_R, BLOCK_C] tile at rows r0.., columns c0..: the start in int64, the
+    in-tile offsets in int32 (cheap; bounded by the host)."""
+    start = tl.cast(r0, tl.int64) * stride_r + tl.cast(c0, tl.int64) * stride_c
+    return base + start + tl.arange(0, BLOCK_R)[:, None] * stride_r + tl.arange(0, BLOCK_C)[None, :] * stride_c
+
+
+@triton.jit
 def _key_bias2(W, MASK, w_base, mask_base, offs_m, M, stride_wm, stride_maskm, strength,
                HAS_W: tl.constexpr, HAS_MASK: tl.constexpr):
     """γ·log2(w_j) for valid keys, -inf otherwise; also returns w (1 where absent) and validity."""
     valid = offs_m < M
     w = tl.full(offs_m.shape, 1.0, tl.float32)
     if HAS_MASK:
-        mk = tl.load(MASK + mask_base + offs_m * stride_maskm, mask=valid, other=0)
+        mk = tl.load(MASK + mask_base + offs_m.to(tl.int64) * stride_maskm, mask=valid, other=0)
         valid = valid & (mk != 0)
     if HAS_W:
-        w = tl.load(W + w_base + offs_m * stride_wm, mask=offs_m < M, other=1.0).to(tl.float32)
+        w = tl.load(W + w_base + offs_m.to(tl.int64) * stride_wm, mask=offs_m < M, other=1.0).to(tl.float32)
         valid = valid & (w > 0)
         w = tl.where(valid, w, 1.0)
         bias = strength * tl.log2(w)
@@ -79,7 +90,8 @@ def sra_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_n < N
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+    n0 = pid_n * BLOCK_N
+    q = tl.load(_tile(Q + b * sqb + h * sqh, n0, sqn, 0, sqd, BLOCK_N, BLOCK_D),
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -91,7 +103,7 @@ def sra_fwd_kernel(
         offs_m = start + tl.arange(0, BLOCK_M)
         bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
                                        HAS_W, HAS_MASK)
-        kt = tl.load(k_base + offs_m[None, :] * skm + offs_d[:, None] * skd,
+        kt = tl.load(_tile(k_base, 0, skd, start, skm, BLOCK_D, BLOCK_M),
                      mask=(offs_m[None, :] < M) & (offs_d[:, None] < D), other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale + bias2[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -99,7 +111,7 @@ def sra_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+        v = tl.load(_tile(v_base, start, svm, 0, svd, BLOCK_M, BLOCK_DV),
                     mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
@@ -107,7 +119,7 @@ def sra_fwd_kernel(
     has_key = l_i > 0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+    tl.store(_tile(O + b * sob + h * soh, n0, son, 0, sod, BLOCK_N, BLOCK_DV),
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     m_safe = tl.where(has_key, m_i, 0.0)
     lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -142,14 +154,15 @@ def sra_fwd_map_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_n < N
 
+    n0 = pid_n * BLOCK_N
     amap = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for hh in range(0, H):
         h = b * 0 + hh  # int64
-        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+        q = tl.load(_tile(Q + b * sqb + h * sqh, n0, sqn, 0, sqd, BLOCK_N, BLOCK_D),
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
                                        HAS_W, HAS_MASK)
-        kt = tl.load(K + b * skb + h * skh + offs_m[None, :] * skm + offs_d[:, None] * skd,
+        kt = tl.load(_tile(K + b * skb + h * skh, 0, skd, 0, skm, BLOCK_D, BLOCK_M),
                      mask=(offs_m[None, :] < M) & (offs_d[:, None] < D), other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale + bias2[None, :]
         m = tl.max(s, 1)
@@ -159,10 +172,10 @@ def sra_fwd_map_kernel(
         has_key = l > 0
         l_safe = tl.where(has_key, l, 1.0)
         p = p * (1.0 / l_safe)[:, None]
-        v = tl.load(V + b * svb + h * svh + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+        v = tl.load(_tile(V + b * svb + h * svh, 0, svm, 0, svd, BLOCK_M, BLOCK_DV),
                     mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
         out = _dot(p.to(v.dtype), v, IEEE)
-        tl.store(O + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+        tl.store(_tile(O + b * sob + h * soh, n0, son, 0, sod, BLOCK_N, BLOCK_DV),
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
         lse = tl.where(has_key, (m_safe + tl.log2(l_safe)) * LN2, float("-inf"))
         tl.store(LSE + (b * H + h) * N + offs_n, lse, mask=row_ok)
@@ -170,7 +183,7 @@ def sra_fwd_map_kernel(
 
     amap = amap * inv_heads
     in_map = (offs_m >= map_start) & (offs_m < map_stop)
-    tl.store(AMAP + b * sab + offs_n[:, None] * san + (offs_m - map_start)[None, :] * sam, amap,
+    tl.store(_tile(AMAP + b * sab, n0, san, -map_start, sam, BLOCK_N, BLOCK_M), amap,
              mask=row_ok[:, None] & in_map[None, :])
 
 
@@ -195,8 +208,10 @@ def sra_map_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = map_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = pid_n * BLOCK_N
+    m0 = map_start + pid_m * BLOCK_M
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_n < N
     col_ok = offs_m < map_stop
@@ -204,11 +219,11 @@ def sra_map_kernel(
     amap = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for hh in range(0, H):
         h = b * 0 + hh  # int64
-        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+        q = tl.load(_tile(Q + b * sqb + h * sqh, n0, sqn, 0, sqd, BLOCK_N, BLOCK_D),
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, map_stop, swm, smm,
                                        strength, HAS_W, HAS_MASK)
-        kt = tl.load(K + b * skb + h * skh + offs_m[None, :] * skm + offs_d[:, None] * skd,
+        kt = tl.load(_tile(K + b * skb + h * skh, 0, skd, m0, skm, BLOCK_D, BLOCK_M),
                      mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale + bias2[None, :]
         lse = tl.load(LSE + (b * H + h) * N + offs_n, mask=row_ok, other=float("-inf"))
@@ -216,7 +231,7 @@ def sra_map_kernel(
         amap += tl.exp2(s - lse2[:, None])
 
     amap = amap * inv_heads
-    tl.store(AMAP + b * sab + offs_n[:, None] * san + (offs_m - map_start)[None, :] * sam, amap,
+    tl.store(_tile(AMAP + b * sab, n0, san, m0 - map_start, sam, BLOCK_N, BLOCK_M), amap,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -246,19 +261,20 @@ def sra_bwd_delta_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_n < N
     dv_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
-    o = tl.load(O + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod, mask=dv_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_n[:, None] * sdon + offs_dv[None, :] * sdod, mask=dv_mask,
-                 other=0.0)
+    o = tl.load(_tile(O + b * sob + h * soh, n0, son, 0, sod, BLOCK_N, BLOCK_DV), mask=dv_mask, other=0.0)
+    do = tl.load(_tile(DO + b * sdob + h * sdoh, n0, sdon, 0, sdod, BLOCK_N, BLOCK_DV), mask=dv_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_GLSE:
-        delta -= tl.load(GLSE + b * sglb + h * sglh + offs_n * sgln, mask=row_ok, other=0.0).to(tl.float32)
+        delta -= tl.load(GLSE + b * sglb + h * sglh + offs_n.to(tl.int64) * sgln, mask=row_ok,
+                         other=0.0).to(tl.float32)
     if HAS_GMAP:
         offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+        q = tl.load(_tile(Q + b * sqb + h * sqh, n0, sqn, 0, sqd, BLOCK_N, BLOCK_D),
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_n, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -267,10 +283,10 @@ def sra_bwd_delta_kernel(
             col_ok = offs_m < map_stop
             bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, map_stop, swm, smm,
                                            strength, HAS_W, HAS_MASK)
-            kt = tl.load(K + b * skb + h * skh + offs_m[None, :] * skm + offs_d[:, None] * skd,
+            kt = tl.load(_tile(K + b * skb + h * skh, 0, skd, start, skm, BLOCK_D, BLOCK_M),
                          mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
             p = tl.exp2(_dot(q, kt, IEEE) * qk_scale + bias2[None, :] - lse2[:, None])
-            da = tl.load(GMAP + b * sgb + offs_n[:, None] * sgn + (offs_m - map_start)[None, :] * sgm,
+            da = tl.load(_tile(GMAP + b * sgb, n0, sgn, start - map_start, sgm, BLOCK_N, BLOCK_M),
                          mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             delta += tl.sum(p * da, 1) * inv_heads
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_n, delta, mask=row_ok)
@@ -305,15 +321,16 @@ def sra_bwd_dkdv_kernel(
     split = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_m < M
     bias2, w, valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
                                  HAS_W, HAS_MASK)
-    k = tl.load(K + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd,
+    k = tl.load(_tile(K + b * skb + h * skh, m0, skm, 0, skd, BLOCK_M, BLOCK_D),
                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_m[:, None] * svm + offs_dv[None, :] * svd,
+    v = tl.load(_tile(V + b * svb + h * svh, m0, svm, 0, svd, BLOCK_M, BLOCK_DV),
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     in_map = (offs_m >= map_start) & (offs_m < map_stop)
 
@@ -328,9 +345,9 @@ def sra_bwd_dkdv_kernel(
     for start in range(row_start, row_stop, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         row_ok = offs_n < row_stop
-        q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+        q = tl.load(_tile(q_base, start, sqn, 0, sqd, BLOCK_N, BLOCK_D),
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(do_base + offs_n[:, None] * sdon + offs_dv[None, :] * sdod,
+        do = tl.load(_tile(do_base, start, sdon, 0, sdod, BLOCK_N, BLOCK_DV),
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + row_base + offs_n, mask=row_ok, other=float("-inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -340,7 +357,7 @@ def sra_bwd_dkdv_kernel(
         dv += _dot(pt.to(do.dtype), do, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
         if HAS_GMAP:
-            dat = tl.load(GMAP + b * sgb + offs_n[None, :] * sgn + (offs_m - map_start)[:, None] * sgm,
+            dat = tl.load(_tile(GMAP + b * sgb, m0 - map_start, sgm, start, sgn, BLOCK_M, BLOCK_N),
                           mask=in_map[:, None] & row_ok[None, :], other=0.0).to(tl.float32)
             dpt += dat * inv_heads
         dst = pt * (dpt - delta[None, :])
@@ -349,9 +366,9 @@ def sra_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     slot = split.to(tl.int64)
-    tl.store(DK + slot * sdks + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
+    tl.store(_tile(DK + slot * sdks + b * sdkb + h * sdkh, m0, sdkm, 0, sdkd, BLOCK_M, BLOCK_D),
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + slot * sdvs + b * sdvb + h * sdvh + offs_m[:, None] * sdvm + offs_dv[None, :] * sdvd,
+    tl.store(_tile(DV_ + slot * sdvs + b * sdvb + h * sdvh, m0, sdvm, 0, sdvd, BLOCK_M, BLOCK_DV),
              dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
     if HAS_W:
         dw = tl.where(valid, strength * colsum / w, 0.0)
@@ -379,13 +396,14 @@ def sra_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_n < N
-    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+    q = tl.load(_tile(Q + b * sqb + h * sqh, n0, sqn, 0, sqd, BLOCK_N, BLOCK_D),
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_n[:, None] * sdon + offs_dv[None, :] * sdod,
+    do = tl.load(_tile(DO + b * sdob + h * sdoh, n0, sdon, 0, sdod, BLOCK_N, BLOCK_DV),
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     row_base = pid_bh.to(tl.int64) * N
     lse = tl.load(LSE + row_base + offs_n, mask=row_ok, other=float("-inf"))
@@ -400,20 +418,20 @@ def sra_bwd_dq_kernel(
         col_ok = offs_m < M
         bias2, _w, _valid = _key_bias2(W, MASK, b * swb + h * swh, b * smb, offs_m, M, swm, smm, strength,
                                        HAS_W, HAS_MASK)
-        kt = tl.load(k_base + offs_m[None, :] * skm + offs_d[:, None] * skd,
+        kt = tl.load(_tile(k_base, 0, skd, start, skm, BLOCK_D, BLOCK_M),
                      mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(v_base + offs_m[None, :] * svm + offs_dv[:, None] * svd,
+        vt = tl.load(_tile(v_base, 0, svd, start, svm, BLOCK_DV, BLOCK_M),
                      mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         p = tl.exp2(_dot(q, kt, IEEE) * qk_scale + bias2[None, :] - lse2[:, None])
         dp = _dot(do, vt, IEEE)
         if HAS_GMAP:
             in_map = (offs_m >= map_start) & (offs_m < map_stop)
-            da = tl.load(GMAP + b * sgb + offs_n[:, None] * sgn + (offs_m - map_start)[None, :] * sgm,
+            da = tl.load(_tile(GMAP + b * sgb, n0, sgn, start - map_start, sgm, BLOCK_N, BLOCK_M),
                          mask=row_ok[:, None] & in_map[None, :], other=0.0).to(tl.float32)
             dp += da * inv_heads
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
 
     dq = dq * sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_n[:, None] * sdqn + offs_d[None, :] * sdqd,
+    tl.store(_tile(DQ + b * sdqb + h * sdqh, n0, sdqn, 0, sdqd, BLOCK_N, BLOCK_D),
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))

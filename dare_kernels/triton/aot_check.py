@@ -1,45 +1,54 @@
-"""Compile the SRA Triton kernels for a GPU architecture without a GPU: catches compile errors and reports
-shared memory, registers and spills (from Triton's bundled ptxas) per kernel and configuration.
+"""Compile the SRA Triton kernels for a GPU architecture without a GPU and prove their resources: shared
+memory (Triton's metadata), registers and spills (the log of Triton's own ptxas run) per kernel and config.
 
-    python -m dare_kernels.triton.aot_check              # sm_90 and sm_80, the configurations below
-    python -m dare_kernels.triton.aot_check --arch 90 --quick
+    python -m dare_kernels.triton.aot_check --all          # every pickable case, sm_90 and sm_80; exit 1 on
+                                                           # a spill, an over-limit config or a failed compile
+    python -m dare_kernels.triton.aot_check --all --write-md bench/results/triton_resources.md
+    python -m dare_kernels.triton.aot_check --arch 90 --quick   # one small config per kernel
 
-Must run without ``TRITON_INTERPRET=1`` (the kernels have to be real ``@triton.jit`` functions). Strides
-of the innermost dims are specialised to 1 and pointers / other strides marked divisible by 16, as Triton's
-JIT does for aligned contiguous inputs; sizes (N, M, D) stay general.
+``--all`` enumerates, per architecture, kernel, padded head dim (40, 64, 80, 128, 160, 256) and dtype
+(fp16, bf16, fp32), every config the autotuner can keep after pruning and every config the dispatcher
+picks with autotuning off (``_sra_configs``), over every key / map width that changes that choice, and
+the fused-map kernel at every ``BLOCK_M`` the dispatcher sends to it. Token weights and the mask are on
+(the most code); the backward runs with and without the map gradient. For every fused-map case the
+dispatcher's shared-memory formula is compared with the compiled size. Results are cached (keyed on the
+kernel source, Triton's version, ptxas and the case) under ``$DARE_KERNELS_AOT_CACHE`` or
+``~/.cache/dare_kernels``; ``-j`` compiles in parallel.
+
+Must run without ``TRITON_INTERPRET=1``. Strides of the innermost dims are specialised to 1 and pointers /
+other strides marked divisible by 16, as Triton's JIT does for aligned contiguous inputs; sizes stay general.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import hashlib
 import inspect
+import io
+import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from . import _sra_configs as C
+
+HEAD_DIMS = (40, 64, 80, 128, 160, 256)
+DTYPES = ("fp16", "bf16", "fp32")
+ARCHS = (90, 80)
+# key counts / map widths standing for every class the pruning and heuristics distinguish (next_pow2)
+M_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 _FLOAT_ARGS = ("qk_scale", "strength", "inv_heads", "sm_scale")
 _UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "sam", "swm", "smm", "sgm")
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")
 _FP32_PTRS = ("W", "LSE", "AMAP", "DELTA", "GLSE", "GMAP", "DW")
 
-# (kernel, constexprs, num_warps, num_stages): the shapes that matter (D=64/128/256, one-block and online)
-PLANS = [
-    ("sra_fwd_kernel", dict(BLOCK_N=128, BLOCK_M=64, BLOCK_D=128, BLOCK_DV=128), 8, 3),
-    ("sra_fwd_kernel", dict(BLOCK_N=128, BLOCK_M=128, BLOCK_D=128, BLOCK_DV=128), 8, 3),
-    ("sra_fwd_kernel", dict(BLOCK_N=128, BLOCK_M=64, BLOCK_D=64, BLOCK_DV=64), 4, 3),
-    ("sra_fwd_kernel", dict(BLOCK_N=64, BLOCK_M=32, BLOCK_D=256, BLOCK_DV=256), 8, 2),
-    ("sra_fwd_map_kernel", dict(BLOCK_N=32, BLOCK_M=128, BLOCK_D=64, BLOCK_DV=64), 4, 2),
-    ("sra_fwd_map_kernel", dict(BLOCK_N=64, BLOCK_M=128, BLOCK_D=64, BLOCK_DV=64), 8, 2),
-    ("sra_map_kernel", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=64), 4, 3),
-    ("sra_bwd_delta_kernel", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=64, BLOCK_DV=64, HAS_GLSE=True, HAS_GMAP=True),
-     4, 2),
-    ("sra_bwd_dkdv_kernel", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=128, BLOCK_DV=128, HAS_GMAP=False), 4, 3),
-    ("sra_bwd_dkdv_kernel", dict(BLOCK_N=64, BLOCK_M=128, BLOCK_D=128, BLOCK_DV=128, HAS_GMAP=True), 8, 3),
-    ("sra_bwd_dq_kernel", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=128, BLOCK_DV=128, HAS_GMAP=False), 4, 3),
-    ("sra_bwd_dq_kernel", dict(BLOCK_N=128, BLOCK_M=64, BLOCK_D=128, BLOCK_DV=128, HAS_GMAP=True), 8, 3),
-]
+# (kernel, constexprs, num_warps, num_stages): one small config per kernel
 QUICK_PLANS = [
     ("sra_fwd_kernel", dict(BLOCK_N=64, BLOCK_M=32, BLOCK_D=64, BLOCK_DV=64), 4, 2),
     ("sra_fwd_map_kernel", dict(BLOCK_N=32, BLOCK_M=64, BLOCK_D=64, BLOCK_DV=64), 4, 2),
@@ -51,10 +60,82 @@ QUICK_PLANS = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# the cases: everything the autotuner or the dispatcher can launch
+# ---------------------------------------------------------------------------------------------
+
+def _cfg_tuple(c) -> tuple:
+    """(BLOCK_N, BLOCK_M or None, num_warps, num_stages) of a triton.Config or a heuristic dict."""
+    if isinstance(c, dict):
+        return c["BLOCK_N"], c.get("BLOCK_M"), c["num_warps"], c["num_stages"]
+    return c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_M"), c.num_warps, c.num_stages
+
+
+def pickable(arch: int, D: int, dtype: str) -> list[tuple[str, dict, int, int]]:
+    """Every (kernel, constexprs, num_warps, num_stages) that can launch on ``arch`` for head dim D (= Dv)."""
+    bd = C.pow2(D)
+    ieee = 1 if dtype == "fp32" else 0
+    elem = 4 if dtype == "fp32" else 2
+    dims = dict(D=D, DV=D, BLOCK_D=bd, BLOCK_DV=bd)
+    kw = dict(BLOCK_D=bd, BLOCK_DV=bd, IEEE=ieee, HAS_W=True, HAS_MASK=True)
+    cases: dict[tuple, tuple] = {}
+
+    def add(name, cfg, extra=None, fixed_m=None):
+        n, m, w, s = _cfg_tuple(cfg)
+        cx = dict(dims, BLOCK_N=n, **({"BLOCK_M": m} if m is not None else {}), **(extra or {}))
+        if fixed_m is not None:
+            cx["BLOCK_M"] = fixed_m
+        if name == "sra_map_kernel":
+            cx = {k: v for k, v in cx.items() if k not in ("DV", "BLOCK_DV")}
+        key = (name, tuple(sorted(cx.items())), w, s)
+        cases.setdefault(key, (name, cx, w, s))
+
+    for M in M_CLASSES:
+        nargs = dict(M=M, map_start=0, map_stop=M)
+        for c in C.prune_fwd(C.fwd_configs(arch), nargs, arch=arch, **kw):
+            add("sra_fwd_kernel", c)
+        add("sra_fwd_kernel", C.heuristic("sra_fwd_kernel", M, bd, elem, arch))
+        for c in C.prune_map(C.map_configs(arch), nargs, arch=arch, **kw):
+            add("sra_map_kernel", c)
+        add("sra_map_kernel", C.heuristic("sra_map_kernel", M, bd, elem, arch))
+        block_m = C.pow2(M)
+        if C.use_fused_map(block_m, bd, bd, elem, arch):
+            for c in C.prune_fused_map(C.fused_map_configs(arch), nargs, arch=arch, BLOCK_M=block_m, **kw):
+                add("sra_fwd_map_kernel", c, fixed_m=block_m)
+            add("sra_fwd_map_kernel", C.heuristic("sra_fwd_map_kernel", M, bd, elem, arch), fixed_m=block_m)
+        for gmap in (False, True):
+            for name in ("sra_bwd_dkdv_kernel", "sra_bwd_dq_kernel"):
+                for c in C.prune_bwd(C.bwd_configs(arch), nargs, arch=arch, HAS_GMAP=gmap, **kw):
+                    add(name, c, {"HAS_GMAP": gmap})
+                add(name, C.heuristic(name, M, bd, elem, arch), {"HAS_GMAP": gmap})
+    for gmap in (False, True):
+        add("sra_bwd_delta_kernel", C.DELTA_CONFIG, {"HAS_GMAP": gmap, "HAS_GLSE": True})
+    return list(cases.values())
+
+
+def all_cases(archs=ARCHS, dims=HEAD_DIMS, dtypes=DTYPES) -> list[dict]:
+    out = []
+    for arch in archs:
+        for D in dims:
+            for dtype in dtypes:
+                for name, cx, w, s in pickable(arch, D, dtype):
+                    out.append(dict(name=name, cx=cx, arch=arch, warps=w, stages=s, dtype=dtype,
+                                    ieee=1 if dtype == "fp32" else 0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling one case
+# ---------------------------------------------------------------------------------------------
+
 def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_stages: int,
                    dtype: str = "bf16", ieee: int = 0) -> dict:
-    """Compile kernel ``name`` for sm_``arch``; returns {shared, regs, spill_bytes, ptxas} (raises on errors)."""
+    """Compile kernel ``name`` for sm_``arch``; returns {shared, regs, spill_bytes, ptxas} (raises on errors).
+
+    Registers and spills come from the ``-v`` log of the ptxas run Triton itself makes (same flags as a
+    launch), so Triton's cache is bypassed for this compile."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -87,53 +168,222 @@ def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_s
     aligned = [n for n in names if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s"))]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in cx.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    info = {"shared": kernel.metadata.shared, "regs": None, "spill_bytes": None, "ptxas": ""}
-    ptxas = _ptxas_path()
-    if ptxas:
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "k.ptx")
-            with open(path, "w") as f:
-                f.write(kernel.asm["ptx"])
-            gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-            res = subprocess.run([ptxas, "--regAllocOptLevel=2", "-lineinfo", f"--gpu-name={gpu}", "-v", path,
-                                  "-o", os.path.join(d, "k.o")], capture_output=True, text=True)
-            out = res.stderr + res.stdout
-        regs = re.findall(r"Used (\d+) registers", out)
-        spill = re.findall(r"(\d+) bytes spill stores", out)
-        info.update(regs=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else 0, ptxas=out)
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope():
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": num_warps, "num_stages": num_stages})
+    out = log.getvalue()
+    regs = re.findall(r"Used (\d+) registers", out)
+    spill = re.findall(r"(\d+) bytes spill stores", out)
+    return {"shared": int(kernel.metadata.shared), "regs": int(regs[-1]) if regs else None,
+            "spill_bytes": int(spill[-1]) if spill else (0 if regs else None), "ptxas": out}
+
+
+def _compile_case(case: dict) -> dict:
+    t0 = time.perf_counter()
+    try:
+        info = compile_kernel(case["name"], case["cx"], case["arch"], case["warps"], case["stages"],
+                              case["dtype"], case["ieee"])
+        info.pop("ptxas")
+        info["error"] = None
+    except Exception as exc:  # reported as a failed row
+        info = {"shared": None, "regs": None, "spill_bytes": None, "error": f"{type(exc).__name__}: {str(exc)[-400:]}"}
+    info["seconds"] = round(time.perf_counter() - t0, 2)
     return info
 
 
-def _ptxas_path() -> str | None:
-    try:
-        from triton import knobs
+# ---------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------
 
-        return knobs.nvidia.ptxas.path
+def _fingerprint() -> str:
+    """Everything besides the case that decides a compile: kernel source, Triton, ptxas."""
+    import triton
+    from triton import knobs
+
+    from . import _sra_kernels as K
+
+    ptxas = knobs.nvidia.ptxas.path
+    try:
+        pv = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     except Exception:
+        pv = "?"
+    src = inspect.getsource(K)
+    return hashlib.sha256(f"{triton.__version__}|{pv}|{src}".encode()).hexdigest()[:20]
+
+
+def _case_key(case: dict) -> str:
+    return json.dumps([case["name"], sorted(case["cx"].items()), case["arch"], case["warps"], case["stages"],
+                       case["dtype"], case["ieee"]])
+
+
+def _cache_path(fp: str) -> str:
+    root = os.environ.get("DARE_KERNELS_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                      "dare_kernels")
+    return os.path.join(root, f"aot_check-{fp}.json")
+
+
+def _load_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(path: str, cache: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        print(f"aot_check: cannot write the cache {path}: {exc}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# judging and reporting
+# ---------------------------------------------------------------------------------------------
+
+def _config_label(case: dict) -> str:
+    cx = case["cx"]
+    parts = [f"BLOCK_N={cx['BLOCK_N']}"]
+    if "BLOCK_M" in cx:
+        parts.append(f"BLOCK_M={cx['BLOCK_M']}")
+    parts += [f"{k}={int(v)}" for k, v in sorted(cx.items()) if k.startswith("HAS_")]
+    return " ".join(parts) + f" w{case['warps']} s{case['stages']}"
+
+
+def judge(case: dict, info: dict) -> list[str]:
+    """The reasons this case fails (empty: it passes)."""
+    if info.get("error"):
+        return [f"compile failed: {info['error']}"]
+    problems = []
+    limit = C.smem_limit(case["arch"])
+    if info["shared"] > limit:
+        problems.append(f"shared {info['shared']} B > {limit} B")
+    if info["spill_bytes"] is None:
+        problems.append("no ptxas log (registers / spills unknown)")
+    elif info["spill_bytes"] > 0:
+        problems.append(f"spills {info['spill_bytes']} B")
+    est = formula_estimate(case)
+    if est is not None and info["shared"] > est:
+        problems.append(f"compiled shared {info['shared']} B > the dispatcher's estimate {est} B")
+    return problems
+
+
+def formula_estimate(case: dict) -> int | None:
+    """The dispatcher's shared-memory estimate for this case, where it has one (the fused-map kernel)."""
+    if case["name"] != "sra_fwd_map_kernel":
         return None
+    cx = case["cx"]
+    return C.fused_map_smem(cx["BLOCK_N"], cx["BLOCK_M"], cx["BLOCK_D"], cx["BLOCK_DV"],
+                            4 if case["dtype"] == "fp32" else 2)
+
+
+def _row(case: dict, info: dict, problems: list[str]) -> str:
+    est = formula_estimate(case)
+    extra = f" estimate={est}" if est is not None else ""
+    status = "ok" if not problems else "FAIL " + "; ".join(problems)
+    return (f"sm_{case['arch']} {case['name']:<21} {_config_label(case):<44} D={case['cx']['D']:<3} "
+            f"{case['dtype']}: shared={info['shared']} regs={info['regs']} spill={info['spill_bytes']}B{extra}"
+            f" [{status}]")
+
+
+def write_markdown(path: str, results: list[tuple[dict, dict, list]], seconds: float, jobs: int) -> None:
+    import triton
+
+    n_fail = sum(1 for _, _, p in results if p)
+    lines = [
+        "# Triton kernel resources (aot_check --all)",
+        "",
+        f"Generated {datetime.date.today().isoformat()} by `python -m dare_kernels.triton.aot_check --all "
+        f"--write-md {path}` with triton {triton.__version__} (its bundled ptxas), without a GPU: every kernel x "
+        "every config the autotuner (after pruning) or the dispatcher (autotuning off) can pick x padded head "
+        "dim x dtype, for sm_90 (limit 232448 B shared per block) and sm_80 (166912 B). Token weights and "
+        "mask on; backward with and without the map gradient (HAS_GMAP). `estimate`: the dispatcher's "
+        "shared-memory formula (fused-map kernel), which must not be below the compiled size.",
+        "",
+        f"{len(results)} cases, {n_fail} failing; {seconds:.0f} s wall with -j {jobs} (cold cache) on the "
+        "machine that wrote this file.",
+        "",
+        "| arch | kernel | config | D | dtype | shared B | regs | spill B | estimate B | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, info, problems in results:
+        est = formula_estimate(case)
+        lines.append(f"| sm_{case['arch']} | {case['name']} | {_config_label(case)} | {case['cx']['D']} | "
+                     f"{case['dtype']} | {info['shared']} | {info['regs']} | {info['spill_bytes']} | "
+                     f"{'' if est is None else est} | {'ok' if not problems else '; '.join(problems)} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True) -> int:
+    cases = all_cases(archs)
+    fp = _fingerprint()
+    cache_path = _cache_path(fp)
+    cache = _load_cache(cache_path) if use_cache else {}
+    todo = [c for c in cases if _case_key(c) not in cache]
+    print(f"aot_check --all: {len(cases)} cases ({len(cases) - len(todo)} cached), {jobs} jobs", flush=True)
+    t0 = time.perf_counter()
+    # the biggest tiles first so that the pool does not end on one long compile
+    todo.sort(key=lambda c: -c["cx"]["BLOCK_N"] * c["cx"].get("BLOCK_M", 64) * c["cx"]["BLOCK_D"])
+    done = 0
+    if todo:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for case, info in zip(todo, pool.map(_compile_case, todo, chunksize=1)):
+                cache[_case_key(case)] = info
+                done += 1
+                if done % 50 == 0:
+                    print(f"  {done}/{len(todo)} compiled, {time.perf_counter() - t0:.0f} s", flush=True)
+                    if use_cache:
+                        _save_cache(cache_path, cache)
+        if use_cache:
+            _save_cache(cache_path, cache)
+    seconds = time.perf_counter() - t0
+    results = []
+    for case in cases:
+        info = cache[_case_key(case)]
+        problems = judge(case, info)
+        results.append((case, info, problems))
+        print(_row(case, info, problems))
+    n_fail = sum(1 for _, _, p in results if p)
+    print(f"aot_check --all: {len(cases)} cases, {len(todo)} compiled in {seconds:.0f} s, {n_fail} failing",
+          flush=True)
+    if md_path:
+        write_markdown(md_path, results, seconds, jobs)
+    return 1 if n_fail else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (80, 90); repeatable")
     parser.add_argument("--quick", action="store_true", help="one small configuration per kernel")
+    parser.add_argument("--all", action="store_true", help="every pickable case (see above)")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--write-md", metavar="PATH", help="with --all: write the table as markdown")
+    parser.add_argument("--no-cache", action="store_true", help="with --all: compile everything again")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
         return 2
+    archs = args.arch or list(ARCHS)
+    if args.all:
+        return run_all(archs, max(1, args.jobs), args.write_md, use_cache=not args.no_cache)
     failed = 0
-    for arch in args.arch or [90, 80]:
-        for name, cx, warps, stages in (QUICK_PLANS if args.quick else PLANS):
-            label = f"sm_{arch} {name:<22} " + " ".join(f"{k}={v}" for k, v in cx.items()) + f" w{warps} s{stages}"
-            try:
-                info = compile_kernel(name, cx, arch, warps, stages)
-            except Exception as exc:
-                failed += 1
-                print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[-800:]}", flush=True)
-                continue
-            print(f"{label}: shared={info['shared']} regs={info['regs']} spill={info['spill_bytes']}B", flush=True)
+    for arch in archs:
+        for name, cx, warps, stages in QUICK_PLANS:
+            case = dict(name=name, cx=dict(cx, D=cx["BLOCK_D"]), arch=arch, warps=warps, stages=stages,
+                        dtype="bf16", ieee=0)
+            info = _compile_case(case)
+            problems = judge(case, info)
+            failed += bool(problems)
+            print(_row(case, info, problems), flush=True)
     return 1 if failed else 0
 
 

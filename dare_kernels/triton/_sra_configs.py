@@ -52,120 +52,193 @@ def fused_map_kv_bytes(block_m: int, block_d: int, block_dv: int, elem_bytes: in
     return block_m * (block_d + block_dv) * elem_bytes
 
 
+# reduction / layout-conversion scratch Triton adds on top of the dot operands (aot_check: 64-512 B)
+FUSED_MAP_SCRATCH = 1024
+
+
 def fused_map_smem(block_n: int, block_m: int, block_d: int, block_dv: int, elem_bytes: int) -> int:
-    """Shared memory of ``sra_fwd_map_kernel``: K, V, the Q tile and the P tile (dot operands, one stage)."""
-    return (block_m * (block_d + block_dv) + block_n * (block_d + block_m)) * elem_bytes
+    """Shared memory of ``sra_fwd_map_kernel`` (one stage): K and V of a head, the Q tile and the P tile
+    (the dot operands) in the input dtype, plus scratch. aot_check checks it bounds the compiled size."""
+    return (block_m * (block_d + block_dv) + block_n * (block_d + block_m)) * elem_bytes + FUSED_MAP_SCRATCH
 
 
 def use_fused_map(block_m: int, block_d: int, block_dv: int, elem_bytes: int, arch: int) -> bool:
     """Whether the forward with a map runs as the head-looped kernel (else online + map-from-LSE)."""
     cap = min(FUSED_MAP_MAX_SMEM, int(FUSED_MAP_SMEM_SHARE * smem_limit(arch)))
     return (block_m <= FUSED_MAP_MAX_M and fused_map_kv_bytes(block_m, block_d, block_dv, elem_bytes) <= cap
-            and fused_map_smem(16, block_m, block_d, block_dv, elem_bytes) <= smem_limit(arch))
+            and bool(_fused_candidates(arch, block_m, block_d, block_dv, elem_bytes)))
 
 
 # ---------------------------------------------------------------------------------------------
 # autotune lists and their pruning (named_args / kwargs as Triton's autotuner passes them)
+#
+# The lists are per padded head dim class (BLOCK_D <= 64, 128, 256) and operand width: float32 runs exact
+# FMA dots (IEEE) whose operands take twice the registers and shared memory. They were cut to what
+# ``aot_check --all`` compiles without a spill and within the shared memory of sm_90 and sm_80; the
+# first entry of each list is also the config used with autotuning off (``heuristic``).
 # ---------------------------------------------------------------------------------------------
 
+def _dclass(kwargs) -> int:
+    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+
+
+def _wide(kwargs) -> bool:
+    return kwargs.get("IEEE") == 1
+
+
+# (BLOCK_N, BLOCK_M, num_warps, num_stages) by (arch >= 90, float32, head dim class). float32 is the
+# correctness dtype (exact dots, no tensor cores): one tile, no autotuning over it
+_FWD = {
+    (True, False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (True, False, 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (True, False, 256): [(64, 64, 8, 2), (64, 32, 4, 2)],
+    (False, False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (False, False, 128): [(64, 64, 4, 2), (128, 32, 8, 2)],
+    (False, False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
+}
+_FWD_FP32 = {64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]}
+_MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
+        (False, 128): [(64, 64, 4, 2), (64, 32, 4, 2)],
+        (False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        (True, 64): [(64, 32, 8, 2)],
+        (True, 128): [(32, 32, 4, 2)],
+        (True, 256): [(32, 32, 8, 2)]}
+# dk/dv tiles keys by BLOCK_M and holds dk, dv (BLOCK_M x D float32); dq tiles queries by BLOCK_N
+_DKDV = {(False, 64): [(64, 64, 4, 2), (32, 64, 4, 2)],
+         (False, 128): [(32, 64, 8, 2), (64, 32, 8, 2)],
+         (False, 256): [(32, 32, 8, 2), (16, 32, 4, 2)],
+         (True, 64): [(32, 32, 4, 2)],
+         (True, 128): [(32, 32, 8, 2)],
+         (True, 256): [(16, 32, 8, 2)]}
+_DQ = {(False, 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
+       (False, 128): [(64, 32, 8, 2), (64, 64, 8, 2)],
+       (False, 256): [(32, 32, 8, 2), (32, 16, 4, 2)],
+       (True, 64): [(32, 32, 4, 2)],
+       (True, 128): [(32, 32, 8, 2)],
+       (True, 256): [(16, 32, 8, 2)]}
+# the fused-map kernel: (BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_M = next_pow2(M)
+# is fixed by the keys, and the first candidate within the register budget is the one config launched
+# (a head loop over tiles of at most 64 queries: little to tune). One stage: with two, Triton pipelines
+# the head loop and double-buffers K, V and Q (aot_check: 344 KB at BLOCK_N=64, BLOCK_M=128, D=256)
+_FUSED = [(64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1)]
+
+
+def _clip_m(tiles, mcap):
+    """Tiles no wider in M than the keys (but at least 32: short keys only occur in tests); when none
+    is, the first tile narrowed to that width."""
+    mcap = max(32, mcap)
+    out = [t for t in tiles if t[1] <= mcap]
+    return out or [(tiles[0][0], mcap, tiles[0][2], tiles[0][3])]
+
+
 def fwd_configs(arch: int):
-    if arch >= 90:  # H100/H200: large tiles, deeper pipelines, 8 warps for D=128 tiles
-        tiles = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 4), (128, 32, 8, 3), (64, 64, 4, 4),
-                 (64, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 32, 4, 4)]
-    else:  # Ampere (A100/RTX 30xx): smaller pipelines
-        tiles = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
-                 (64, 128, 4, 2)]
-    return [_cfg(*t) for t in tiles]
+    """Every tile of ``arch``; ``prune_fwd`` keeps the ones of the launch's head dim and dtype."""
+    tiles = {t for k, v in _FWD.items() if k[0] == (arch >= 90) for t in v}
+    tiles |= {t for v in _FWD_FP32.values() for t in v}
+    return [_cfg(*t) for t in sorted(tiles)]
+
+
+def _fwd_tiles(arch, kwargs, M):
+    d = _dclass(kwargs)
+    tiles = _FWD_FP32[d] if _wide(kwargs) else _FWD[(arch >= 90, False, d)]
+    return _clip_m(tiles, pow2(M))
+
+
+def _keep(configs, tiles):
+    """The configs of ``configs`` that are in ``tiles`` (in the order of ``tiles``); tiles not in the
+    list (a narrowed fallback) become new configs."""
+    by_tile = {(c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_M"), c.num_warps, c.num_stages): c for c in configs}
+    return [by_tile.get(t) or _cfg(*t) for t in tiles]
 
 
 def prune_fwd(configs, named_args, arch: int = 90, **kwargs):
-    M = named_args["M"]
-    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    mcap = pow2(M)
-    out = []
-    for c in configs:
-        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
-        if bm > mcap:  # no wider key block than the keys
-            continue
-        if bd >= 256 and bn * bm > 64 * 64:  # D=256: keep tiles within registers / shared memory
-            continue
-        if bd >= 128 and bn * bm >= 128 * 128 and c.num_stages >= 3:  # 230 KB of shared memory at D=128
-            continue
-        if kwargs.get("IEEE") == 1 and bd >= 128 and (bn * bm > 64 * 64 or c.num_stages > 2):
-            continue  # float32 tiles take twice the registers and shared memory
-        if bd >= 160 and c.num_stages > 3:
-            continue
-        out.append(c)
-    return out or [_cfg(64, min(32, mcap), 4, 2)]
+    return _keep(configs, _fwd_tiles(arch, kwargs, named_args["M"]))
 
 
 def fused_map_configs(arch: int):
-    # the head loop is not pipelined across heads: 2 stages
-    tiles = [(64, 4, 2), (32, 4, 2), (16, 4, 2), (64, 8, 2), (32, 8, 2), (16, 8, 2)]
-    return [_cfg(n, None, w, s) for n, w, s in tiles]
+    return [_cfg(n, None, w, s) for n, w, s in _FUSED]
+
+
+def fused_map_regs(block_n: int, block_m: int, block_d: int, block_dv: int, elem_bytes: int, warps: int) -> float:
+    """32-bit registers per thread the fused-map kernel's tiles need: scores + map (2·BLOCK_N·BLOCK_M)
+    and the output (BLOCK_N·BLOCK_DV) in float32, the Q, K and V operands in the input dtype."""
+    fp32 = 2 * block_n * block_m + block_n * block_dv
+    operands = (block_n * block_d + block_m * (block_d + block_dv)) * elem_bytes / 4
+    return (fp32 + operands) / (32 * warps)
+
+
+# aot_check: BLOCK_N=64, BLOCK_M=128, D=128, 8 warps (160 by the formula) spills 808 B
+FUSED_MAP_REG_BUDGET = 96
+
+
+def _fused_candidates(arch, block_m, bd, bdv, elem):
+    return [(n, None, w, s) for n, w, s in _FUSED
+            if fused_map_regs(n, block_m, bd, bdv, elem, w) <= FUSED_MAP_REG_BUDGET
+            and fused_map_smem(n, block_m, bd, bdv, elem) <= smem_limit(arch)]
+
+
+def _fused_tiles(arch, kwargs):
+    elem = 4 if _wide(kwargs) else 2
+    out = _fused_candidates(arch, kwargs["BLOCK_M"], kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64), elem)
+    return out[:1] or [(16, None, 8, 1)]  # (use_fused_map never sends a case without a candidate)
 
 
 def prune_fused_map(configs, named_args, arch: int = 90, **kwargs):
-    bm = kwargs["BLOCK_M"]
-    bd, bdv = kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64)
-    elem = 4 if kwargs.get("IEEE") == 1 else 2
-    # scores + map tile: 2·BLOCK_N·BLOCK_M float32 spread over num_warps·32 threads (beyond 64 it spills)
-    out = [c for c in configs
-           if 2 * c.kwargs["BLOCK_N"] * bm / (32 * c.num_warps) <= 64
-           and c.kwargs["BLOCK_N"] * max(bd, bdv) / (32 * c.num_warps) <= 128
-           and fused_map_smem(c.kwargs["BLOCK_N"], bm, bd, bdv, elem) <= smem_limit(arch)]
-    return out or [_cfg(16, None, 4, 2)]
+    return _keep(configs, _fused_tiles(arch, kwargs))
 
 
 def map_configs(arch: int):
-    tiles = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3), (32, 64, 4, 2)]
-    return [_cfg(*t) for t in tiles]
+    return [_cfg(*t) for t in sorted({t for v in _MAP.values() for t in v})]
+
+
+def _map_tiles(arch, kwargs, n_map):
+    return _clip_m(_MAP[(_wide(kwargs), _dclass(kwargs))], pow2(n_map))
 
 
 def prune_map(configs, named_args, arch: int = 90, **kwargs):
-    mcap = pow2(named_args["map_stop"] - named_args["map_start"])
-    out = [c for c in configs if c.kwargs["BLOCK_M"] <= mcap]
-    return out or [_cfg(64, 16, 4, 2)]
+    return _keep(configs, _map_tiles(arch, kwargs, named_args["map_stop"] - named_args["map_start"]))
 
 
-def bwd_configs(arch: int):
-    if arch >= 90:
-        tiles = [(64, 128, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 4),
-                 (128, 64, 8, 2)]
-    else:
-        tiles = [(64, 32, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)]
-    return [_cfg(*t) for t in tiles]
+def dkdv_configs(arch: int):
+    return [_cfg(*t) for t in sorted({t for v in _DKDV.values() for t in v})]
 
 
-def prune_bwd(configs, named_args, arch: int = 90, **kwargs):
-    mcap = pow2(named_args["M"])
-    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    out = []
-    for c in configs:
-        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
-        if bd >= 256 and bn * bm > 32 * 64:
-            continue
-        if bd >= 160 and (bn * bm > 64 * 64 or c.num_stages > 2):
-            continue
-        if kwargs.get("IEEE") == 1 and bd >= 128 and bn * bm > 32 * 64:
-            continue  # float32 operands: twice the registers and shared memory
-        out.append(c)
-    # the dk/dv kernel tiles keys by BLOCK_M: no wider than the keys
-    out = [c for c in out if c.kwargs["BLOCK_M"] <= mcap] or out
-    return out or [_cfg(32, 32, 4, 2)]
+def dq_configs(arch: int):
+    return [_cfg(*t) for t in sorted({t for v in _DQ.values() for t in v})]
+
+
+def _bwd_tiles(table, kwargs, M):
+    return _clip_m(table[(_wide(kwargs), _dclass(kwargs))], pow2(M))
+
+
+def prune_dkdv(configs, named_args, arch: int = 90, **kwargs):
+    return _keep(configs, _bwd_tiles(_DKDV, kwargs, named_args["M"]))
+
+
+def prune_dq(configs, named_args, arch: int = 90, **kwargs):
+    return _keep(configs, _bwd_tiles(_DQ, kwargs, named_args["M"]))
 
 
 TUNE_KEY = ["N", "M", "D", "DV", "HAS_W", "HAS_MASK"]
 
-# kernel -> (config list, pruning, autotune key); the Δ kernel has one fixed config (DELTA_CONFIG)
+# kernel -> (config list, pruning, autotune key); the Δ kernel has one fixed config (delta_config)
 TUNED = {
     "sra_fwd_kernel": (fwd_configs, prune_fwd, TUNE_KEY),
     "sra_fwd_map_kernel": (fused_map_configs, prune_fused_map, TUNE_KEY + ["map_start", "map_stop"]),
     "sra_map_kernel": (map_configs, prune_map, ["N", "M", "D", "map_start", "map_stop"]),
-    "sra_bwd_dkdv_kernel": (bwd_configs, prune_bwd, TUNE_KEY + ["HAS_GMAP"]),
-    "sra_bwd_dq_kernel": (bwd_configs, prune_bwd, TUNE_KEY + ["HAS_GMAP"]),
+    "sra_bwd_dkdv_kernel": (dkdv_configs, prune_dkdv, TUNE_KEY + ["HAS_GMAP"]),
+    "sra_bwd_dq_kernel": (dq_configs, prune_dq, TUNE_KEY + ["HAS_GMAP"]),
 }
-DELTA_CONFIG = dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=3)
+
+
+def delta_config(block_d: int, elem_bytes: int) -> dict:
+    """The Δ kernel's launch config (not autotuned: it is a small part of the backward)."""
+    if block_d <= 64 and elem_bytes == 2:
+        return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)
+    if block_d <= 128 and elem_bytes == 2:  # (64, 64, 4, 2) spills 8 B at D=128 with the map gradient
+        return dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=2)
 
 
 def autotuned(fn, name: str, arch: int):
@@ -176,18 +249,19 @@ def autotuned(fn, name: str, arch: int):
 
 
 def heuristic(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> dict:
-    """One launch configuration per kernel (used when autotuning is off). ``M`` is the key count (the
-    map width for ``sra_map_kernel``), ``block_d`` the larger padded head dim."""
-    big_d = block_d >= 256
-    bm = min(32 if big_d else 128, pow2(M))
+    """The launch config used with autotuning off: the first tile the autotuner would try. ``M`` is the
+    key count (the map width for ``sra_map_kernel``; the padded key count for the fused-map kernel),
+    ``block_d`` the larger padded head dim."""
+    kw = dict(BLOCK_D=block_d, BLOCK_DV=block_d, IEEE=1 if elem_bytes == 4 else 0)
     if name == "sra_fwd_kernel":
-        return dict(BLOCK_N=64 if big_d else 128, BLOCK_M=min(bm, 64), num_warps=8 if block_d >= 128 else 4,
-                    num_stages=2 if block_d >= 128 else 3)
-    if name == "sra_fwd_map_kernel":  # scores + map: 2·BLOCK_N·BLOCK_M float32 within 64 per thread
-        bn = max(16, min(64, 4096 // pow2(M)))
-        return dict(BLOCK_N=bn, num_warps=8 if 2 * bn * pow2(M) > 64 * 128 else 4, num_stages=2)
-    if name == "sra_map_kernel":
-        return dict(BLOCK_N=64, BLOCK_M=min(64, bm), num_warps=4, num_stages=2)
-    # backward kernels
-    return dict(BLOCK_N=32 if big_d else 64, BLOCK_M=min(32 if big_d else 64, pow2(M)),
-                num_warps=8 if big_d else 4, num_stages=2)
+        t = _fwd_tiles(arch, kw, M)[0]
+    elif name == "sra_fwd_map_kernel":
+        t = _fused_tiles(arch, dict(kw, BLOCK_M=pow2(M)))[0]
+    elif name == "sra_map_kernel":
+        t = _map_tiles(arch, kw, M)[0]
+    elif name == "sra_bwd_dkdv_kernel":
+        t = _bwd_tiles(_DKDV, kw, M)[0]
+    else:
+        t = _bwd_tiles(_DQ, kw, M)[0]
+    n, m, w, s = t
+    return dict(BLOCK_N=n, **({} if m is None else {"BLOCK_M": m}), num_warps=w, num_stages=s)

@@ -27,13 +27,15 @@ import datetime
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from . import _sra_configs as C
 
@@ -105,11 +107,12 @@ def pickable(arch: int, D: int, dtype: str) -> list[tuple[str, dict, int, int]]:
             add("sra_fwd_map_kernel", C.heuristic("sra_fwd_map_kernel", M, bd, elem, arch), fixed_m=block_m)
         for gmap in (False, True):
             for name in ("sra_bwd_dkdv_kernel", "sra_bwd_dq_kernel"):
-                for c in C.prune_bwd(C.bwd_configs(arch), nargs, arch=arch, HAS_GMAP=gmap, **kw):
+                configs, prune, _key = C.TUNED[name]
+                for c in prune(configs(arch), nargs, arch=arch, HAS_GMAP=gmap, **kw):
                     add(name, c, {"HAS_GMAP": gmap})
                 add(name, C.heuristic(name, M, bd, elem, arch), {"HAS_GMAP": gmap})
     for gmap in (False, True):
-        add("sra_bwd_delta_kernel", C.DELTA_CONFIG, {"HAS_GMAP": gmap, "HAS_GLSE": True})
+        add("sra_bwd_delta_kernel", C.delta_config(bd, elem), {"HAS_GMAP": gmap, "HAS_GLSE": True})
     return list(cases.values())
 
 
@@ -211,7 +214,7 @@ def _fingerprint() -> str:
         pv = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     except Exception:
         pv = "?"
-    src = inspect.getsource(K)
+    src = inspect.getsource(K)  # (with the triton version: what decides a compile of a given case)
     return hashlib.sha256(f"{triton.__version__}|{pv}|{src}".encode()).hexdigest()[:20]
 
 
@@ -224,6 +227,31 @@ def _cache_path(fp: str) -> str:
     root = os.environ.get("DARE_KERNELS_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                       "dare_kernels")
     return os.path.join(root, f"aot_check-{fp}.json")
+
+
+# the committed results of the last full run (written with --write-md): a seed for the cache when the
+# fingerprint matches, so that CI compiles only what changed plus the --verify sample
+SEED = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results", "triton_resources.json")
+
+
+def _load_seed(fp: str) -> dict:
+    try:
+        with open(SEED) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data.get("results", {}) if data.get("fingerprint") == fp else {}
+
+
+def _write_seed(fp: str, results) -> None:
+    import triton
+
+    data = {"fingerprint": fp, "triton": triton.__version__,
+            "results": {_case_key(c): {k: info[k] for k in ("shared", "regs", "spill_bytes", "error")}
+                        for c, info, _ in results}}
+    with open(SEED, "w") as f:
+        json.dump(data, f, indent=0, sort_keys=True)
+        f.write("\n")
 
 
 def _load_cache(path: str) -> dict:
@@ -323,26 +351,48 @@ def write_markdown(path: str, results: list[tuple[dict, dict, list]], seconds: f
         f.write("\n".join(lines) + "\n")
 
 
-def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True) -> int:
+def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True, progress: bool = False,
+            verify: int = 0) -> int:
     cases = all_cases(archs)
     fp = _fingerprint()
     cache_path = _cache_path(fp)
-    cache = _load_cache(cache_path) if use_cache else {}
+    cache = {**_load_seed(fp), **_load_cache(cache_path)} if use_cache else {}
     todo = [c for c in cases if _case_key(c) not in cache]
-    print(f"aot_check --all: {len(cases)} cases ({len(cases) - len(todo)} cached), {jobs} jobs", flush=True)
+    print(f"aot_check --all: {len(cases)} cases ({len(cases) - len(todo)} cached, fingerprint {fp}), {jobs} jobs",
+          flush=True)
+    # a random sample of the cached results is compiled again and must match exactly
+    cached = [c for c in cases if _case_key(c) in cache]
+    sample = random.Random().sample(cached, min(verify, len(cached)))
+    mismatched = 0
+    if sample:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for case, info in zip(sample, pool.map(_compile_case, sample)):
+                old = cache[_case_key(case)]
+                same = all(info[k] == old[k] for k in ("shared", "regs", "spill_bytes"))
+                mismatched += not same
+                print(f"  verify {'ok' if same else 'MISMATCH'}: " + _row(case, info, judge(case, info))
+                      + ("" if same else f" (cached: {old})"), flush=True)
     t0 = time.perf_counter()
-    # the biggest tiles first so that the pool does not end on one long compile
+    # the biggest tiles first so that the pool does not end on one long compile, kernels interleaved
     todo.sort(key=lambda c: -c["cx"]["BLOCK_N"] * c["cx"].get("BLOCK_M", 64) * c["cx"]["BLOCK_D"])
+    by_kernel: dict[str, list] = {}
+    for c in todo:
+        by_kernel.setdefault(c["name"], []).append(c)
+    todo = [c for group in itertools.zip_longest(*by_kernel.values()) for c in group if c is not None]
     done = 0
     if todo:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for case, info in zip(todo, pool.map(_compile_case, todo, chunksize=1)):
+            futures = {pool.submit(_compile_case, c): c for c in todo}
+            for fut in as_completed(futures):
+                case = futures[fut]
+                info = fut.result()
                 cache[_case_key(case)] = info
                 done += 1
-                if done % 50 == 0:
-                    print(f"  {done}/{len(todo)} compiled, {time.perf_counter() - t0:.0f} s", flush=True)
-                    if use_cache:
-                        _save_cache(cache_path, cache)
+                if progress:
+                    print(f"  [{done}/{len(todo)} {time.perf_counter() - t0:.0f} s] " + _row(case, info, judge(case, info)),
+                          flush=True)
+                if use_cache and done % 10 == 0:
+                    _save_cache(cache_path, cache)
         if use_cache:
             _save_cache(cache_path, cache)
     seconds = time.perf_counter() - t0
@@ -353,11 +403,13 @@ def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True) -> in
         results.append((case, info, problems))
         print(_row(case, info, problems))
     n_fail = sum(1 for _, _, p in results if p)
-    print(f"aot_check --all: {len(cases)} cases, {len(todo)} compiled in {seconds:.0f} s, {n_fail} failing",
-          flush=True)
+    print(f"aot_check --all: {len(cases)} cases, {len(todo)} compiled in {seconds:.0f} s, {n_fail} failing, "
+          f"{mismatched} of {len(sample)} cached results not reproduced", flush=True)
     if md_path:
         write_markdown(md_path, results, seconds, jobs)
-    return 1 if n_fail else 0
+        if set(archs) == set(ARCHS):
+            _write_seed(fp, results)
+    return 1 if n_fail or mismatched else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,13 +420,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--write-md", metavar="PATH", help="with --all: write the table as markdown")
     parser.add_argument("--no-cache", action="store_true", help="with --all: compile everything again")
+    parser.add_argument("--progress", action="store_true", help="with --all: print each case as it compiles")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="with --all: compile N random cached cases again; a different result fails")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
         return 2
     archs = args.arch or list(ARCHS)
     if args.all:
-        return run_all(archs, max(1, args.jobs), args.write_md, use_cache=not args.no_cache)
+        return run_all(archs, max(1, args.jobs), args.write_md, use_cache=not args.no_cache, progress=args.progress,
+                       verify=args.verify)
     failed = 0
     for arch in archs:
         for name, cx, warps, stages in QUICK_PLANS:

@@ -171,14 +171,18 @@ def _mask_args(mask, query):
     return m, tuple(m.stride())
 
 
-def _tile_safe(t: Optional[torch.Tensor], block_d: int) -> Optional[torch.Tensor]:
-    """``t`` itself when every in-tile offset (rows·row stride + columns·column stride within one block)
-    fits int32, else a contiguous copy: the kernels add the int64 start of a tile to int32 offsets
-    inside it. Only the last two dims matter (batch / head offsets are int64)."""
+def _row_block() -> int:
+    """The largest query / key block of a launch (the fused-map kernel's key block aside)."""
+    return INTERPRET_BLOCK if _interpret() else MAX_ROW_BLOCK
+
+
+def _tile_safe(t: Optional[torch.Tensor], rows: int, cols: int) -> Optional[torch.Tensor]:
+    """``t`` itself when the offsets inside a [rows, cols] tile of its last two dims fit int32, else a
+    contiguous copy: the kernels add the int64 start of a tile to int32 in-tile offsets (batch / head
+    offsets are int64). Only absurd strides (~2^24 elements per row) copy."""
     if t is None or t.dim() < 2:
         return t
-    rows = INTERPRET_BLOCK if _interpret() else MAX_ROW_BLOCK
-    extent = (rows - 1) * abs(t.stride(-2)) + (max(block_d, 2 * rows) - 1) * abs(t.stride(-1))
+    extent = (rows - 1) * abs(t.stride(-2)) + (cols - 1) * abs(t.stride(-1))
     return t if extent < 2**31 else t.contiguous()
 
 
@@ -238,13 +242,18 @@ def sra_attention_fwd_triton(
     common = dict(HAS_W=token_weight is not None, HAS_MASK=key_padding_mask is not None,
                   IEEE=_dot_mode(query.dtype), BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     bd_max = max(common["BLOCK_D"], common["BLOCK_DV"])
-    query, key, value = (_tile_safe(t, bd_max) for t in (query, key, value))
     qk_scale = float(scale) * K.LOG2E
     strength = float(strength)
     bm_full = _pow2(M)
     elem = _elem_bytes(query.dtype)
+    fused = n_map > 0 and _use_fused_map(bm_full, common["BLOCK_D"], common["BLOCK_DV"], elem)
+    rows = _row_block()
+    key_rows = max(rows, bm_full) if fused else rows  # the fused kernel holds all keys in one block
+    query = _tile_safe(query, rows, common["BLOCK_D"])
+    key = _tile_safe(key, key_rows, common["BLOCK_D"])
+    value = _tile_safe(value, key_rows, common["BLOCK_DV"])
 
-    if n_map > 0 and _use_fused_map(bm_full, common["BLOCK_D"], common["BLOCK_DV"], elem):
+    if fused:
         kern = _kernel("sra_fwd_map_kernel")
         kern[_grid_n("BLOCK_N", N, B)](
             query, key, value, w, mask, out, lse, amap,
@@ -308,16 +317,19 @@ def sra_attention_bwd_triton(
                  BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
     bd_max = max(flags["BLOCK_D"], flags["BLOCK_DV"])
     elem = _elem_bytes(query.dtype)
-    query, key, value, out, grad_out = (_tile_safe(t, bd_max) for t in (query, key, value, out, grad_out))
+    rows = _row_block()
+    query, key = _tile_safe(query, rows, flags["BLOCK_D"]), _tile_safe(key, rows, flags["BLOCK_D"])
+    value, out, grad_out = (_tile_safe(t, rows, flags["BLOCK_DV"]) for t in (value, out, grad_out))
     if grad_map is not None:
-        gmap = grad_map = _tile_safe(grad_map, MAX_ROW_BLOCK)
+        gmap = grad_map = _tile_safe(grad_map, rows, rows)
         g_strides = tuple(grad_map.stride())
     qk_scale = float(scale) * K.LOG2E
     strength = float(strength)
     lse = lse.contiguous()
 
     delta = torch.empty((B, H, N), device=query.device, dtype=torch.float32)
-    delta_cfg = {"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK} if _interpret() else dict(_C.DELTA_CONFIG)
+    delta_cfg = FORCE_CONFIG.get("sra_bwd_delta_kernel") or (
+        {"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK} if _interpret() else _C.delta_config(bd_max, elem))
     bn_delta = delta_cfg["BLOCK_N"]
     K.sra_bwd_delta_kernel[(triton.cdiv(N, bn_delta), B * H)](
         query, key, w, mask, out, grad_out, lse, glse, gmap, delta,

@@ -1,0 +1,261 @@
+"""Every production launch config of the Triton SRA kernels, each forced once, vs the float64 reference; the
+paths the shape rules never take at test shapes on a GPU (map from the final LSE, split dk/dv reduction),
+forced; and tile offsets past 2^31 elements.
+
+The configs are those ``aot_check --all`` proves (``aot_check.pickable``: what the autotuner keeps after
+pruning and what the dispatcher launches with autotuning off, every head dim and dtype). Without a GPU the
+kernels run in Triton's interpreter, where num_warps / num_stages mean nothing: configs are deduplicated by
+block sizes, on sm_90 and sm_80 lists alike, and run in float32 at D=40 (padded to 64). With a GPU each
+config of the current arch compiles and runs as launched, at its own head dim and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dare_kernels import sra_attention  # noqa: E402
+from dare_kernels.reference import sra_attention_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+try:
+    import triton  # noqa: F401
+
+    from dare_kernels.triton import aot_check
+    from dare_kernels.triton import sra_attention as tsra
+
+    _SKIP = None
+    if DEVICE == "cpu" and not tsra._INTERPRET_AT_IMPORT:
+        _SKIP = "the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process"
+except ImportError as exc:
+    tsra = aot_check = None
+    _SKIP = f"triton is not importable: {exc}"
+
+pytestmark = [pytest.mark.triton_interp, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+
+FWD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _archs():
+    if DEVICE == "cpu":
+        return aot_check.ARCHS
+    major, minor = torch.cuda.get_device_capability()
+    return (10 * major + minor,)
+
+
+def production_configs(kernel: str) -> list[dict]:
+    """One entry per distinct launch of ``kernel``: {cfg (launch kwargs), D, dtype, BLOCK_M (fused map)}."""
+    if tsra is None:
+        return []
+    seen, out = set(), []
+    for arch in _archs():
+        for D in aot_check.HEAD_DIMS:
+            for dt in aot_check.DTYPES:
+                for name, cx, w, s in aot_check.pickable(arch, D, dt):
+                    if name != kernel:
+                        continue
+                    cfg = {"BLOCK_N": cx["BLOCK_N"]}
+                    if name != "sra_fwd_map_kernel":
+                        cfg["BLOCK_M"] = cx["BLOCK_M"]
+                    if DEVICE == "cpu":  # the interpreter: key blocks of the fused kernel up to 128 suffice
+                        bm = min(cx["BLOCK_M"], 128) if name == "sra_fwd_map_kernel" else None
+                        key = (tuple(cfg.items()), bm)
+                        entry = dict(cfg=cfg, D=40, dtype="fp32", BLOCK_M=bm)
+                    else:
+                        cfg.update(num_warps=w, num_stages=s)
+                        key = (tuple(cfg.items()), D, dt, cx.get("BLOCK_M"), cx.get("HAS_GMAP"))
+                        entry = dict(cfg=cfg, D=D, dtype=dt, BLOCK_M=cx.get("BLOCK_M"))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(entry)
+    return out
+
+
+def _ids(entries):
+    return ["-".join(f"{k}{v}" for k, v in e["cfg"].items()) + f"-D{e['D']}-{e['dtype']}"
+            + (f"-M{e['BLOCK_M']}" if e["BLOCK_M"] else "") for e in entries]
+
+
+@pytest.fixture(autouse=True)
+def _clean_overrides():
+    if tsra is None:
+        yield
+        return
+    previous = tsra.set_autotune(False)
+    yield
+    tsra.set_autotune(previous)
+    tsra.FORCE_CONFIG.clear()
+    tsra.FORCE_MAP_PATH = None
+    tsra.FORCE_DKDV_SPLIT = None
+
+
+def _inputs(B, H, N, M, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed + 97 * N + M)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (N, M, M))
+    w = torch.rand(B, M, generator=g, dtype=torch.float64) * 2 + 0.05
+    w[:, 1] = 0.0  # a dropped key
+    msk = torch.rand(B, M, generator=g) > 0.2
+    msk[:, 0] = True
+    to = lambda t, dt=dtype: t.to(device=DEVICE, dtype=dt)  # noqa: E731
+    return to(q), to(k), to(v), to(w, torch.float32), msk.to(DEVICE)
+
+
+def _check(q, k, v, w, msk, *, want_map, map_keys=None, grads=False, strength=0.8, clone=True):
+    """Outputs (and gradients) vs float64; tolerances per dtype, relative to the reference's magnitude.
+    ``clone=False`` hands the given views (strides) to the op."""
+    dtype = q.dtype
+    kw = dict(key_padding_mask=msk, strength=strength, return_attn_map=want_map, attn_map_keys=map_keys,
+              return_lse=True)
+    leaves = [(t.detach().clone() if clone else t.detach()).requires_grad_(grads) for t in (q, k, v, w)]
+    ref_leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v, w)]
+    flat_got = tuple(sra_attention(*leaves, backend="triton", **kw))  # (out, map, lse) or (out, lse)
+    flat_ref = tuple(sra_attention_ref(*ref_leaves, **kw))
+    names = ("out", "map", "lse") if want_map else ("out", "lse")
+    assert len(flat_got) == len(names) == len(flat_ref)
+    for name, a, b in zip(names, flat_got, flat_ref):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), f"{name}: -inf pattern differs"
+        scale = max(1.0, b[finite].abs().max().item()) if finite.any() else 1.0
+        torch.testing.assert_close(torch.where(finite, a.double(), 0), torch.where(finite, b, 0),
+                                   atol=FWD_TOL[dtype] * scale, rtol=FWD_TOL[dtype], msg=lambda m: f"{name}: {m}")
+    if not grads:
+        return
+    gen = torch.Generator().manual_seed(5)
+    cot = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in flat_ref]
+
+    def loss(outs):
+        return sum((torch.where(torch.isfinite(o), o, 0).double() * c.to(o.device)).sum() for o, c in zip(outs, cot))
+
+    loss(flat_got).backward()
+    loss(flat_ref).backward()
+    for name, a, b in zip("qkvw", leaves, ref_leaves):
+        scale = max(1.0, b.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=GRAD_TOL[dtype] * scale, rtol=GRAD_TOL[dtype],
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+def _shape(entry, n_blocks=2):
+    """N and M spanning two blocks of the config (plus a ragged tail) so that every loop runs twice."""
+    bn = entry["cfg"]["BLOCK_N"]
+    bm = entry["cfg"].get("BLOCK_M", 16)
+    return n_blocks * bn - 5 if bn > 16 else 2 * bn + 3, bm + 7
+
+
+# ---------------------------------------------------------------------------------------------
+# every production config, forced in turn
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", production_configs("sra_fwd_kernel"), ids=_ids(production_configs("sra_fwd_kernel")))
+def test_fwd_kernel_config(entry):
+    tsra.FORCE_CONFIG["sra_fwd_kernel"] = entry["cfg"]
+    N, M = _shape(entry)
+    _check(*_inputs(1, 2, N, M, entry["D"], DTYPES[entry["dtype"]]), want_map=False)
+
+
+@pytest.mark.parametrize("entry", production_configs("sra_fwd_map_kernel"),
+                         ids=_ids(production_configs("sra_fwd_map_kernel")))
+def test_fused_map_kernel_config(entry):
+    tsra.FORCE_MAP_PATH = "fused"
+    tsra.FORCE_CONFIG["sra_fwd_map_kernel"] = entry["cfg"]
+    N = 2 * entry["cfg"]["BLOCK_N"] - 3
+    M = entry["BLOCK_M"] - 3 if entry["BLOCK_M"] > 16 else 13  # keeps next_pow2(M) = the config's BLOCK_M
+    if DEVICE == "cpu":
+        M = min(M, 77)  # the interpreter: BLOCK_M <= 128 is plenty to check the tile logic
+    _check(*_inputs(1, 3, N, M, entry["D"], DTYPES[entry["dtype"]]), want_map=True)
+
+
+@pytest.mark.parametrize("entry", production_configs("sra_map_kernel"), ids=_ids(production_configs("sra_map_kernel")))
+def test_map_from_lse_kernel_config(entry):
+    # the map-from-LSE path, forced (on GPUs the dispatcher sends keys up to 512 to the fused kernel)
+    tsra.FORCE_MAP_PATH = "two-kernel"
+    tsra.FORCE_CONFIG["sra_map_kernel"] = entry["cfg"]
+    N, _ = _shape(entry)
+    width = entry["cfg"]["BLOCK_M"] + 3  # the map spans two key blocks of the config
+    _check(*_inputs(1, 2, N, width + 6, entry["D"], DTYPES[entry["dtype"]]), want_map=True,
+           map_keys=(4, 4 + width))
+
+
+@pytest.mark.parametrize("kernel", ["sra_bwd_dkdv_kernel", "sra_bwd_dq_kernel", "sra_bwd_delta_kernel"])
+def test_backward_kernel_configs(kernel):
+    # one test per kernel looping over its configs (each a forward + backward with the map gradient)
+    entries = production_configs(kernel)
+    assert entries, kernel
+    for entry in entries:
+        tsra.FORCE_CONFIG.clear()
+        tsra.FORCE_CONFIG[kernel] = entry["cfg"]
+        N, M = _shape(entry)
+        _check(*_inputs(1, 2, N, M, entry["D"], DTYPES[entry["dtype"]]), want_map=True, grads=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths the dispatcher does not take at test shapes on a GPU, forced
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_split,rows", [(3, 16), (2, 32)])
+def test_split_dkdv_reduction(n_split, rows):
+    # float32 partials per query split summed in a fixed order (the dispatcher splits only when there are
+    # too few key blocks to fill a GPU, i.e. at large N)
+    tsra.FORCE_DKDV_SPLIT = (n_split, rows)
+    N = n_split * rows - 5
+    _check(*_inputs(2, 2, N, 37, 24, torch.float32), want_map=True, map_keys=(2, 30), grads=True)
+
+
+def test_map_from_lse_path_with_gradients():
+    tsra.FORCE_MAP_PATH = "two-kernel"
+    _check(*_inputs(1, 3, 41, 50, 32, torch.float32), want_map=True, grads=True)
+
+
+def test_fused_map_estimate_counts_the_dtype():
+    # fp32 AnimateDiff d160 (BLOCK_D = BLOCK_DV = 256, M = 77 -> BLOCK_M = 128): K+V are 256 KB in fp32,
+    # over every GPU's shared memory; in bf16 they are 128 KB. The dispatcher must send fp32 to two kernels
+    from dare_kernels.triton import _sra_configs as C
+
+    assert C.fused_map_kv_bytes(128, 256, 256, 4) == 256 * 1024
+    for arch in (80, 86, 90):
+        assert not C.use_fused_map(128, 256, 256, 4, arch)
+        for bn in (16, 32, 64):
+            assert C.fused_map_smem(bn, 128, 256, 256, 4) > C.smem_limit(arch)
+    assert C.use_fused_map(128, 256, 256, 2, 90)  # 16-bit on H100 fits
+    assert not C.use_fused_map(128, 256, 256, 2, 80)  # A100: over 0.6 x 163 KB
+
+
+# ---------------------------------------------------------------------------------------------
+# tile offsets past 2^31 elements
+# ---------------------------------------------------------------------------------------------
+
+def test_row_offsets_past_int32():
+    """Rows 2^27 elements apart: the second query / key block starts at element 16·2^27 = 2^31. With row
+    offsets computed in int32 (``offs_n[:, None] * sqn``) that start wraps to -2^31 and the kernels read
+    another part of the storage; with the int64 tile start they read the right rows.
+
+    The views live in one lazily allocated storage of 2^32 fp16 elements (8 GiB of address space, a few
+    pages touched) and start at element 2^31, so the wrapped int32 address stays inside the storage (it
+    reads untouched zeros, a wrong result, not a crash). In-tile offsets (15·2^27 + 15) still fit int32,
+    so the dispatcher passes the views to the kernels as they are.
+    """
+    rows = tsra._row_block()
+    stride = (2**31 - 64) // (rows - 1)  # the largest row stride whose in-tile offsets fit int32
+    n = rows + 1  # row `rows` starts past 2^31
+    assert rows * stride >= 2**31 > (rows - 1) * stride + 63
+    D, dtype = 16, torch.float16
+    offset = 2**31
+    try:
+        storage = torch.empty(offset + n * stride + 3 * D, dtype=dtype, device=DEVICE)
+    except (RuntimeError, MemoryError) as exc:
+        pytest.skip(f"cannot reserve {offset + n * stride} fp16 elements of address space: {exc}")
+    q, k, v = (storage.as_strided((1, 1, n, D), (0, 0, stride, 1), offset + i * D) for i in range(3))
+    q0, k0, v0, w, msk = _inputs(1, 1, n, n, D, dtype)
+    with torch.no_grad():
+        q.copy_(q0)
+        k.copy_(k0)
+        v.copy_(v0)
+    assert tsra._tile_safe(q, rows, D) is q  # the kernels see the huge strides
+    _check(q, k, v, w, msk, want_map=False, grads=True, clone=False)

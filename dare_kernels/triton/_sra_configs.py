@@ -65,6 +65,8 @@ def fused_map_smem(block_n: int, block_m: int, block_d: int, block_dv: int, elem
 def use_fused_map(block_m: int, block_d: int, block_dv: int, elem_bytes: int, arch: int) -> bool:
     """Whether the forward with a map runs as the head-looped kernel (else online + map-from-LSE)."""
     cap = min(FUSED_MAP_MAX_SMEM, int(FUSED_MAP_SMEM_SHARE * smem_limit(arch)))
+    if elem_bytes == 4:  # float32 FMA dots spill at every fused tile aot_check tried: two kernels
+        return False
     return (block_m <= FUSED_MAP_MAX_M and fused_map_kv_bytes(block_m, block_d, block_dv, elem_bytes) <= cap
             and bool(_fused_candidates(arch, block_m, block_d, block_dv, elem_bytes)))
 
@@ -97,26 +99,29 @@ _FWD = {
     (False, False, 128): [(64, 64, 4, 2), (128, 32, 8, 2)],
     (False, False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
-_FWD_FP32 = {64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(32, 32, 8, 2)]}
+# float32 (FMA dots): (64, 32, 4, 2) at D<=64, (32, 32, 4/8, 2) at D>=128 spill hundreds of bytes
+_FWD_FP32 = {64: [(16, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 32, 4, 2)]}
 _MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
         (False, 128): [(64, 64, 4, 2), (64, 32, 4, 2)],
         (False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
-        (True, 64): [(64, 32, 8, 2)],
-        (True, 128): [(32, 32, 4, 2)],
-        (True, 256): [(32, 32, 8, 2)]}
+        (True, 64): [(16, 32, 4, 2)],
+        (True, 128): [(16, 32, 4, 2)],
+        (True, 256): [(16, 32, 4, 2)]}
 # dk/dv tiles keys by BLOCK_M and holds dk, dv (BLOCK_M x D float32); dq tiles queries by BLOCK_N
-_DKDV = {(False, 64): [(64, 64, 4, 2), (32, 64, 4, 2)],
+# (aot_check: dk/dv (64, 64, 4, 2) and (64, 32, 4, 2) spill at D<=64, (16, 32, 4, 2) at D=256; dq
+# (32, 16, 4, 2) and (32, 32, 8, 2) at D=160/256; float32 (32, 32, 8, 2) at D=128)
+_DKDV = {(False, 64): [(32, 64, 8, 2), (64, 32, 8, 2)],
          (False, 128): [(32, 64, 8, 2), (64, 32, 8, 2)],
-         (False, 256): [(32, 32, 8, 2), (16, 32, 4, 2)],
+         (False, 256): [(32, 32, 8, 2)],
          (True, 64): [(32, 32, 4, 2)],
-         (True, 128): [(32, 32, 8, 2)],
-         (True, 256): [(16, 32, 8, 2)]}
+         (True, 128): [(16, 32, 4, 2)],
+         (True, 256): [(16, 32, 4, 2)]}
 _DQ = {(False, 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
        (False, 128): [(64, 32, 8, 2), (64, 64, 8, 2)],
-       (False, 256): [(32, 32, 8, 2), (32, 16, 4, 2)],
+       (False, 256): [(16, 32, 8, 2)],
        (True, 64): [(32, 32, 4, 2)],
-       (True, 128): [(32, 32, 8, 2)],
-       (True, 256): [(16, 32, 8, 2)]}
+       (True, 128): [(16, 32, 4, 2)],
+       (True, 256): [(16, 32, 4, 2)]}
 # the fused-map kernel: (BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_M = next_pow2(M)
 # is fixed by the keys, and the first candidate within the register budget is the one config launched
 # (a head loop over tiles of at most 64 queries: little to tune). One stage: with two, Triton pipelines
@@ -168,8 +173,9 @@ def fused_map_regs(block_n: int, block_m: int, block_d: int, block_dv: int, elem
     return (fp32 + operands) / (32 * warps)
 
 
-# aot_check: BLOCK_N=64, BLOCK_M=128, D=128, 8 warps (160 by the formula) spills 808 B
-FUSED_MAP_REG_BUDGET = 96
+# aot_check: BLOCK_N=64, BLOCK_M=128, D=128, 8 warps (160 by the formula) spills 808 B; on sm_80
+# BLOCK_N=32, BLOCK_M=16, D=256, 8 warps (68) spills 8 B
+FUSED_MAP_REG_BUDGET = 64
 
 
 def _fused_candidates(arch, block_m, bd, bdv, elem):

@@ -27,7 +27,7 @@ if str(BENCH_DIR) not in sys.path:  # so bench files can `import harness, peers,
     sys.path.insert(0, str(BENCH_DIR))
 
 from dare_kernels.benchmarking import results as _results  # noqa: E402
-from dare_kernels.benchmarking.budget import Budget, fmt_s, matmul_dtype  # noqa: E402
+from dare_kernels.benchmarking.budget import Budget, compiles, fmt_s, matmul_dtype  # noqa: E402
 from dare_kernels.benchmarking.settings import bench_switch, budget_s, is_on  # noqa: E402
 from dare_kernels.benchmarking.timing import quantiles  # noqa: E402
 
@@ -136,7 +136,7 @@ def pytest_collection_modifyitems(session, config, items):
     order = {}
     for i, it in enumerate(items):
         order.setdefault(str(it.path), i)
-    items.sort(key=lambda it: (order[str(it.path)], "compile" in _kind(it)))
+    items.sort(key=lambda it: (order[str(it.path)], compiles(_kind(it))))
     counts: dict[str, int] = {}
     for it in items:
         if _is_bench(it):
@@ -290,6 +290,9 @@ def _budgeted_class(base):
                 if why:
                     pytest.skip(why)
             limit = budget.allowance - spent
+            if limit <= 0:
+                pytest.skip(f"its set-up (inputs, model, compile) took {fmt_s(spent)}, more than the "
+                            f"{fmt_s(budget.allowance)} a case may take in this run (`dare-kernels bench --full` runs it)")
             t0 = time.monotonic()
             try:
                 per_call = _probe(call, limit)

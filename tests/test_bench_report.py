@@ -243,7 +243,7 @@ def test_no_percent_of_an_emulated_bf16_floor_and_cache_resident_bandwidth_says_
 def test_bench_switches_one_reader(monkeypatch):
     for name in settings.NAMES:
         monkeypatch.delenv(settings.PREFIX + name, raising=False)
-        monkeypatch.delenv("DARE_BENCH_" + name, raising=False)
+        monkeypatch.delenv(settings._OLD_PREFIX + name, raising=False)
     assert settings.quick() is False and settings.budget_s() is None
     monkeypatch.setenv("DARE_KERNELS_BENCH_QUICK", "1")
     monkeypatch.setenv("DARE_KERNELS_BENCH_BUDGET_S", "120")
@@ -289,6 +289,10 @@ def test_budget_shares_rounds_and_reasons():
     assert b.file_left() == pytest.approx(59.0)
     clock.t = 121.0
     assert "time budget of 120 s" in b.admit("b.py", "k")
+    # a compiling kind never measured: its torch.compile prior decides when the allowance is small
+    b2 = budget_mod.Budget(20.0, files={"c.py": 10}, clock=_Clock())
+    assert "torch.compile takes about 30.0 s" in b2.admit("c.py", "t.py::test[diffusers_guider_compiled]")
+    assert b2.admit("c.py", "t.py::test[diffusers_guider]") is None
     assert budget_mod.matmul_dtype("eager_maps", "bfloat16") == "bfloat16"
     assert budget_mod.matmul_dtype("eager_maps_fp32", "bfloat16") == "float32"
     assert budget_mod.matmul_dtype("sdpa_bias", "bfloat16") is None

@@ -23,6 +23,13 @@ from dataclasses import dataclass, field
 MIN_ROUNDS = 3      # rounds a timed case needs for a median
 CASE_SHARE = 3.0    # a case may use this many times its fair part of its file's remaining share
 MIN_CASE_S = 3.0    # ... and at least this many seconds
+COMPILE_PRIOR_S = 30.0  # set-up of a compiling case before one of its kind was measured (20-60 s on 2 cores)
+COMPILING = ("compile", "flex")  # kinds (test and provider names) that torch.compile in their set-up
+
+
+def compiles(kind: str) -> bool:
+    """Whether a case of ``kind`` compiles in its set-up (provider names: *_compiled, flex_*)."""
+    return any(c in kind for c in COMPILING)
 
 
 def fmt_s(seconds: float) -> str:
@@ -95,6 +102,9 @@ class Budget:
             if overhead is not None and overhead > self.allowance:
                 return (f"set-up of the previous case of this kind (compile, model build) took {fmt_s(overhead)} here, "
                         f"more than the {fmt_s(self.allowance)} a case may take in this run")
+            if overhead is None and compiles(kind) and COMPILE_PRIOR_S > self.allowance:
+                return (f"its torch.compile takes about {fmt_s(COMPILE_PRIOR_S)} on a 2-core CPU, more than the "
+                        f"{fmt_s(self.allowance)} a case may take in this run (`dare-kernels bench --full` runs it)")
             return None
         finally:
             self._left_in_file -= 1

@@ -69,7 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-p", "no:cacheprovider",
            "-p", "dare_kernels.benchmarking.progress", "-q", "--no-header", "-rN",
            f"--rootdir={bench_dir.parent}", "--bench-run-id", run_id, "--bench-csv-dir", str(csv_dir),
-           "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+           "--benchmark-quiet"]  # the comparison table below replaces pytest-benchmark's own tables
     if quick:
         cmd.append("--bench-quick")
     budget = args.budget_s if args.budget_s is not None else budget_s()

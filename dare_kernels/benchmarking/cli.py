@@ -50,6 +50,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from . import report
     from .results import device_slug, new_run_id
 
+    import importlib.util
+
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        print("dare-kernels bench: pytest-benchmark is not installed here (pip install -e '.[bench]', or make bench)",
+              file=sys.stderr)
+        return 2
     env_quick = bench_switch("QUICK")
     if args.full and args.quick:
         raise SystemExit("dare-kernels bench: --quick and --full exclude each other")

@@ -119,8 +119,13 @@ class CMakeBuild(build_ext):
             root = _cuda_root()
             args += [f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}", f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
             env["CUDA_HOME"] = str(root)
-        _log(" ".join(args))
-        subprocess.check_call(args, env=env)
+        configured = build_dir / ".dare_kernels-configure"  # the arguments of the last configure of this folder
+        if (build_dir / "build.ninja").exists() and configured.exists() and configured.read_text() == " ".join(args):
+            _log(f"CMake configuration in {build_dir} is up to date (ninja re-runs CMake if CMakeLists.txt changed)")
+        else:
+            _log(" ".join(args))
+            subprocess.check_call(args, env=env)
+            configured.write_text(" ".join(args))
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call([cmake, "--build", str(build_dir), "-j", jobs], env=env)
 

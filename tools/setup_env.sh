@@ -22,14 +22,21 @@ fi
 VPY="$VENV/bin/python"
 pip_install() { "$VPY" -m pip install --disable-pip-version-check --progress-bar off "$@"; }
 
+stamp="$VENV/.dare_kernels-setup"
+key="$(cat pyproject.toml setup.py | sha1sum | cut -c1-16) extras=$EXTRAS"
+have_torch=1; "$VPY" -c "import torch" 2>/dev/null || have_torch=0
 offline=${DARE_KERNELS_OFFLINE:-}
 if [ -z "$offline" ]; then
-  step "checking that the package index answers (DARE_KERNELS_OFFLINE=1 skips this)"
-  if "$VPY" -m pip install --dry-run --no-deps --retries 0 --timeout 5 --disable-pip-version-check -q \
-      --upgrade pip >/dev/null 2>&1; then offline=0; else offline=1; step "no package index: offline set-up"; fi
+  if [ "$have_torch" = "1" ] && [ -f "$stamp" ] && grep -qxF -e "$key" -e "$key offline" "$stamp"; then
+    offline=0  # nothing to install: the index is not asked
+  else
+    step "checking that the package index answers (DARE_KERNELS_OFFLINE=1 skips this)"
+    if "$VPY" -m pip install --dry-run --no-deps --retries 0 --timeout 5 --disable-pip-version-check -q \
+        --upgrade pip >/dev/null 2>&1; then offline=0; else offline=1; step "no package index: offline set-up"; fi
+  fi
 fi
 
-if ! "$VPY" -c "import torch" 2>/dev/null; then
+if [ "$have_torch" = "0" ]; then
   if [ "$offline" = "1" ]; then
     step "ERROR: no torch in $VENV and no package index; install torch first"; exit 1
   fi
@@ -37,27 +44,14 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   step "installing torch 2.13.0 (CPU wheel; about a minute)"
   pip_install "torch==2.13.0" || pip_install torch
 fi
-step "torch $("$VPY" -c 'import torch; print(torch.__version__)')"
-
-stamp="$VENV/.dare_kernels-setup"
-key="$(cat pyproject.toml setup.py | "$VPY" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:16])') extras=$EXTRAS"
-if [ "$offline" = "1" ]; then
+if [ "$offline" = "1" ]; then key="$key offline"; fi
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+  step "dependencies [$EXTRAS] already installed (remove $stamp to reinstall)"
+elif [ "$offline" = "1" ]; then
   # a machine without a package index (the lent GPU machines): the package itself, no dependencies fetched
   step "offline: installing the package itself (editable, no dependencies fetched)"
   DARE_KERNELS_BUILD_EXT=0 pip_install -q --no-index --no-deps --no-build-isolation -e .
-  missing=$("$VPY" - "$EXTRAS" <<'EOF'
-import importlib.util, sys
-want = {"test": ["pytest", "xdist", "hypothesis", "expecttest", "diffusers", "transformers", "matplotlib", "triton"],
-        "bench": ["pytest", "pytest_benchmark", "matplotlib", "diffusers", "transformers"]}
-mods = sorted({m for e in sys.argv[1].split(",") for m in want.get(e, [])})
-print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
-EOF
-)
-  if [ -n "$missing" ]; then
-    step "offline: not installed here: $missing (the tests and benchmarks that need them are skipped, with the reason)"
-  fi
-elif [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
-  step "dependencies [$EXTRAS] already installed (remove $stamp to reinstall)"
+  echo "$key" >"$stamp"
 else
   step "installing build tools (setuptools, wheel, cmake>=3.26, ninja)"
   pip_install "setuptools>=64" wheel "cmake>=3.26" ninja
@@ -65,10 +59,21 @@ else
   DARE_KERNELS_BUILD_EXT=0 pip_install --no-build-isolation -e ".[${EXTRAS}]"
   echo "$key" >"$stamp"
 fi
+if [ "$offline" = "1" ]; then
+  missing=$("$VPY" -c '
+import importlib.util, sys
+want = {"test": ["pytest", "xdist", "hypothesis", "expecttest", "diffusers", "transformers", "matplotlib", "triton"],
+        "bench": ["pytest", "pytest_benchmark", "matplotlib", "diffusers", "transformers"]}
+mods = sorted({m for e in sys.argv[1].split(",") for m in want.get(e, [])})
+print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))' "$EXTRAS")
+  if [ -n "$missing" ]; then
+    step "offline: not installed here: $missing (the tests and benchmarks that need them are skipped, with the reason)"
+  fi
+fi
 
 # the extension, built here rather than inside pip so its progress shows (pip hides a build's output);
 # a persistent CMake folder keyed by torch version (build/cmake-*) makes a second run recompile only changes
-step "building the extension dare_kernels._C against torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+step "building the extension dare_kernels._C against torch $("$VPY" -c 'import torch; print(torch.__version__)') (only what changed)"
 "$VPY" setup.py -q build_ext --inplace
 step "done; what is usable here:"
 "$VPY" -m dare_kernels info

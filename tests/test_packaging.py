@@ -88,7 +88,10 @@ def _unpack(sdist: Path, dest: Path) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     with tarfile.open(sdist) as tf:
-        tf.extractall(dest, filter="data")  # keeps the files' times: an unchanged source is not recompiled
+        try:  # keeps the files' times: an unchanged source is not recompiled
+            tf.extractall(dest, filter="data")
+        except TypeError:  # Python without extraction filters (< 3.10.12 / 3.11.4)
+            tf.extractall(dest)
     (root,) = [p for p in dest.iterdir() if p.is_dir()]
     return root
 

@@ -77,6 +77,7 @@ class _Recorder:
         self.case_start = 0.0
         self.case_timed = 0.0  # seconds of the current case inside timed / probe calls
         self.files_started: set[str] = set()
+        self.last_call: dict[str, float] = {}  # seconds of the last probe call per (test, provider, dtype)
         self.start = time.monotonic()
 
     def env(self, device_type: str) -> dict:
@@ -295,6 +296,12 @@ def _budgeted_class(base):
                                      "the input dtype) one call needs at least")
                 if why:
                     pytest.skip(why)
+            like = f"{_kind(self._dare_item)}[{dtype}]"  # the same test, provider and dtype: a similar call
+            prev = rec.last_call.get(like)
+            if prev is not None:
+                _, why = budget.plan(prev, wanted_rounds, spent, "a call of the previous case like this one took")
+                if why:
+                    pytest.skip(why)
             limit = budget.allowance - spent
             if limit <= 0:
                 pytest.skip(f"its set-up (inputs, model, compile) took {fmt_s(spent)}, more than the "
@@ -302,7 +309,9 @@ def _budgeted_class(base):
             t0 = time.monotonic()
             try:
                 per_call = _probe(call, limit)
+                rec.last_call[like] = per_call
             except _ProbeTimeout:
+                rec.last_call[like] = limit
                 pytest.skip(f"one call ran past the {fmt_s(limit)} left for a case in this run and was stopped "
                             "(`dare-kernels bench --full` runs it)")
             finally:

@@ -10,7 +10,8 @@ its fair part of what is left of its file's share (at least ``MIN_CASE_S``). Bef
 2. one probe call, timed and stopped past the case's allowance: rounds are then cut to what fits
    (at least ``MIN_ROUNDS``), or the case is skipped with the time one call takes;
 3. set-up outside the timed calls (a torch.compile, a model build) is remembered per kind of case, and
-   the next case of that kind is skipped when it alone would not fit.
+   the next case of that kind is skipped when it alone would not fit; so is the probe call (per test,
+   provider and dtype), so a slow kind of call is not probed again and again.
 
 Every skip reason names the measured number it was decided on; the report lists them.
 """

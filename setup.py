@@ -1,10 +1,13 @@
 """Builds dare_kernels and its extension ``dare_kernels._C`` by driving CMakeLists.txt with Ninja.
 
-Install with ``pip install --no-build-isolation -e .`` (torch must already be installed: the
-extension is compiled against the torch it will run with). Environment switches:
+Install with ``pip install --no-build-isolation .`` (or ``-e .``; also for an sdist:
+``pip install --no-build-isolation dare_kernels-<v>.tar.gz``). torch, cmake>=3.26 and ninja must already
+be installed: the extension is compiled against the torch it will run with. pip's default isolated build
+has no torch, so it stops with that fix in the message instead of producing a wheel without kernels;
+a failed extension build fails the install. Environment switches:
 
-- ``DARE_KERNELS_BUILD_EXT=0``   skip the extension (the package then runs on the reference backend).
-- ``DARE_KERNELS_REQUIRE_EXT=1`` make a failed extension build fail the install (CI sets it).
+- ``DARE_KERNELS_BUILD_EXT=0``   pure-Python package, no extension (runs on the reference backend).
+  Explicit only; pip may cache that wheel, so add ``--no-cache-dir`` when you later want the kernels.
 - ``DARE_KERNELS_CUDA=auto|0|1`` build the CUDA kernels: auto = when torch has CUDA and nvcc is found.
 - ``DARE_KERNELS_BUILD_DIR``     persistent CMake build folder (default build/cmake-<python>-<torch>).
 - ``MAX_JOBS``                   parallel compile jobs (default: CPU count).
@@ -52,28 +55,61 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+NO_TORCH_MESSAGE = """dare_kernels: torch is not importable in this build environment ({error}).
+
+The extension dare_kernels._C is compiled against the torch it will run with, so torch must be
+installed before the build and visible to it. pip builds in an isolated environment without torch
+by default; build in your environment instead:
+
+    pip install torch "cmake>=3.26" ninja setuptools wheel
+    pip install --no-build-isolation .            # or an sdist: --no-build-isolation dare_kernels-*.tar.gz
+
+For a pure-Python install without kernels (the slow reference backend), set DARE_KERNELS_BUILD_EXT=0."""
+
+
+def _import_torch():
+    """torch of the running interpreter, or a SystemExit whose message says how to build."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(NO_TORCH_MESSAGE.format(error=exc)) from None
+    return torch
+
+
+def _tool(name: str, bin_dir_attr: str) -> str:
+    """Path of cmake / ninja: the pip package's binary first (the version build-system.requires pins), then PATH."""
+    try:
+        mod = __import__(name)
+        exe = Path(getattr(mod, bin_dir_attr)) / name
+        if exe.exists():
+            return str(exe)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"dare_kernels: {name} not found; install it first: pip install \"cmake>=3.26\" ninja "
+                         "(then build with --no-build-isolation)")
+    return found
+
+
 class CMakeBuild(build_ext):
     def run(self) -> None:
         if os.environ.get("DARE_KERNELS_BUILD_EXT", "1") == "0":
-            _log("DARE_KERNELS_BUILD_EXT=0: skipping the extension; the reference backend will be used")
+            _log("DARE_KERNELS_BUILD_EXT=0: no extension built; dare_kernels will use the reference backend")
             return
-        try:
-            super().run()
-        except Exception as exc:  # noqa: BLE001 - a failed build must not block a pure-Python install
-            if os.environ.get("DARE_KERNELS_REQUIRE_EXT", "0") == "1":
-                raise
-            _log(f"WARNING: the extension failed to build ({exc}); dare_kernels will use the reference backend")
+        _import_torch()  # before anything else: the one failure an isolated build always hits
+        super().run()  # any failure of the extension build fails the install (no silent wheel without _C)
 
     def build_extension(self, ext: Extension) -> None:
-        import torch
+        torch = _import_torch()
 
         with_cuda = self._want_cuda(torch)
         tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
         build_dir = Path(os.environ.get("DARE_KERNELS_BUILD_DIR", ROOT / "build" / f"cmake-{re.sub(r'[^A-Za-z0-9.]+', '_', tag)}"))
         build_dir.mkdir(parents=True, exist_ok=True)
-        cmake = shutil.which("cmake") or "cmake"
+        cmake = _tool("cmake", "CMAKE_BIN_DIR")
         args = [
-            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'BIN_DIR')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DDARE_KERNELS_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
@@ -83,8 +119,13 @@ class CMakeBuild(build_ext):
             root = _cuda_root()
             args += [f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}", f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
             env["CUDA_HOME"] = str(root)
-        _log(" ".join(args))
-        subprocess.check_call(args, env=env)
+        configured = build_dir / ".dare_kernels-configure"  # the arguments of the last configure of this folder
+        if (build_dir / "build.ninja").exists() and configured.exists() and configured.read_text() == " ".join(args):
+            _log(f"CMake configuration in {build_dir} is up to date (ninja re-runs CMake if CMakeLists.txt changed)")
+        else:
+            _log(" ".join(args))
+            subprocess.check_call(args, env=env)
+            configured.write_text(" ".join(args))
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call([cmake, "--build", str(build_dir), "-j", jobs], env=env)
 

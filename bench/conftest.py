@@ -1,18 +1,22 @@
 """Benchmark-suite plumbing: every pytest-benchmark result (and every skip) becomes a CSV row.
 
-Rows go to ``bench/results/<device-slug>.csv`` (appended; ``--bench-csv-dir`` or DARE_BENCH_CSV_DIR
-moves them, ``--bench-no-csv`` turns writing off). Before the first benchmark on a device and again
-at the end of the session, the physical floors of that device (matmul peak, copy bandwidth) are
-measured and written as rows of the same run, so the report's "fraction of the floor" uses numbers
-from the same machine and load.
+Rows go to ``bench/results/local/<device-slug>.csv`` (untracked; appended; ``--bench-csv-dir`` or
+DARE_KERNELS_BENCH_CSV_DIR moves them, e.g. to the committed bench/results/, ``--bench-no-csv`` turns
+writing off). Before the first benchmark on a device and again at the end of the session, the physical
+floors of that device (matmul peak, copy bandwidth) are measured and written as rows of the same run,
+so the report's "fraction of the floor" uses numbers from the same machine and load.
 
-Options: ``--bench-quick`` (≈2-minute subset; same as DARE_BENCH_QUICK=1, read by harness.quick()).
+Options: ``--bench-quick`` (smaller shapes and rounds; same as DARE_KERNELS_BENCH_QUICK=1, read by
+harness.quick()), ``--bench-budget-s`` (the time budget of dare_kernels/benchmarking/budget.py: cases
+that would not fit are skip rows with the measured reason).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +27,11 @@ if str(BENCH_DIR) not in sys.path:  # so bench files can `import harness, peers,
     sys.path.insert(0, str(BENCH_DIR))
 
 from dare_kernels.benchmarking import results as _results  # noqa: E402
+from dare_kernels.benchmarking.budget import Budget, compiles, fmt_s, matmul_dtype  # noqa: E402
+from dare_kernels.benchmarking.settings import bench_switch, budget_s, is_on  # noqa: E402
 from dare_kernels.benchmarking.timing import quantiles  # noqa: E402
+
+LOCAL_RESULTS = BENCH_DIR / "results" / "local"  # untracked: a user's runs never touch committed files
 
 _INFO_KEYS = ("kernel", "provider", "mode", "shape", "dims", "dtype", "flops", "bytes", "peak_mem_bytes",
               "scale", "timer")
@@ -32,14 +40,14 @@ _INFO_KEYS = ("kernel", "provider", "mode", "shape", "dims", "dtype", "flops", "
 def pytest_addoption(parser):
     g = parser.getgroup("dare-bench", "dare_kernels benchmark suite")
     g.addoption("--bench-quick", action="store_true", default=False,
-                help="quick subset: fewer/smaller shapes and rounds (also DARE_BENCH_QUICK=1)")
+                help="quick subset: fewer/smaller shapes and rounds (also DARE_KERNELS_BENCH_QUICK=1)")
     g.addoption("--bench-csv-dir", default=None,
-                help="folder of the result CSVs (default bench/results, or DARE_BENCH_CSV_DIR)")
+                help="folder of the result CSVs (default bench/results/local, untracked; or DARE_KERNELS_BENCH_CSV_DIR)")
     g.addoption("--bench-no-csv", action="store_true", default=False, help="do not write result rows")
     g.addoption("--bench-run-id", default=None, help="run id written in every row (default: time + pid)")
     g.addoption("--bench-budget-s", type=float, default=None,
-                help="skip (with that reason) every benchmark that would start after this many seconds "
-                     "(also DARE_BENCH_BUDGET_S; keeps a GPU run inside one device call)")
+                help="time budget of the cases in seconds: shared out per file, a case that would not fit is a "
+                     "skip row with the measured reason (also DARE_KERNELS_BENCH_BUDGET_S)")
 
 
 def _cuda_available() -> bool:
@@ -54,18 +62,22 @@ class _Recorder:
     def __init__(self, config):
         self.config = config
         self.enabled = not config.getoption("--bench-no-csv")
-        d = config.getoption("--bench-csv-dir") or os.environ.get("DARE_BENCH_CSV_DIR") or BENCH_DIR / "results"
+        d = config.getoption("--bench-csv-dir") or bench_switch("CSV_DIR") or LOCAL_RESULTS
         self.csv_dir = Path(d)
-        self.run_id = (config.getoption("--bench-run-id") or os.environ.get("DARE_BENCH_RUN_ID")
-                       or _results.new_run_id())
-        self.quick = bool(config.getoption("--bench-quick")) or os.environ.get("DARE_BENCH_QUICK", "0") not in (
-            "", "0", "false", "no")
+        self.run_id = config.getoption("--bench-run-id") or bench_switch("RUN_ID") or _results.new_run_id()
+        self.quick = bool(config.getoption("--bench-quick")) or is_on(bench_switch("QUICK"))
         self._env: dict[str, dict] = {}
         self._floors_done: set[str] = set()
         self.floor_devices: list[str] = []  # devices whose floors were measured at the start
+        self.rates: dict[tuple[str, str], float] = {}  # (device type, dtype) -> measured matmul GFLOP/s
         self.rows_written = 0
-        budget = config.getoption("--bench-budget-s") or float(os.environ.get("DARE_BENCH_BUDGET_S", "0") or 0)
+        budget = config.getoption("--bench-budget-s") or budget_s() or 0
         self.budget_s = budget if budget > 0 else None
+        self.budget = Budget(self.budget_s) if self.budget_s else None
+        self.case_start = 0.0
+        self.case_timed = 0.0  # seconds of the current case inside timed / probe calls
+        self.files_started: set[str] = set()
+        self.last_call: dict[str, float] = {}  # seconds of the last probe call per (test, provider, dtype)
         self.start = time.monotonic()
 
     def env(self, device_type: str) -> dict:
@@ -105,17 +117,46 @@ class _Recorder:
         except Exception as e:  # noqa: BLE001 - a failed floor is recorded, not fatal
             rows = [dict(kernel="floor", provider="matmul", mode="floor", metric="throughput", status="error",
                          reason=f"{type(e).__name__}: {e}"[:300])]
+        for r in rows:
+            if r.get("provider") == "matmul" and r.get("status") == "ok" and r.get("p50"):
+                self.rates[(device_type, _results.normalize_dtype(r.get("dtype")))] = float(r["p80"] or r["p50"])
         self.write(device_type, [dict(r, test=label) for r in rows])
 
 
 def pytest_configure(config):
     if config.getoption("--bench-quick"):
-        os.environ["DARE_BENCH_QUICK"] = "1"
+        os.environ["DARE_KERNELS_BENCH_QUICK"] = "1"
     config._dare_recorder = _Recorder(config)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rec = config._dare_recorder
+    if rec.budget is None:
+        return
+    # a compile costs 20-60 s on a 2-core CPU: in a budgeted run compiled providers come last in their file,
+    # so they get what the plain cases leave
+    order = {}
+    for i, it in enumerate(items):
+        order.setdefault(str(it.path), i)
+    items.sort(key=lambda it: (order[str(it.path)], compiles(_kind(it))))
+    counts: dict[str, int] = {}
+    for it in items:
+        if _is_bench(it):
+            counts[str(it.path)] = counts.get(str(it.path), 0) + 1
+    rec.budget.files = counts
+
+
+def _kind(item) -> str:
+    """What makes two cases alike in set-up cost: the test function and its provider."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    prov = params.get("provider", "")
+    return f"{item.path.name}::{getattr(item, 'originalname', item.name)}[{prov}]"
 
 
 def pytest_sessionstart(session):
     rec = session.config._dare_recorder
+    if rec.budget is not None:
+        rec.budget.now()  # the budget counts from here: floors and collection are part of the run
     bs = getattr(session.config, "_benchmarksession", None)
     if rec.quick and bs is not None:  # fewer rounds: enough for a median, not for a paper
         bs.options.update(max_time=0.25, min_rounds=3, min_time=0.000005, warmup=True, warmup_iterations=1)
@@ -124,7 +165,8 @@ def pytest_sessionstart(session):
 def pytest_report_header(config):
     rec = config._dare_recorder
     where = rec.csv_dir if rec.enabled else "not written (--bench-no-csv)"
-    return [f"dare bench: run {rec.run_id}, quick={rec.quick}, CSV rows -> {where}"]
+    budget = f", budget {rec.budget_s:.0f} s" if rec.budget_s else ""
+    return [f"dare bench: run {rec.run_id}, quick={rec.quick}{budget}, CSV rows -> {where}"]
 
 
 def _is_bench(item) -> bool:
@@ -189,10 +231,140 @@ def _row(item, info: dict, **extra) -> dict:
 def pytest_runtest_setup(item):
     if _is_bench(item) and not item.config.getoption("benchmark_disable", False):
         rec = item.config._dare_recorder
-        if rec.budget_s is not None and time.monotonic() - rec.start > rec.budget_s:
-            pytest.skip(f"time budget of {rec.budget_s:.0f} s for this run reached before this case")
         # device of the file: measure its floors before the first benchmark of the session on it
         rec.ensure_floors("cuda" if item.path.name.endswith("_gpu.py") else "cpu")
+        rec.case_start, rec.case_timed = time.monotonic(), 0.0
+        if rec.budget is not None:
+            why = rec.budget.admit(str(item.path), _kind(item))
+            if why:
+                rec.case_start = 0.0
+                pytest.skip(why)
+
+
+def pytest_runtest_teardown(item):
+    rec = item.config._dare_recorder
+    if rec.budget is not None and rec.case_start and _is_bench(item):
+        # the first case of a file also pays the file's lazy imports (diffusers models ...): not a cost of its kind
+        if str(item.path) in rec.files_started:
+            rec.budget.record_overhead(_kind(item), time.monotonic() - rec.case_start - rec.case_timed)
+        rec.files_started.add(str(item.path))
+        rec.case_start = 0.0
+
+
+class _ProbeTimeout(Exception):
+    pass
+
+
+def _probe(fn, limit_s: float) -> float:
+    """Seconds of one call of ``fn``; a call still running after ``limit_s`` is stopped (SIGALRM, main
+    thread: it lands when the current ATen op returns) and _ProbeTimeout raised."""
+    use_alarm = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+    def _stop(signum, frame):
+        raise _ProbeTimeout()
+
+    old = signal.signal(signal.SIGALRM, _stop) if use_alarm else None
+    t0 = time.perf_counter()
+    try:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, max(limit_s, 0.01))
+        fn()
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    return time.perf_counter() - t0
+
+
+def _budgeted_class(base):
+    """A subclass of pytest-benchmark's fixture whose timed calls go through the run's time budget."""
+
+    class BudgetedBenchmark(base):
+        def _gate(self, call, wanted_rounds):
+            """Rounds to run (None: pytest-benchmark calibrates), after a floor estimate and one probe call."""
+            rec = self._dare_rec
+            budget = rec.budget
+            info = self.extra_info
+            spent = time.monotonic() - rec.case_start if rec.case_start else 0.0
+            dtype = _results.normalize_dtype(info.get("dtype"))
+            mm = matmul_dtype(info.get("provider", ""), dtype)
+            rate = rec.rates.get((_device_of(self._dare_item, info), mm)) if mm else None
+            if rate and info.get("flops"):
+                est = float(info["flops"]) / (rate * 1e9)
+                _, why = budget.plan(est, wanted_rounds, spent,
+                                     f"at the measured {mm} matmul rate ({rate:.3g} GFLOP/s; eager peers multiply in "
+                                     "the input dtype) one call needs at least")
+                if why:
+                    pytest.skip(why)
+            like = f"{_kind(self._dare_item)}[{dtype}]"  # the same test, provider and dtype: a similar call
+            prev = rec.last_call.get(like)
+            if prev is not None:
+                _, why = budget.plan(prev, wanted_rounds, spent, "a call of the previous case like this one took")
+                if why:
+                    pytest.skip(why)
+            limit = budget.allowance - spent
+            if limit <= 0:
+                pytest.skip(f"its set-up (inputs, model, compile) took {fmt_s(spent)}, more than the "
+                            f"{fmt_s(budget.allowance)} a case may take in this run (`dare-kernels bench --full` runs it)")
+            t0 = time.monotonic()
+            try:
+                per_call = _probe(call, limit)
+                rec.last_call[like] = per_call
+            except _ProbeTimeout:
+                rec.last_call[like] = limit
+                pytest.skip(f"one call ran past the {fmt_s(limit)} left for a case in this run and was stopped "
+                            "(`dare-kernels bench --full` runs it)")
+            finally:
+                rec.case_timed += time.monotonic() - t0
+            rounds, why = budget.plan(per_call, wanted_rounds, spent + per_call, "one call takes")
+            if why:
+                pytest.skip(why)
+            if rounds * per_call > 20:
+                tr = self._dare_item.config.pluginmanager.get_plugin("terminalreporter")
+                if tr is not None:
+                    tr.write_line(f"    ... {rounds} rounds of {fmt_s(per_call)}: about {fmt_s(rounds * per_call)}")
+            return rounds
+
+        def pedantic(self, target, args=(), kwargs=None, setup=None, teardown=None, rounds=1, warmup_rounds=0,
+                     iterations=1):
+            if self._dare_rec.budget is None or self.disabled or setup is not None:
+                return super().pedantic(target, args, kwargs, setup, teardown, rounds, warmup_rounds, iterations)
+            kw = kwargs or {}
+            n = self._gate(lambda: target(*args, **kw), rounds)
+            t0 = time.monotonic()
+            try:  # the probe call was one warm-up
+                return super().pedantic(target, args, kwargs, setup, teardown, n, max(0, warmup_rounds - 1), iterations)
+            finally:
+                self._dare_rec.case_timed += time.monotonic() - t0
+
+        def __call__(self, function_to_benchmark, *args, **kwargs):
+            if self._dare_rec.budget is None or self.disabled:
+                return super().__call__(function_to_benchmark, *args, **kwargs)
+            self._gate(lambda: function_to_benchmark(*args, **kwargs), None)
+            t0 = time.monotonic()
+            try:
+                return super().__call__(function_to_benchmark, *args, **kwargs)
+            finally:
+                self._dare_rec.case_timed += time.monotonic() - t0
+
+    BudgetedBenchmark.__name__ = base.__name__
+    return BudgetedBenchmark
+
+
+_BUDGETED: dict[type, type] = {}
+
+
+@pytest.fixture
+def benchmark(benchmark, request):
+    """pytest-benchmark's fixture (the same object, as its plugin requires), its timed calls budgeted."""
+    rec = request.config._dare_recorder
+    if rec.budget is not None:
+        cls = type(benchmark)
+        if cls not in _BUDGETED:
+            _BUDGETED[cls] = _budgeted_class(cls)
+        benchmark.__class__ = _BUDGETED[cls]
+        benchmark._dare_rec, benchmark._dare_item = rec, request.node
+    return benchmark
 
 
 @pytest.hookimpl(hookwrapper=True)

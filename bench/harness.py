@@ -1,6 +1,7 @@
 """Helpers every bench file may import (``from harness import ...``; bench/ is on sys.path under pytest).
 
-- ``QUICK`` / ``quick()``: the ≈2-minute subset is on (``--bench-quick`` or ``DARE_BENCH_QUICK=1``).
+- ``quick()``: the quick run is on (``--bench-quick`` or ``DARE_KERNELS_BENCH_QUICK=1``; what gets measured
+  within it is decided by the time budget, dare_kernels/benchmarking/budget.py).
 - ``cpu_scale()``, ``attn_shapes(device)``, ``latent_shapes(device)``: which shapes a run covers.
 - ``rotating``, ``make_input_sets``, ``bench_cpu``, ``bench_cuda``: timing with rotated inputs
   (re-exported from ``dare_kernels.benchmarking.timing``).
@@ -10,9 +11,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from dare_kernels.benchmarking.settings import quick  # noqa: F401  (re-exported: the one parse of the switch)
 
 from dare_kernels.benchmarking.timing import (  # noqa: F401  (re-exported)
     bench_cpu, bench_cuda, cpu_time, cuda_time, feed_benchmark, make_input_sets, quantiles, rotating,
@@ -21,18 +22,13 @@ from shapes import ATTN_SHAPES, CPU_SCALE, LATENT_SHAPES, AttnShape
 
 __all__ = [
     "bench_cpu", "bench_cuda", "cpu_time", "cuda_time", "feed_benchmark", "make_input_sets", "quantiles", "rotating",
-    "quick", "cpu_scale", "scale_for", "attn_shapes", "latent_shapes", "dims", "attn_flops", "attn_bytes",
+    "quick", "cpu_scale", "latent_names", "scale_for", "attn_shapes", "latent_shapes", "dims", "attn_flops", "attn_bytes",
     "set_info", "peak_memory", "ATTN_SHAPES", "LATENT_SHAPES", "AttnShape",
 ]
 
 QUICK_CPU_SCALE = 32        # quick CPU runs divide N by this instead of CPU_SCALE
 QUICK_SHAPES = ("wan-1.3b", "animatediff-d40")
 QUICK_LATENTS = ("wan-49f-480x720",)
-
-
-def quick() -> bool:
-    """True for the quick subset (``dare-kernels bench --quick``, ``--bench-quick`` or DARE_BENCH_QUICK=1)."""
-    return os.environ.get("DARE_BENCH_QUICK", "0") not in ("", "0", "false", "no")
 
 
 def cpu_scale() -> int:
@@ -48,6 +44,11 @@ def attn_shapes(device: str = "cpu") -> list[AttnShape]:
     """Model attention shapes for a run on ``device``: real sizes on CUDA, N / cpu_scale() on CPU."""
     names = QUICK_SHAPES if quick() else tuple(ATTN_SHAPES)
     return [ATTN_SHAPES[n].scaled(scale_for(device)) for n in names]
+
+
+def latent_names() -> list[str]:
+    """Names of the video-latent shapes a run covers (bench/shapes.LATENT_SHAPES keys)."""
+    return list(QUICK_LATENTS if quick() else LATENT_SHAPES)
 
 
 def latent_shapes(device: str = "cpu") -> dict[str, tuple[int, ...]]:

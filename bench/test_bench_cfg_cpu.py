@@ -12,7 +12,7 @@ import torch
 
 import dare_kernels as dk
 from _cfg_common import MODES, cycling, dare_kwargs, guider_fn, latent_inputs
-from shapes import LATENT_SHAPES
+from harness import latent_names
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ("dare_cpu", "diffusers_guider", "diffusers_guider_compiled", "copy")
@@ -34,7 +34,7 @@ def threads():
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", list(LATENT_SHAPES))
+@pytest.mark.parametrize("shape", latent_names())
 def test_bench_rectified_cfg_cpu(benchmark, shape, mode, dtype, provider, threads):
     benchmark.group = f"rectified_cfg fwd {shape} {mode} {dtype} {threads}thr"
     dt = DTYPES[dtype]

@@ -31,6 +31,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from harness import quick  # noqa: E402
+
 MODELS = ("wan", "ltx", "cogvideox")
 PROVIDERS = ("stock", "dare_ones", "dare_maps", "eager_maps")
 BATCH = 2
@@ -165,6 +167,19 @@ def test_bench_maps_vs_eager(benchmark, model_name, provider):
     _bench(benchmark, model_name, provider, "maps")
 
 
+LAYER_HEADS = {"wan": (12, 64), "ltx": (8, 64), "cogvideox": (8, 64)}  # (heads, head dim) of build()'s configs
+
+
+def _layer_attn_flops(model_name: str, video_tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of the attention core of build_layer()'s layer (4·B·H·N·M·D; CogVideoX: joint, N+M each side)."""
+    heads, dim = LAYER_HEADS[model_name]
+    if model_name == "cogvideox":
+        n = m = video_tokens + text_tokens
+    else:
+        n, m = video_tokens, text_tokens
+    return 4.0 * BATCH * heads * n * m * dim
+
+
 def build_layer(model_name: str, video_tokens: int = 512, dtype: torch.dtype = torch.float32):
     """(model, call of one patched text-attention layer with its projections, M, shape name): the attention
     layer alone, so the attention core is most of the time (model-level runs dilute it with FFN and attn1).
@@ -194,7 +209,7 @@ def build_layer(model_name: str, video_tokens: int = 512, dtype: torch.dtype = t
 
 @pytest.mark.parametrize("provider", ["dare_maps", "eager_maps", "stock", "no_attention"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("video_tokens", [512, 4096])
+@pytest.mark.parametrize("video_tokens", [512] if quick() else [512, 4096])
 @pytest.mark.parametrize("model_name", MODELS)
 def test_bench_layer_maps_vs_eager(benchmark, model_name, video_tokens, dtype, provider):
     """``no_attention``: the same layer with the attention core replaced by a no-op (projections, norms and
@@ -205,7 +220,7 @@ def test_bench_layer_maps_vs_eager(benchmark, model_name, video_tokens, dtype, p
     mode = "fwd" if provider in ("stock", "no_attention") else "fwd+map"  # the report pairs rows on mode
     benchmark.extra_info.update({"kernel": "diffusers_attention_layer", "provider": provider, "mode": mode,
                                  "shape": shape, "dtype": dtype, "batch": BATCH, "video_tokens": video_tokens,
-                                 "text_tokens": M})
+                                 "text_tokens": M, "flops": _layer_attn_flops(model_name, video_tokens, M)})
     with torch.no_grad():
         benchmark.pedantic(call, rounds=15, iterations=1, warmup_rounds=2)
     if handle is not None:
@@ -221,13 +236,12 @@ def _bench(benchmark, model_name, provider, pass_name):
         "shape": shape, "dtype": "float32",
         "batch": BATCH, "layers": 4, "video_tokens": 512, "text_tokens": M,
     })
-    quick = os.environ.get("DARE_BENCH_QUICK", "0") not in ("", "0", "false", "no")
-    peak = None if quick else _peak_rss_subprocess(model_name, provider)
+    peak = None if quick() else _peak_rss_subprocess(model_name, provider)
     if peak is not None:
         benchmark.extra_info["peak_mem_bytes"] = peak
         benchmark.extra_info["peak_mem_method"] = "rss_subprocess"
     with torch.no_grad():
-        benchmark.pedantic(call, rounds=3 if quick else 7, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(call, rounds=3 if quick() else 7, iterations=1, warmup_rounds=1)
     if handle is not None:
         if provider.endswith("maps"):
             assert len(handle.maps) == 4

@@ -45,8 +45,8 @@ TABLE: tuple[Switch, ...] = (
            "0 installs the pure-Python package (no compiled kernels)"),
     Switch("DARE_KERNELS_CUDA", "auto", ("auto", "0", "1"), "build", "user",
            "build the CUDA kernels: auto = when torch has CUDA and nvcc is found"),
-    Switch("DARE_KERNELS_REQUIRE_EXT", "0", _BOOL, "build", "user",
-           "1 fails the install when the extension does not build (make setup and the tests default to 1)"),
+    Switch("DARE_KERNELS_REQUIRE_EXT", "1", _BOOL, "build", "user",
+           "a failed extension build always fails the install now (pure Python: DARE_KERNELS_BUILD_EXT=0); 0 skips the extension test"),
     Switch("DARE_KERNELS_BUILD_DIR", "build/cmake-<python, torch, cpu or cuda>", "path", "build", "user",
            "CMake build folder, kept between builds"),
     Switch("DARE_KERNELS_OFFLINE", "0", _BOOL, "build", "user",
@@ -57,8 +57,8 @@ TABLE: tuple[Switch, ...] = (
            "CPU vector path: avx2 keeps the kernels on the build's at::vec (AVX2) code, avx512 requires AVX-512"),
     Switch("DARE_KERNELS_CPU_BF16_DOT", "auto", ("auto", "0", "qk", "1"), "cpp", "user",
            "bf16 SRA block products with AVX512-BF16: auto = where the CPU has it, 0 = fp32 products, qk = S only"),
-    Switch("DARE_KERNELS_BENCH_QUICK", "0", _BOOL, "bench", "user",
-           "make bench runs the quick subset"),
+    Switch("DARE_KERNELS_BENCH_QUICK", "1", _BOOL, "bench", "user",
+           "dare-kernels bench / make bench run the quick, time-budgeted suite; 0 runs the full one (make bench-full)"),
     # --- measurement-only --------------------------------------------------------------------------------
     Switch("DARE_KERNELS_TRITON_AUTOTUNE", "1", _BOOL, "python", "measurement",
            "0 launches one heuristic Triton configuration per kernel instead of autotuning (read at import)"),
@@ -80,12 +80,12 @@ TABLE: tuple[Switch, ...] = (
            "forces one launch path of the CUDA rectified-CFG combine"),
     Switch("DARE_KERNELS_BENCH_FLOORS", "measured", ("measured", "tiny"), "bench", "measurement",
            "tiny: placeholder floors for tests of the report plumbing (numbers meaningless)"),
-    Switch("DARE_KERNELS_BENCH_CSV_DIR", "bench/results", "path", "bench", "measurement",
-           "where benchmark runs append their CSV rows"),
+    Switch("DARE_KERNELS_BENCH_CSV_DIR", "bench/results/local", "path", "bench", "measurement",
+           "where benchmark runs append their CSV rows (untracked; the committed bench/results/ with --publish)"),
     Switch("DARE_KERNELS_BENCH_RUN_ID", "<timestamp>", "str", "bench", "measurement",
            "run id written with every CSV row"),
     Switch("DARE_KERNELS_BENCH_BUDGET_S", "0", "float", "bench", "measurement",
-           "time budget of a benchmark run in seconds (0 = none)"),
+           "time budget of a benchmark run in seconds (0 = the command's default: 200 quick on CPU, none full)"),
 )
 
 # variables named by their owners that change what dare_kernels does (printed by ``info``, never renamed)

@@ -18,6 +18,14 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
 
 import torch  # noqa: E402
 
+try:  # an offline machine set up without the test extras: @given tests skip with the reason, the rest run
+    import hypothesis  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _hypothesis_stub
+
+    _hypothesis_stub.install()
+
 # absolute / relative tolerance of a backend's output against the float64 reference, per input dtype
 TOL = {
     torch.float64: (1e-10, 1e-10),

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dare_kernels.benchmarking import report, results
+from dare_kernels.benchmarking import budget as budget_mod
+from dare_kernels.benchmarking import report, results, settings
+from dare_kernels.benchmarking.progress import eta_s
 from dare_kernels.benchmarking.timing import make_input_sets, quantiles, rotating
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +134,9 @@ def test_plots_and_report_files(tmp_path):
     # no dare rows: the table still renders, the speed-up plot is left out instead of drawn empty
     peers_only = [r for r in results.read_rows(path) if not r["provider"].startswith("dare")]
     assert report.plot_speedups(peers_only, out / "none.png") is None
-    assert "no dare row" in report.render_markdown(peers_only)
+    md = report.render_markdown(peers_only)
+    assert "no dare row" not in md and "| sdpa_bias |" not in md  # peers-only cases: one line, not a table
+    assert "2 case(s) timed without a dare row" in md
 
 
 def test_report_cli(tmp_path, capsys):
@@ -171,7 +175,8 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     res = tmp_path / "results"
     # a clean child pytest: not an xdist worker (pytest-benchmark disables itself under xdist)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
-    env["DARE_BENCH_FLOORS"] = "tiny"
+    env["DARE_KERNELS_BENCH_FLOORS"] = "tiny"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's dare_kernels
     proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            "--bench-quick", "--bench-csv-dir", str(res), "--bench-run-id", "RUN1",
                            f"--rootdir={tmp_path}"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
@@ -206,3 +211,138 @@ def test_bench_conftest_writes_rows_and_skips(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run2 = [r for r in results.read_rows(csvs[0]) if r["run_id"] == "RUN2" and r["kernel"] == "toy"]
     assert len(run2) == 4 and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in run2)
+
+
+def _floor(run, provider, dtype, p80, unit="GFLOP/s"):
+    return dict(ENV, run_id=run, kernel="floor", provider=provider, mode="floor", metric="throughput", unit=unit,
+                dtype=dtype, status="ok", p50=p80, p20=p80, p80=p80)
+
+
+def test_no_percent_of_an_emulated_bf16_floor_and_cache_resident_bandwidth_says_so():
+    # an AVX2-only CPU: bf16 matmul 0.8 GFLOP/s against 70 in fp32 (emulated bf16)
+    rows = [_floor("r", "matmul", "float32", 70.0), _floor("r", "matmul", "bfloat16", 0.8),
+            _floor("r", "copy", "float32", 10.0, "GB/s"),
+            _row("r", "dare_cpu", 0.01, dtype="bfloat16", flops=1e9, bytes=1e6),
+            _row("r", "eager_maps", 0.5, dtype="bfloat16", flops=1e9, bytes=1e6),
+            _row("r", "dare_cpu", 0.001, kernel="rectified_cfg", mode="cfg", shape="s", bytes=3e7),  # 30 GB/s
+            _row("r", "copy", 0.002, kernel="rectified_cfg", mode="cfg", shape="s", bytes=2e7)]
+    md = report.render_markdown(rows)
+    assert report.native_lowp(report.floors(rows)) is False
+    assert "not native here" in md and "bf16 rows show no % peak" in md
+    dare = next(ln for ln in md.splitlines() if "**dare_cpu**" in ln and "bfloat16" in ln)
+    assert "| 100 | - |" in dare  # 100 GFLOP/s measured, no fraction of the 0.8 GFLOP/s floor
+    cfg = next(ln for ln in md.splitlines() if "**dare_cpu**" in ln and "rectified_cfg" not in ln and "| cfg |" in ln)
+    assert "300% (in cache)" in cfg
+    assert "| 100% |" in next(ln for ln in md.splitlines() if "| copy |" in ln and "| cfg |" in ln)
+    # a native bf16 floor (AVX512-BF16 / AMX): the fraction is shown
+    native = [_floor("r", "matmul", "float32", 70.0), _floor("r", "matmul", "bfloat16", 400.0)] + rows[3:5]
+    assert report.native_lowp(report.floors(native)) is True
+    assert "| 100 | 25% |" in next(ln for ln in report.render_markdown(native).splitlines() if "**dare_cpu**" in ln)
+
+
+def test_bench_switches_one_reader(monkeypatch):
+    for name in settings.NAMES:
+        monkeypatch.delenv(settings.PREFIX + name, raising=False)
+        monkeypatch.delenv(settings._OLD_PREFIX + name, raising=False)
+    assert settings.quick() is False and settings.budget_s() is None
+    monkeypatch.setenv("DARE_KERNELS_BENCH_QUICK", "1")
+    monkeypatch.setenv("DARE_KERNELS_BENCH_BUDGET_S", "120")
+    assert settings.quick() is True and settings.budget_s() == 120.0
+    monkeypatch.setenv("DARE_KERNELS_BENCH_QUICK", "no")
+    assert settings.quick() is False
+    monkeypatch.delenv("DARE_KERNELS_BENCH_QUICK")
+    monkeypatch.setenv("DARE_BENCH_QUICK", "1")  # the old name still works, with a warning
+    settings._warned.discard("QUICK")
+    with pytest.warns(DeprecationWarning, match="DARE_KERNELS_BENCH_QUICK"):
+        assert settings.quick() is True
+    monkeypatch.setenv("DARE_KERNELS_BENCH_BUDGET_S", "soon")
+    with pytest.raises(ValueError, match="BUDGET_S"):
+        settings.budget_s()
+    with pytest.raises(ValueError, match="unknown bench switch"):
+        settings.bench_switch("QUIK")
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_budget_shares_rounds_and_reasons():
+    clock = _Clock()
+    b = budget_mod.Budget(120.0, files={"a.py": 10, "b.py": 10}, clock=clock)
+    assert b.admit("a.py", "k") is None          # file a: 60 s for 10 cases: 6 s fair, 18 s a case
+    assert b.allowance == pytest.approx(18.0)
+    assert b.plan(0.5, 10, 0.0, "one call takes") == (10, None)   # 10 rounds fit
+    assert b.plan(2.0, 15, 0.0, "one call takes") == (9, None)    # cut to what fits in 18 s
+    rounds, why = b.plan(7.0, 15, 0.0, "one call takes")          # 3 rounds = 21 s > 18 s
+    assert rounds is None and "one call takes 7.0 s here: 3 rounds would take 21.0 s" in why
+    b.record_overhead("compile", 30.0)
+    clock.t = 10.0
+    why = b.admit("a.py", "compile")
+    assert why and "set-up of the previous case of this kind" in why and "30.0 s" in why
+    clock.t = 61.0                               # file a's share is spent: the rest of a is skipped ...
+    assert "share" in b.admit("a.py", "k")
+    assert b.admit("b.py", "k") is None          # ... and b starts with what is left (59 s)
+    assert b.file_left() == pytest.approx(59.0)
+    clock.t = 121.0
+    assert "time budget of 120 s" in b.admit("b.py", "k")
+    # a compiling kind never measured: its torch.compile prior decides when the allowance is small
+    b2 = budget_mod.Budget(20.0, files={"c.py": 10}, clock=_Clock())
+    assert "torch.compile takes about 30.0 s" in b2.admit("c.py", "t.py::test[diffusers_guider_compiled]")
+    assert b2.admit("c.py", "t.py::test[diffusers_guider]") is None
+    assert budget_mod.matmul_dtype("eager_maps", "bfloat16") == "bfloat16"
+    assert budget_mod.matmul_dtype("eager_maps_fp32", "bfloat16") == "float32"
+    assert budget_mod.matmul_dtype("sdpa_bias", "bfloat16") is None
+
+
+def test_progress_eta():
+    assert eta_s(0, 10, 5.0) is None
+    assert eta_s(2, 10, 10.0) == pytest.approx(40.0)
+    assert eta_s(2, 10, 10.0, budget_left=15.0) == pytest.approx(15.0)
+    assert eta_s(10, 10, 10.0) == 0.0
+
+
+def test_budgeted_run_skips_what_would_not_fit(tmp_path):
+    """A budgeted pytest-benchmark session through bench/conftest.py: a fast case runs, a slow one is skipped
+    after one probe call, an eager bf16 case with a huge FLOP count is skipped before any call."""
+    pytest.importorskip("pytest_benchmark")
+    d = tmp_path / "bench"
+    d.mkdir()
+    shutil.copy(REPO / "bench" / "conftest.py", d / "conftest.py")
+    calls = tmp_path / "calls.txt"
+    (d / "test_bench_budget_cpu.py").write_text(
+        "import time\n"
+        f"CALLS = {str(calls)!r}\n"
+        "def _note(name):\n"
+        "    with open(CALLS, 'a') as f:\n"
+        "        f.write(name + '\\n')\n"
+        "def test_fast(benchmark):\n"
+        "    benchmark.extra_info.update(kernel='toy', provider='dare_cpu', mode='fwd', shape='s', dtype='float32')\n"
+        "    benchmark.pedantic(lambda: _note('fast'), rounds=5)\n"
+        "def test_slow(benchmark):\n"
+        "    benchmark.extra_info.update(kernel='toy', provider='slow_peer', mode='fwd', shape='s', dtype='float32')\n"
+        "    benchmark.pedantic(lambda: (_note('slow'), time.sleep(1.5)), rounds=5)\n"
+        "def test_eager_bf16(benchmark):\n"
+        "    benchmark.extra_info.update(kernel='toy', provider='eager_maps', mode='fwd', shape='s',\n"
+        "                                dtype='bfloat16', flops=1e16)\n"
+        "    benchmark.pedantic(lambda: _note('eager'), rounds=5)\n"
+    )
+    res = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT", "DARE_"))}
+    env["DARE_KERNELS_BENCH_FLOORS"] = "tiny"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's dare_kernels
+    # 3 s of cases: a case may take MIN_CASE_S (3 s) at most, and 3 rounds of 1.5 s do not fit
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(d), "--benchmark-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", "--bench-csv-dir", str(res), "--bench-run-id", "B1",
+                           "--bench-budget-s", "3", f"--rootdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["provider"]: r for r in results.read_rows(next(res.glob("cpu-*.csv"))) if r["kernel"] == "toy"}
+    assert rows["dare_cpu"]["status"] == "ok" and rows["dare_cpu"]["rounds"] == 5
+    assert rows["slow_peer"]["status"] == "skipped" and "one call takes 1.5" in rows["slow_peer"]["reason"]
+    assert rows["eager_maps"]["status"] == "skipped" and "bfloat16 matmul rate" in rows["eager_maps"]["reason"]
+    seen = calls.read_text().split()
+    assert seen.count("slow") == 1 and "eager" not in seen  # one probe call; the eager case never ran

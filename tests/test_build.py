@@ -18,9 +18,11 @@ def test_info_lists_every_backend():
         assert isinstance(ok, bool) and why
 
 
-@pytest.mark.skipif(os.environ.get("DARE_KERNELS_REQUIRE_EXT", "1") != "1", reason="extension not required")
+@pytest.mark.skipif(os.environ.get("DARE_KERNELS_BUILD_EXT", "1") == "0" or os.environ.get("DARE_KERNELS_REQUIRE_EXT") == "0",
+                    reason="a pure-Python install was asked for (DARE_KERNELS_BUILD_EXT=0)")
 def test_extension_is_loaded():
-    # tools/setup_env.sh builds with DARE_KERNELS_REQUIRE_EXT=1: a missing extension here is a build defect
+    # set-up (tools/setup_env.sh, pip install --no-build-isolation) fails when the extension does not build:
+    # a missing extension here is a build defect
     assert _ext.EXT is not None, _ext.EXT_ERROR
     assert "cpu_vec" in _ext.build_info()
 

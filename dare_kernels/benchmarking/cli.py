@@ -1,4 +1,9 @@
-"""``dare-kernels bench`` (run the suite, then the table) and ``dare-kernels report`` (table + plots from CSVs)."""
+"""``dare-kernels bench`` (run the suite, then the table) and ``dare-kernels report`` (table + plots from CSVs).
+
+``dare-kernels bench`` is the quick, time-budgeted run (``make bench``: a few minutes on a 2-core CPU);
+``--full`` is the exhaustive suite (``make bench-full``). Results go to the untracked bench/results/local/
+unless ``--publish`` (the committed bench/results/) or ``--out`` says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from .settings import bench_switch, budget_s, is_on
+
+QUICK_BUDGET_S = {"cpu": 200.0, "cuda": 300.0, "all": 300.0}  # seconds of cases in the default (quick) run
+FULL_BUDGET_S = {"cpu": 0.0, "cuda": 480.0, "all": 0.0}       # --full: none on CPU; one device call on CUDA
 
 
 def find_bench_dir(explicit: str | None = None) -> Path:
@@ -28,12 +38,28 @@ def _bench_files(bench_dir: Path, device: str) -> list[str]:
     return files
 
 
+def results_dirs(bench_dir: Path, out: str | None, csv_dir: str | None, publish: bool) -> tuple[Path, Path]:
+    """(report folder, CSV folder): --out / --csv-dir, else bench/results with --publish, else the untracked
+    bench/results/local (DARE_KERNELS_BENCH_CSV_DIR moves the CSVs)."""
+    default = bench_dir / "results" if publish else bench_dir / "results" / "local"
+    out_dir = Path(out) if out else default
+    return out_dir, Path(csv_dir or bench_switch("CSV_DIR") or out_dir)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import report
     from .results import device_slug, new_run_id
 
-    if os.environ.get("DARE_BENCH_QUICK", "0") not in ("", "0", "false", "no"):
-        args.quick = True  # `DARE_BENCH_QUICK=1 make bench`
+    import importlib.util
+
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        print("dare-kernels bench: pytest-benchmark is not installed here (pip install -e '.[bench]', or make bench)",
+              file=sys.stderr)
+        return 2
+    env_quick = bench_switch("QUICK")
+    if args.full and args.quick:
+        raise SystemExit("dare-kernels bench: --quick and --full exclude each other")
+    quick = not args.full and (args.quick or env_quick is None or is_on(env_quick))
     device = args.device
     if device == "auto":
         import torch
@@ -44,26 +70,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not files:
         print(f"no bench files for --device {device} under {bench_dir}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out or (bench_dir / "results"))
-    csv_dir = Path(args.csv_dir or out_dir)
+    out_dir, csv_dir = results_dirs(bench_dir, args.out, args.csv_dir, args.publish)
     run_id = new_run_id()
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", "-p", "no:cacheprovider",
            "-p", "dare_kernels.benchmarking.progress", "-q", "--no-header", "-rN",
            f"--rootdir={bench_dir.parent}", "--bench-run-id", run_id, "--bench-csv-dir", str(csv_dir),
-           "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
-    if args.quick:
+           "--benchmark-quiet"]  # the comparison table below replaces pytest-benchmark's own tables
+    if quick:
         cmd.append("--bench-quick")
-    budget = args.budget_s if args.budget_s is not None else (480.0 if device == "cuda" else 0.0)
+    budget = args.budget_s if args.budget_s is not None else budget_s()
+    if budget is None:
+        budget = (QUICK_BUDGET_S if quick else FULL_BUDGET_S)[device]
     if budget > 0:
         cmd += ["--bench-budget-s", str(budget)]
     if args.filter:
         cmd += ["-k", args.filter]
     cmd += args.pytest_args or []
     env = dict(os.environ)
-    if args.quick:
-        env["DARE_BENCH_QUICK"] = "1"
-    print(f"dare-kernels bench: {len(files)} file(s), device {device}, run {run_id}"
-          f"{' (quick)' if args.quick else ''}", flush=True)
+    env["DARE_KERNELS_BENCH_QUICK"] = "1" if quick else "0"
+    env.pop("DARE_BENCH_QUICK", None)
+    what = f"quick, {budget:.0f} s budget" if quick else ("full" + (f", {budget:.0f} s budget" if budget > 0 else ""))
+    print(f"dare-kernels bench: {len(files)} file(s), device {device}, run {run_id} ({what}); "
+          f"results -> {csv_dir}", flush=True)
     rc = subprocess.call(cmd, cwd=str(bench_dir.parent), env=env)
     if rc not in (0, 1):  # 1: some benchmark failed (recorded as error rows); still report
         print(f"pytest exited with {rc}", file=sys.stderr)
@@ -85,7 +113,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import report
 
-    csvs = args.csv or sorted(glob.glob(str(find_bench_dir(args.bench_dir) / "results" / "*.csv")))
+    results = find_bench_dir(args.bench_dir) / "results"
+    csvs = args.csv or sorted(glob.glob(str(results / "local" / "*.csv"))) or sorted(glob.glob(str(results / "*.csv")))
     if not csvs:
         print("no result CSVs (run `dare-kernels bench` first, or pass --csv)", file=sys.stderr)
         return 1
@@ -102,15 +131,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     """Register ``bench`` and ``report``."""
     p = subparsers.add_parser("bench", help="run the benchmark suite (pytest bench/ --benchmark-only), then the table")
-    p.add_argument("--quick", action="store_true", help="≈2-minute subset: small CPU shapes, few rounds")
+    p.add_argument("--quick", action="store_true",
+                   help="the default: small CPU shapes and a time budget (200 s of cases on CPU); a case that "
+                        "would not fit is skipped with the measured reason")
+    p.add_argument("--full", action="store_true", help="the exhaustive suite (make bench-full): every shape, no budget on CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "all"), default="auto",
                    help="which bench files: *_cpu.py, *_gpu.py or both (auto: cuda if available, else cpu)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="start no benchmark after this many seconds; later ones are recorded as skipped "
-                        "(default 480 for --device cuda, so the run and its report fit one 10-minute device call; "
-                        "0 = no limit)")
+                   help="seconds of cases: shared out per bench file; cases that would not fit are skip rows "
+                        "with the reason (default: 200 quick on CPU, 300 quick on CUDA, none --full on CPU, 480 "
+                        "--full on CUDA so the run fits one 10-minute device call; 0 = no limit)")
     p.add_argument("--filter", "-k", default=None, help="pytest -k expression (e.g. 'sra and not bf16')")
-    p.add_argument("--out", default=None, help="folder of the report and plots (default bench/results)")
+    p.add_argument("--out", default=None, help="folder of the report and plots (default bench/results/local, untracked)")
+    p.add_argument("--publish", action="store_true",
+                   help="write rows and report into the committed bench/results/ (default: bench/results/local/)")
     p.add_argument("--csv-dir", default=None, help="folder of the result CSVs (default: --out)")
     p.add_argument("--bench-dir", default=None, help="the bench/ folder (default: ./bench)")
     p.add_argument("--no-plots", action="store_true", help="Markdown table only")
@@ -118,7 +152,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_cmd_bench)
 
     r = subparsers.add_parser("report", help="Markdown table and PNG plots from bench/results/*.csv")
-    r.add_argument("--csv", action="append", default=None, help="result CSV (repeatable; default bench/results/*.csv)")
+    r.add_argument("--csv", action="append", default=None,
+                   help="result CSV (repeatable; default bench/results/local/*.csv, else bench/results/*.csv)")
     r.add_argument("--out", default=None, help="output folder (default: the first CSV's folder)")
     r.add_argument("--run", default="latest", help="'latest' run per device (default), 'all', or a run id")
     r.add_argument("--bench-dir", default=None, help=argparse.SUPPRESS)

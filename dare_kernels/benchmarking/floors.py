@@ -9,19 +9,35 @@ compares like with like on the same machine under the same load.
 
 from __future__ import annotations
 
-import os
+import time
 
 import torch
 
+from .settings import bench_switch
 from .timing import cpu_time, cuda_time, quantiles
+
+CALL_S = 0.25  # a CPU matmul floor call is sized to about this long (a bf16 matmul without native support is slow)
 
 
 def _sizes(device_type: str, quick: bool) -> dict[str, int]:
-    if os.environ.get("DARE_BENCH_FLOORS") == "tiny":  # tests of the plumbing only: numbers meaningless
+    if bench_switch("FLOORS") == "tiny":  # tests of the plumbing only: numbers meaningless
         return {"matmul_n": 256, "copy_numel": 1024 * 1024}
     if device_type == "cuda":
         return {"matmul_n": 8192, "copy_numel": 256 * 1024 * 1024}  # 1 GiB fp32
-    return {"matmul_n": 1024 if quick else 2048, "copy_numel": (16 if quick else 64) * 1024 * 1024}
+    # the copy streams 2 x 256 MiB: larger than any CPU cache, so it is a memory bandwidth, not a cache one
+    return {"matmul_n": 1024 if quick else 2048, "copy_numel": 64 * 1024 * 1024}
+
+
+def _cpu_matmul_n(dtype: torch.dtype, n_max: int) -> int:
+    """Largest n <= n_max (multiple of 128, >= 256) whose n x n matmul takes about CALL_S here, from one
+    timed n=256 call: a non-native bf16 matmul (about 1 GFLOP/s on AVX2-only CPUs) would take seconds at 2048."""
+    a = torch.randn(256, 256).to(dtype)
+    torch.mm(a, a)
+    t0 = time.perf_counter()
+    torch.mm(a, a)
+    rate = 2 * 256 ** 3 / max(time.perf_counter() - t0, 1e-9)
+    n = int((CALL_S * rate / 2) ** (1 / 3)) // 128 * 128
+    return max(256, min(n_max, n))
 
 
 def measure_floors(device_type: str = "cpu", quick: bool = False) -> list[dict]:
@@ -39,8 +55,10 @@ def measure_floors(device_type: str = "cpu", quick: bool = False) -> list[dict]:
             return cuda_time(fn, warmup=3, rounds=20, max_time=2.0, flush_l2=False)
         return cpu_time(fn, warmup=1, rounds=7 if not quick else 3, max_time=3.0)
 
-    n = sizes["matmul_n"]
     for dtype in (torch.float32, torch.bfloat16):
+        n = sizes["matmul_n"]
+        if device_type == "cpu" and n > 256:
+            n = _cpu_matmul_n(dtype, n)
         g = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
         b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)

@@ -1,6 +1,8 @@
-"""pytest plugin used by ``dare-kernels bench``: one progress line per benchmark instead of dots.
+"""pytest plugin used by ``dare-kernels bench``: one progress line per benchmark instead of dots, with the
+time spent and an ETA (the mean time of the cases done so far times the cases left; in a budgeted run at
+most what is left of the budget):
 
-    [ 12/48  25%  1m02s] sra_attention fwd+map wan-1.3b float32 eager_maps ........ 81.6 ms
+    [ 12/48  25%  1m02s ETA 4m08s] sra_attention fwd+map wan-1.3b float32 eager_maps ........ 81.6 ms
 """
 
 from __future__ import annotations
@@ -11,6 +13,22 @@ import time
 import pytest
 
 _state = {"total": 0, "done": 0, "start": 0.0}
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def eta_s(done: int, total: int, elapsed: float, budget_left: float | None = None) -> float | None:
+    """Seconds still to go: mean time per finished case x cases left (None before the first), capped by
+    ``budget_left`` (a budgeted run skips what would not fit)."""
+    if done <= 0:
+        return None
+    eta = elapsed / done * max(0, total - done)
+    if budget_left is not None:
+        eta = min(eta, max(0.0, budget_left))
+    return eta
 
 
 def _fmt(seconds: float) -> str:
@@ -53,7 +71,9 @@ def pytest_runtest_makereport(item, call):
         return
     done, total = _state["done"], max(1, _state["total"])
     el = time.perf_counter() - _state["start"]
-    head = f"[{done:>3}/{total} {100 * done // total:>3}% {int(el // 60)}m{int(el % 60):02d}s]"
+    budget = getattr(getattr(item.config, "_dare_recorder", None), "budget", None)
+    eta = eta_s(done, total, el, budget.left() if budget is not None else None)
+    head = f"[{done:>3}/{total} {100 * done // total:>3}% {_clock(el)}{' ETA ' + _clock(eta) if eta is not None else ''}]"
     what = _describe(item)
     if report.skipped:
         why = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)

@@ -5,6 +5,10 @@ throughput as a fraction of the device's physical floors measured in the same ru
 matmul peak of the dtype, bytes over the copy bandwidth), and the speed-up of the fastest dare_*
 provider over every peer (peer time / dare time: > 1 means dare is faster). Skipped and failed
 providers are listed with their reasons.
+
+A fraction is shown only where its floor means something: no "% peak" of a bf16 / fp16 matmul floor
+that is not native here (below half the fp32 one: the CPU emulates it), and a "% BW" over 100 % says
+that the data were cache-resident (the copy floor streams 2 x 256 MiB through memory).
 """
 
 from __future__ import annotations
@@ -72,9 +76,23 @@ def floors(rows: list[dict]) -> dict[str, float]:
     return vals
 
 
+NATIVE_LOWP = 0.5  # a bf16 matmul floor below this fraction of the fp32 one is emulated, not a peak
+
+
+def native_lowp(fl: dict[str, float]) -> bool | None:
+    """Whether the measured bf16 matmul floor is a native one (None: not both floors measured)."""
+    bf, f32 = fl.get("matmul/bfloat16"), fl.get("matmul/float32")
+    if not bf or not f32:
+        return None
+    return bf >= NATIVE_LOWP * f32
+
+
 def matmul_peak_for(fl: dict[str, float], dtype: str) -> float | None:
-    """GFLOP/s peak matching ``dtype`` (fp16 uses the bf16 peak; float64 the float32 one)."""
+    """GFLOP/s peak matching ``dtype`` (fp16 uses the bf16 peak; float64 the float32 one); None for bf16 /
+    fp16 where the bf16 floor is not native (a fraction of an emulated rate says nothing)."""
     if dtype in ("bfloat16", "float16"):
+        if native_lowp(fl) is False:
+            return None
         return fl.get("matmul/bfloat16") or fl.get("matmul/float32")
     return fl.get("matmul/float32")
 
@@ -128,6 +146,11 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.1f}%"
 
 
+def _pct_bw(x: float | None) -> str:
+    """% of the copy bandwidth; above 100 % the data were in cache, and the cell says so."""
+    return f"{_pct(x)} (in cache)" if x is not None and x > 1.0 else _pct(x)
+
+
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
@@ -145,13 +168,21 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
               "- times are medians (p50) per call, p20–p80 in brackets; speed-up = peer time / fastest dare_* time "
               "(> 1: dare is faster); % peak = achieved FLOP/s over the measured matmul peak of the dtype; "
               "% BW = achieved bytes/s over the measured copy bandwidth (floors: p80 of the throughput, "
-              "best of the measurements at the start and end of the run, same device).", ""]
+              "best of the measurements at the start and end of the run, same device); % BW over 100% = "
+              "the data were cache-resident.", ""]
+    native = native_lowp(fl)
     if fl:
         lines += ["## Physical floors (same device, same run)", "", "| floor | value |", "| --- | --- |"]
         for k in sorted(fl):
-            lines.append(f"| {k} | {fl[k]:.1f} {'GB/s' if k == 'copy' else 'GFLOP/s'} |")
+            note = " (not native here: no % peak of it is shown)" if k == "matmul/bfloat16" and native is False else ""
+            lines.append(f"| {k} | {fl[k]:.1f} {'GB/s' if k == 'copy' else 'GFLOP/s'}{note} |")
         lines.append("")
+    if native is False:
+        lines += [f"- bf16 matmul here: {fl['matmul/bfloat16']:.3g} GFLOP/s against {fl['matmul/float32']:.3g} in fp32 "
+                  "(emulated, no native bf16 products): bf16 rows show no % peak.", ""]
     comps = comparisons(rows)
+    peers_only = [c for c in comps if not c["best_dare"]]
+    comps = [c for c in comps if c["best_dare"]]
     by_kernel: dict[str, list[dict]] = defaultdict(list)
     for c in comps:
         by_kernel[c["key"][0]].append(c)
@@ -168,13 +199,17 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
                 if is_dare(prov):
                     sp = "**best dare**" if prov == c["best_dare"] else f"{c['times'][c['best_dare']] / c['times'][prov]:.2f}× of best"
                 else:
-                    sp = f"{c['speedup'][prov]:.2f}×" if prov in c["speedup"] else "no dare row"
+                    sp = f"{c['speedup'][prov]:.2f}×"
                 spread = f"{fmt_time(c['times'][prov])} [{fmt_time(p20)}–{fmt_time(p80)}]"
                 name = f"**{prov}**" if is_dare(prov) else prov
                 mem = f"{row['peak_mem_bytes'] / 2**20:.3g} MiB" if row.get("peak_mem_bytes") else "-"
                 lines.append(f"| {mode} | {shape} | {dtype} | {name} | {spread} | {_num(gf)} | {_pct(fpk)} | "
-                             f"{_num(gb)} | {_pct(fbw)} | {mem} | {sp} |")
+                             f"{_num(gb)} | {_pct_bw(fbw)} | {mem} | {sp} |")
         lines.append("")
+    if peers_only:
+        n_rows = sum(len(c["times"]) for c in peers_only)
+        lines += [f"_{len(peers_only)} case(s) timed without a dare row to compare with ({n_rows} peer rows, e.g. "
+                  f"{' '.join(str(x) for x in peers_only[0]['key'])}) are left out of these tables; the CSV has them._", ""]
     not_run = [r for r in rows if r.get("status") in ("skipped", "error")]
     if not_run:
         agg: dict[tuple, int] = defaultdict(int)
@@ -185,7 +220,7 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
         for (st, kern, prov, why), n in sorted(agg.items()):
             lines.append(f"| {st} | {kern} | {prov} | {why.replace('|', '/')} | {n} |")
         lines.append("")
-    if not comps:
+    if not comps and not peers_only:
         lines += ["_No timing rows in this selection._", ""]
     return "\n".join(lines)
 
@@ -305,14 +340,16 @@ def plot_floor_fractions(rows: list[dict], path: str | Path, title: str = "") ->
                              squeeze=False, gridspec_kw={"height_ratios": sizes})
     for ax, k in zip(axes[:, 0], kernels):
         sel = by_kernel[k]
-        ax.barh(range(len(sel)), [x[2] for x in sel], color=[color[x[1]] for x in sel])
+        clip = 2.0  # above 2x the floor (cache-resident data) a bar is clipped, so the others stay readable
+        ax.barh(range(len(sel)), [min(x[2], clip) for x in sel], color=[color[x[1]] for x in sel])
         for y, x in enumerate(sel):
-            ax.text(x[2], y, f" {_pct_label(x[2])} ({x[3]})", va="center", fontsize=7)
+            extra = ", in cache" if x[3] == "memory" and x[2] > 1 else ""
+            ax.text(min(x[2], clip), y, f" {_pct_label(x[2])} ({x[3]}{extra})", va="center", fontsize=7)
         ax.set_yticks(range(len(sel)))
         ax.set_yticklabels([x[0] for x in sel], fontsize=7)
         ax.set_ylim(len(sel) - 0.4, -0.6)
         ax.axvline(1.0, color="black", lw=1)
-        ax.set_xlim(0, max(1.05, max(x[2] for x in sel) * 1.25))
+        ax.set_xlim(0, max(1.05, min(clip, max(x[2] for x in sel)) * 1.3))
         ax.set_title(k, fontsize=10)
         ax.set_xlabel("fraction of the physical floor: max(FLOPs / matmul peak, bytes / copy bandwidth) / time")
         ax.grid(axis="x", alpha=0.3)

@@ -163,7 +163,7 @@ def reload() -> None:
     """
     _cache.clear()
     ext = _loaded_extension()
-    if ext is not None and hasattr(ext, "reload_cpu_switches"):
+    if ext is not None:
         ext.reload_cpu_switches()
 
 
@@ -182,7 +182,7 @@ def resolved() -> dict[str, dict[str, str]]:
     """
     ext = _loaded_extension()
     cpp = {}
-    if ext is not None and hasattr(ext, "cpu_switches"):
+    if ext is not None:
         cpp = {str(k): str(v) for k, v in dict(ext.cpu_switches()).items()}
     out = {}
     for s in TABLE:

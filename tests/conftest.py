@@ -100,13 +100,12 @@ def pytest_report_header(config):
 
 
 def reload_cpu_switches() -> None:
-    """Make the C++ kernels re-read their environment switches: they parse them once into a cached table
-    (csrc/include/switches.h), so a test that changes os.environ at run time calls this afterwards."""
-    from dare_kernels import _ext
+    """Make the kernels re-read their environment switches: Python and C++ parse them once into cached
+    tables (dare_kernels/switches.py, csrc/include/switches.h), so a test that changes os.environ at run
+    time calls this afterwards."""
+    from dare_kernels import switches
 
-    reload = getattr(_ext.EXT, "reload_cpu_switches", None)
-    if reload is not None:
-        reload()
+    switches.reload()
 
 
 class SwitchAwareMonkeyPatch(pytest.MonkeyPatch):

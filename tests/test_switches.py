@@ -29,11 +29,8 @@ _READ_PATTERNS = [
 # C++ string literals naming one of our variables (tables of switches, error messages)
 _CPP_LITERAL = re.compile(r'"(DARE_KERNELS_[A-Z0-9_]+)')
 
-# Reads under an old name, waiting for their rename in files being reworked elsewhere (C++ switches moving
-# into one file; the benchmark harness). Allowed, not required: remove each entry once nothing reads it.
+# Old names the benchmark harness still accepts, with a deprecation warning (bench_switch).
 PENDING_RENAME = {
-    "DARE_SRA_CUDA_PATH": "DARE_KERNELS_CUDA_SRA_PATH",
-    "DARE_KERNELS_CFG_CUDA_PATH": "DARE_KERNELS_CUDA_CFG_PATH",
     "DARE_BENCH_QUICK": "DARE_KERNELS_BENCH_QUICK",
     "DARE_BENCH_FLOORS": "DARE_KERNELS_BENCH_FLOORS",
     "DARE_BENCH_CSV_DIR": "DARE_KERNELS_BENCH_CSV_DIR",

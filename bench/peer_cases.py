@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-import peers
+from dare_kernels.benchmarking import peers
 from harness import (attn_bytes, attn_flops, bench_cpu, bench_cuda, dims, make_input_sets, peak_memory,
                      quick, rotating, set_info)
 

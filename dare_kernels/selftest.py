@@ -34,7 +34,7 @@ import torch
 
 from .benchmarking import peers
 from .benchmarking.capabilities import unsupported_reason
-from .benchmarking.shapes import ATTN_SHAPES, SELFTEST_SHAPES, TINY_SHAPES
+from .benchmarking.shapes import ATTN_SHAPES, SELFTEST_SHAPES, TINY_SHAPES, AttnShape
 from .benchmarking.tolerances import compare
 
 # device memory bandwidth (GB/s) for the bytes-over-bandwidth floor of memory-bound shapes
@@ -45,19 +45,14 @@ _BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 # inputs and the chunked float64 reference
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Case:
-    name: str
-    B: int
-    H: int
-    N: int
-    M: int
-    D: int
+@dataclass(frozen=True)
+class Case(AttnShape):
+    """A model or small shape (name, B, H, N, M, D, map_keys) and how the check runs it."""
+
     Dv: int | None = None
     dtype: torch.dtype = torch.bfloat16
     w_shape: str | None = "bm"
     mask: bool = True
-    map_keys: tuple[int, int] | None = None
     want_map: bool = True
     layout: str = "bhnd"
     strength: float = 1.0
@@ -256,7 +251,8 @@ def small_cases(device: str) -> list[Case]:
 
 def model_cases(device: str) -> list[Case]:
     shapes = list(TINY_SHAPES.values()) if device == "cpu" else [ATTN_SHAPES[n] for n in SELFTEST_SHAPES]
-    return [Case(s.name, s.B, s.H, s.N, s.M, s.D, map_keys=s.map_keys, joint=s.joint, layout="bnhd")
+    return [Case(s.name, s.B, s.H, s.N, s.M, s.D, map_keys=s.map_keys, joint=s.map_keys is not None,
+                 layout="bnhd")
             for s in shapes]
 
 

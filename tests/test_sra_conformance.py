@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from dare_kernels import sra_attention  # noqa: E402
 from dare_kernels.benchmarking.capabilities import unsupported_reason  # noqa: E402
-from dare_kernels.benchmarking.shapes import TEST_CUT_SHAPES, TINY_SHAPES  # noqa: E402
+from dare_kernels.benchmarking.shapes import TEST_CUT_SHAPES, TINY_SHAPES, AttnShape  # noqa: E402
 from dare_kernels.benchmarking.tolerances import assert_close  # noqa: E402
 from dare_kernels.reference import sra_attention_ref  # noqa: E402
 
@@ -39,18 +39,13 @@ ALL = HALF + (torch.float64,)
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    B: int
-    H: int
-    N: int
-    M: int
-    D: int
+class Case(AttnShape):
+    """A shape (name, B, H, N, M, D, map_keys) and the options one comparison runs it with."""
+
     Dv: int | None = None
     weight: str | None = "bm"        # None, "m", "bm", "bhm", "bm_strided" (non-contiguous [B, M])
     mask: bool = False               # random key padding mask (key 0 always kept)
     layout: str = "contiguous"       # "contiguous", "bnhd" (diffusers' views), "strided", "padded"
-    map_keys: tuple[int, int] | None = None
     want_map: bool = True
     grad_lse: bool = True
     strength: float = 0.8
@@ -86,8 +81,8 @@ CASES = (
                                       big=True)),
     ], layout="bnhd", dtypes=ALL, w_in_dtype=True)
     # key lengths: one block, several blocks, online softmax
-    + _family("keys", [(f"M{m}", dict(M=m)) for m in (1, 13, 40, 77, 226)],
-              B=2, H=2, N=19, D=32, weight="bhm", mask=True, interp_half=True)
+    + _family("keys", [(f"M{m}", dict(M=m, interp_half=m <= 77)) for m in (1, 13, 40, 77, 226)],
+              B=2, H=2, N=19, D=32, weight="bhm", mask=True)
     + _family("keys", [(f"M{m}-N131", dict(M=m)) for m in (512, 1000)],
               B=1, H=2, N=131, D=64, weight="bhm", big=True, gpu_only=True)
     + _family("headdim", [(f"D{d}-Dv{dv}", dict(D=d, Dv=dv)) for d, dv in
@@ -99,8 +94,8 @@ CASES = (
               B=2, H=2, N=18, M=45, D=16, mask=True, map_keys=(4, 40))
     + _family("mapkeys", [("M30-5:17", dict(M=30, map_keys=(5, 17))), ("M90-70:90", dict(M=90, map_keys=(70, 90))),
                           ("M90-0:1", dict(M=90, map_keys=(0, 1))),
-                          ("M129-17:60", dict(N=70, M=129, D=64, map_keys=(17, 60))),
-                          ("M129-64:129", dict(N=70, M=129, D=64, map_keys=(64, 129)))],
+                          ("M129-17:60", dict(N=70, M=129, D=64, map_keys=(17, 60), big=True)),
+                          ("M129-64:129", dict(N=70, M=129, D=64, map_keys=(64, 129), big=True))],
               B=1, H=3, N=36, D=16)
     + _family("options", [
         ("nomap-nolsegrad", dict(B=1, H=2, N=33, M=50, D=16, mask=True, want_map=False, grad_lse=False)),
@@ -112,9 +107,10 @@ CASES = (
         ("noweight-Dv112", dict(B=1, H=2, N=50, M=33, D=48, Dv=112, weight=None, strength=1.0)),
     ])
     # rows with no valid key: a batch fully masked, a (batch, head) with every weight zero
-    + _family("empty", [("M5", dict(N=11, M=5)), ("M20", dict(N=37, M=20)), ("M70", dict(N=37, M=70)),
-                        ("M90-D64", dict(N=65, M=90, D=64)), ("M1100", dict(N=11, M=1100, big=True))],
-              B=2, H=2, D=16, weight="bhm", mask=True, empty=True, interp_half=True)
+    + _family("empty", [("M5", dict(N=11, M=5, interp_half=True)), ("M20", dict(N=37, M=20, interp_half=True)),
+                        ("M70", dict(N=37, M=70)), ("M90-D64", dict(N=65, M=90, D=64, big=True)),
+                        ("M1100", dict(N=11, M=1100, big=True))],
+              B=2, H=2, D=16, weight="bhm", mask=True, empty=True)
     # model shapes: real key side and head dim, query length cut; tiny stand-ins for the interpreter
     + [Case(f"model-{s.name}", s.B, s.H, s.N, s.M, s.D, layout="bnhd", map_keys=s.map_keys,
             dtypes=(torch.bfloat16, torch.float16), big=True, gpu_only=True) for s in TEST_CUT_SHAPES.values()]
@@ -136,8 +132,8 @@ def _skip_reason(backend: str, case: Case, dtype: torch.dtype) -> str | None:
         if case.big:
             return "Triton's interpreter runs the small cases only (this one runs with a GPU)"
         if dtype != torch.float32 and not case.interp_half:
-            return ("Triton's interpreter runs fp16 / bf16 on the keys, empty and model families only "
-                    "(every dtype runs with a GPU)")
+            return ("Triton's interpreter runs fp16 / bf16 on a few small key lengths, empty-row and model cases "
+                    "only (every dtype runs with a GPU)")
     return unsupported_reason("sra_attention", backend, _device(backend), dtype, B=case.B, H=case.H, N=case.N,
                               M=case.M, D=case.D, Dv=case.Dv or case.D)
 

@@ -26,11 +26,6 @@ class AttnShape:
     map_keys: tuple[int, int] | None = None  # key range of the map (joint attention: text columns only)
     note: str = ""
 
-    @property
-    def joint(self) -> bool:
-        """Joint attention: video and text tokens are both keys, the map covers the text keys only."""
-        return self.map_keys is not None
-
     def scaled(self, factor: int) -> "AttnShape":
         """N (and the video part of M for joint attention) divided by ``factor``, at least 64 tokens."""
         if factor == 1:

@@ -18,7 +18,8 @@ spent; compiling and autotuning dominate a cold start, so when a call runs short
 (``--no-bench``, then ``--no-small --no-models``: Triton's on-disk cache keeps the compiled kernels
 between calls on the same machine). Exit status 1 when a correctness check fails, including a backend
 that raises on a case the capability table (``dare_kernels.benchmarking.capabilities``) does not declare
-unsupported. Shapes, peers and tolerances come from the catalog (``dare_kernels.benchmarking.catalog``).
+unsupported. Shapes, peers and tolerances come from the catalog (``dare_kernels.benchmarking``: shapes,
+peers, tolerances, capabilities).
 """
 
 from __future__ import annotations

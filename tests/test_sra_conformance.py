@@ -100,6 +100,7 @@ CASES = (
     + _family("options", [
         ("nomap-nolsegrad", dict(B=1, H=2, N=33, M=50, D=16, mask=True, want_map=False, grad_lse=False)),
         ("nomap-M77-D128", dict(B=2, H=2, N=131, M=77, D=128, mask=True, want_map=False, big=True, gpu_only=True)),
+        ("nomap-M512-D128", dict(B=2, H=2, N=131, M=512, D=128, mask=True, want_map=False, big=True, gpu_only=True)),
         ("nomap-M1000-D128", dict(B=2, H=2, N=131, M=1000, D=128, mask=True, want_map=False, big=True,
                                   gpu_only=True)),
         ("strength0-scale", dict(B=1, H=2, N=16, M=20, D=16, strength=0.0, scale=0.37, zero_w=False)),

@@ -259,11 +259,10 @@ def model_cases(device: str) -> list[Case]:
 
 def available_backends(device: str, log) -> list[str]:
     from . import _ext
-    from .sra import _unavailable
 
     backends = []
     for b in ("triton", "cuda"):
-        why = _unavailable(b, torch.device(device), torch.bfloat16)
+        why = unsupported_reason("sra_attention", b, device, torch.bfloat16)
         if why is None:
             backends.append(b)
         else:

@@ -107,14 +107,15 @@ def test_cli_exits_non_zero_on_a_planted_wrong_map():
     assert "selftest FAILED" in res.stdout
 
 
-def test_capability_table():
+def test_capability_table(monkeypatch):
     assert unsupported_reason("sra_attention", "reference", "cpu", torch.float64, D=1024) is None
     why = unsupported_reason("sra_attention", "cuda", "cpu", torch.bfloat16, D=64)
     assert why is not None and "CUDA" in why
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         assert unsupported_reason("sra_attention", "triton", device, torch.float32, D=64, Dv=64) is None
-        assert "D <= 256" in unsupported_reason("sra_attention", "triton", device, torch.float32, D=512)
         assert unsupported_reason("sra_attention", "triton", device, torch.float64, D=64) is not None
-    with pytest.raises(ValueError, match="no capability table"):
-        unsupported_reason("rectified_cfg", "cpu", "cpu", torch.float32)
+        # the limits the registry does not declare apply after its own
+        monkeypatch.setitem(capabilities.SHAPE_LIMITS, ("sra_attention", "triton"), {"max_H": 4})
+        assert "H <= 4" in unsupported_reason("sra_attention", "triton", device, torch.float32, D=64, H=5)
+        assert unsupported_reason("sra_attention", "triton", device, torch.float32, D=64, H=4) is None

@@ -1,21 +1,22 @@
-"""Declared limits of each backend: what a check may skip as "unsupported" (anything else that raises fails).
+"""What a check may skip as "unsupported" (anything else a backend raises fails): the backend registry's
+declared capabilities, plus the shape limits it does not declare yet.
 
 ``unsupported_reason(op, backend, device, dtype, **shape_info)`` returns why ``backend`` does not take the
-case, or None. It combines the availability rules of the wrapper (``dare_kernels.sra._unavailable``:
-extension built, device, dtype, Triton importable) with the shape limits declared here. A backend that
-raises on a case this says it supports is a failure of the self-check, never a skip.
+case, or None: ``dare_kernels.backends.unsupported_reason`` (extension / CUDA kernels / Triton loaded,
+device, dtype, head dims D and Dv) and then ``SHAPE_LIMITS``. A backend that raises on a case this says it
+supports is a failure of the self-check and of the conformance test, never a skip.
 """
 
 from __future__ import annotations
 
 import torch
 
-# per (op, backend): the largest head dims (D of query/key, Dv of value), batch and heads a backend takes
+from .. import backends
+
+# per (op, backend): limits beyond the registry's head dims, as max_<dim> for a shape_info key <dim>
 SHAPE_LIMITS: dict[tuple[str, str], dict[str, int]] = {
-    # csrc/include/sra_attention_params.h kSraMaxHeadDim; grid dimensions y / z of the launch
-    ("sra_attention", "cuda"): {"max_D": 256, "max_Dv": 256, "max_B": 65535, "max_H": 65535},
-    # the autotuner's configs and the dispatcher's tiles are sized for power-of-two head dims up to 256
-    ("sra_attention", "triton"): {"max_D": 256, "max_Dv": 256},
+    # grid dimensions y / z of the CUDA launch (python/cuda/sra_attention_cuda.cpp checks them)
+    ("sra_attention", "cuda"): {"max_B": 65535, "max_H": 65535},
 }
 
 
@@ -24,14 +25,10 @@ def unsupported_reason(op: str, backend: str, device, dtype: torch.dtype, **shap
 
     shape_info: any of B, H, N, M, D, Dv (ints).
     """
-    if op != "sra_attention":
-        raise ValueError(f"no capability table for op {op!r}")
-    from ..sra import _unavailable
-
-    if backend != "reference":
-        why = _unavailable(backend, torch.device(device), dtype)
-        if why is not None:
-            return why
+    why = backends.unsupported_reason(op, backend, device, dtype, head_dim=shape_info.get("D"),
+                                      head_dim_v=shape_info.get("Dv"))
+    if why is not None:
+        return why
     for name, limit in SHAPE_LIMITS.get((op, backend), {}).items():
         dim = name[len("max_"):]
         value = shape_info.get(dim)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from shapes import LATENT_SHAPES
+from dare_kernels.benchmarking.peers import diffusers_guider
+from dare_kernels.benchmarking.shapes import LATENT_SHAPES
+from dare_kernels.reference import CFG_MODES as MODES
 
-MODES = ("cfg", "cfg_zero_star", "apg")
 RESCALE = 0.7            # guidance_rescale φ of every provider
 SCALE = 5.0              # guidance scale s
 APG_THRESHOLD = 15.0     # diffusers' default adaptive_projected_guidance_rescale (norm threshold τ)
@@ -28,19 +27,9 @@ def latent_inputs(shape_name: str, dtype: torch.dtype, device: str = "cpu", batc
 
 
 def make_guider(mode: str):
-    import diffusers.guiders as G
-
-    if mode == "cfg":
-        guider = G.ClassifierFreeGuidance(guidance_scale=SCALE, guidance_rescale=RESCALE)
-    elif mode == "cfg_zero_star":
-        guider = G.ClassifierFreeZeroStarGuidance(guidance_scale=SCALE, zero_init_steps=0, guidance_rescale=RESCALE)
-    else:
-        guider = G.AdaptiveProjectedGuidance(guidance_scale=SCALE, adaptive_projected_guidance_rescale=APG_THRESHOLD,
-                                             guidance_rescale=RESCALE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        guider.set_state(step=1, num_inference_steps=10, timestep=torch.tensor(500))
-    return guider
+    """The diffusers guider of ``mode`` with this benchmark's parameters (early step, CFG-Zero* not zeroed)."""
+    return diffusers_guider(mode, SCALE, RESCALE, apg_threshold=APG_THRESHOLD, zero_init_steps=0,
+                            step=1, num_inference_steps=10)
 
 
 def guider_fn(mode: str):

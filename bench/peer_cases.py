@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-import peers
-from harness import (attn_bytes, attn_flops, bench_cpu, bench_cuda, dims, make_input_sets, peak_memory,
-                     quick, rotating, set_info)
+from dare_kernels.benchmarking import peers
+from harness import (attn_bytes, attn_flops, attn_shapes, bench_cpu, bench_cuda, dims, make_input_sets,
+                     peak_memory, quick, rotating, set_info)
 
 STRENGTH = 1.0
 N_SETS = 3  # input sets cycled through, so caches do not flatter small problems
@@ -36,6 +36,12 @@ CPU_CASE_BUDGET_S = 4.0     # timed seconds a CPU case aims for (at least 3 roun
 
 def _dt(d) -> str:
     return str(d).replace("torch.", "")
+
+
+def attn_params(device: str, dtypes) -> list:
+    """pytest params (shape, provider, mode, dtype) of every attention peer at ``device``'s model shapes."""
+    return [pytest.param(s, p, m, d, id=f"{s.name}-{p}-{m}-{_dt(d)}")
+            for s in attn_shapes(device) for d in dtypes for p, m in ATTN_CASES]
 
 
 def cpu_rounds(fn, most: int = 7) -> int:
@@ -99,6 +105,7 @@ def _with_backward(fwd):
 
 def run_attn_peer(benchmark, provider, mode, shape, dtype, device):
     """Benchmark one attention peer on one (scaled) model shape; skips with the reason when it can't run."""
+    benchmark.group = f"sra_attention {mode} {shape.name} {_dt(dtype)}"
     bwd = "bwd" in mode
     with_map = "map" in mode
     label = provider

@@ -9,22 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import attn_shapes, quick
-from peer_cases import ATTN_CASES, run_attn_peer
+from peer_cases import attn_params, run_attn_peer
 
 DEVICE = "cuda"
 DTYPES = (torch.bfloat16,)
-ATTN = [(s, p, m, d) for s in attn_shapes(DEVICE) for d in DTYPES for p, m in ATTN_CASES]
 
 
-def _dt(d):
-    return str(d).replace("torch.", "")
-
-
-@pytest.mark.parametrize("shape,provider,mode,dtype", ATTN,
-                         ids=[f"{s.name}-{p}-{m}-{_dt(d)}" for s, p, m, d in ATTN])
+@pytest.mark.parametrize("shape,provider,mode,dtype", attn_params(DEVICE, DTYPES))
 def test_attn_peer(benchmark, shape, provider, mode, dtype):
-    benchmark.group = f"sra_attention {mode} {shape.name} {_dt(dtype)}"
     run_attn_peer(benchmark, provider, mode, shape, dtype, DEVICE)
 
 

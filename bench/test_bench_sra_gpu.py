@@ -14,7 +14,6 @@ Skips without CUDA, with the reason.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -23,6 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from shapes import ATTN_SHAPES  # noqa: E402
+
+from dare_kernels.benchmarking import peers  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU benchmarks)")
 
@@ -49,20 +50,11 @@ def _inputs(shape, seed):
     return q, k, v, w, mask
 
 
-def _bias(w, mask, strength=1.0):
-    valid = mask & (w > 0)
-    b = torch.where(valid, strength * torch.log(torch.where(valid, w, torch.ones_like(w))), float("-inf"))
-    return b
-
-
 def _make_call(provider, mode, shape, q, k, v, w, mask):
     """A zero-argument callable running ``mode`` for ``provider``, or a skip reason string."""
-    import torch.nn.functional as F
-
     B, H, N, M, D = shape.B, shape.H, shape.N, shape.M, shape.D
     want_map = mode == "fwd+map"
-    lo, hi = shape.map_keys or (0, M)
-    bias = _bias(w, mask)
+    bias = peers.sra_bias(w, 1.0, torch.float32, key_padding_mask=mask)  # [B, 1, 1, M]
     fwd = None
 
     if provider in ("dare_triton", "dare_cuda"):
@@ -83,33 +75,23 @@ def _make_call(provider, mode, shape, q, k, v, w, mask):
     elif provider in ("sdpa_flash", "sdpa_bias"):
         if want_map:
             return "SDPA returns no attention map"
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         if provider == "sdpa_flash":
-            def fwd(q_, k_, v_):
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    return F.scaled_dot_product_attention(q_, k_, v_)
+            fwd = peers.sdpa_flash
         else:
-            mask4 = bias.to(DTYPE).view(B, 1, 1, M)
+            mask4 = bias.to(DTYPE)
 
             def fwd(q_, k_, v_):
-                return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask4)
+                return peers.sdpa_with_bias(q_, k_, v_, mask4)
         bwd_args = (q, k, v)
     elif provider == "flex_compiled":
         if want_map:
             return "FlexAttention returns no attention map"
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-        except ImportError as exc:
-            return f"FlexAttention unavailable: {exc}"
-        kb = bias.float()
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + kb[b, kv_idx]
-        flex = torch.compile(flex_attention, dynamic=False)
+        why = peers.unavailable("flex_bias", "cuda")
+        if why:
+            return why
 
         def fwd(q_, k_, v_):
-            return flex(q_, k_, v_, score_mod=score_mod)
+            return peers.flex_with_bias(q_, k_, v_, bias)
         bwd_args = (q, k, v)
     elif provider == "eager_maps":
         need = 3 * 4 * B * H * N * M
@@ -117,31 +99,25 @@ def _make_call(provider, mode, shape, q, k, v, w, mask):
             return f"eager scores would take {need / 2**30:.0f} GiB"
 
         def fwd(q_, k_, v_):
-            s = (q_ @ k_.transpose(-1, -2)).float() * D ** -0.5 + bias.view(B, 1, 1, M)
-            p = torch.softmax(s, -1)
-            return p.to(q_.dtype) @ v_, p[..., lo:hi].mean(1)
+            return peers.eager_with_maps(q_, k_, v_, bias, shape.map_keys, upcast=True)
         if mode == "fwd+map":
             return lambda: fwd(q, k, v)
         bwd_args = (q, k, v)
     elif provider == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            return "flash_attn is not installed"
+        why = peers.unavailable("flash_attn", "cuda", DTYPE)
+        if why:
+            return why
         if want_map:
             return "flash_attn returns no attention map"
-        from flash_attn import flash_attn_func
-
-        def fwd(q_, k_, v_):  # [B, N, H, D] views, no bias (it has none per key)
-            return flash_attn_func(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2))
+        fwd = peers.flash_attn_nobias  # no bias (it has none per key)
         bwd_args = (q, k, v)
     elif provider == "xformers":
-        if importlib.util.find_spec("xformers") is None:
-            return "xformers is not installed"
+        why = peers.unavailable("xformers", "cuda")
+        if why:
+            return why
         if want_map:
             return "xformers returns no attention map"
-        import xformers.ops as xops
-
-        def fwd(q_, k_, v_):
-            return xops.memory_efficient_attention(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2))
+        fwd = peers.xformers_nobias
         bwd_args = (q, k, v)
     else:
         return f"unknown provider {provider}"

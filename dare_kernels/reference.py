@@ -87,6 +87,8 @@ def sra_attention_ref(
 # =============================================================================================
 
 CFG_MODES = ("cfg", "cfg_zero_star", "apg")
+# the integer a kernel receives for each mode (Triton MODE constexpr; the C++ kMode* constants follow it)
+CFG_MODE_ID = {mode: i for i, mode in enumerate(CFG_MODES)}
 
 
 def split_cfg_branches(preds, num_branches=None) -> list:

@@ -16,7 +16,10 @@ returns maps, and dare_kernels' Triton (and CUDA) kernels; medians of CUDA-event
 within one 10-minute GPU session: optional providers are skipped (with the reason) once ``--budget-s`` is
 spent; compiling and autotuning dominate a cold start, so when a call runs short, split it
 (``--no-bench``, then ``--no-small --no-models``: Triton's on-disk cache keeps the compiled kernels
-between calls on the same machine). Exit status 1 when a correctness check fails.
+between calls on the same machine). Exit status 1 when a correctness check fails, including a backend
+that raises on a case the capability table (``dare_kernels.benchmarking.capabilities``) does not declare
+unsupported. Shapes, peers and tolerances come from the catalog (``dare_kernels.benchmarking``: shapes,
+peers, tolerances, capabilities).
 """
 
 from __future__ import annotations
@@ -30,42 +33,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-# (name, B, H, N, M, D, map_keys); map_keys None = all keys. Same rows as bench/shapes.py.
-MODEL_SHAPES = [
-    ("wan-1.3b", 1, 12, 32760, 512, 128, None),
-    ("ltx-video", 1, 32, 6144, 128, 64, None),
-    ("cogvideox-5b", 1, 48, 17550 + 226, 17550 + 226, 64, (17550, 17550 + 226)),
-]
-# tiny stand-ins for --device cpu (interpreter): same structure, small sizes
-CPU_MODEL_SHAPES = [
-    ("wan-tiny", 1, 2, 40, 24, 32, None),
-    ("ltx-tiny", 1, 3, 36, 16, 16, None),
-    ("cogvideox-tiny", 1, 2, 30 + 6, 30 + 6, 16, (30, 36)),
-]
+from .benchmarking import peers
+from .benchmarking.capabilities import unsupported_reason
+from .benchmarking.shapes import ATTN_SHAPES, SELFTEST_SHAPES, TINY_SHAPES, AttnShape
+from .benchmarking.tolerances import compare
+
 # device memory bandwidth (GB/s) for the bytes-over-bandwidth floor of memory-bound shapes
 _BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
-
-TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
-GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 5e-2), torch.float16: (1e-2, 1e-2)}
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs and the chunked float64 reference
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Case:
-    name: str
-    B: int
-    H: int
-    N: int
-    M: int
-    D: int
+@dataclass(frozen=True)
+class Case(AttnShape):
+    """A model or small shape (name, B, H, N, M, D, map_keys) and how the check runs it."""
+
     Dv: int | None = None
     dtype: torch.dtype = torch.bfloat16
     w_shape: str | None = "bm"
     mask: bool = True
-    map_keys: tuple[int, int] | None = None
     want_map: bool = True
     layout: str = "bhnd"
     strength: float = 1.0
@@ -151,22 +139,6 @@ def chunked_reference(q, k, v, w, mask, *, strength, map_keys, want_map, go=None
     return (o, amap, lse), (torch.cat(dqs, 2), kd.grad, vd.grad, dw)
 
 
-def _err(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float, scale_by_max: bool = False):
-    """(max abs error, worst error / allowed): ≤ 1 passes. Allowed = atol·(max|ref| if scaled) + rtol·|ref|."""
-    got = got.double()
-    want = want.double()
-    finite = torch.isfinite(want)
-    if not torch.equal(finite, torch.isfinite(got)) or not torch.equal(got[~finite], want[~finite]):
-        return float("inf"), float("inf")
-    if not bool(finite.any()):
-        return 0.0, 0.0
-    g, w_ = got[finite], want[finite]
-    diff = (g - w_).abs()
-    a = atol * (max(1.0, w_.abs().max().item()) if scale_by_max else 1.0)
-    ratio = (diff / (a + rtol * w_.abs())).max().item()
-    return diff.max().item(), ratio
-
-
 # ---------------------------------------------------------------------------------------------
 # correctness
 # ---------------------------------------------------------------------------------------------
@@ -209,45 +181,44 @@ def check_case(case: Case, device: str, backends: list[str], log) -> bool:
     t_ref = time.perf_counter() - t0
     ok_all = True
     results = {}
+    shape_info = dict(B=B, H=H, N=N, M=case.M, D=case.D, Dv=case.Dv or case.D)
     for backend in backends:
+        why = unsupported_reason("sra_attention", backend, device, case.dtype, **shape_info)
+        if why is not None:  # declared in the capability table: a skip, with the reason
+            log(f"  {case.name:<34} {backend:<7} unsupported (declared): {why}")
+            continue
         t0 = time.perf_counter()
         try:
             (o, a, lse), grads = run_backend(backend, case, inputs, go, ga)
-        except (TypeError, ValueError, NotImplementedError) as exc:  # a documented limit of that backend
-            log(f"  {case.name:<34} {backend:<7} unsupported: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        except Exception as exc:  # report and go on: one broken path must not hide the others
-            log(f"  {case.name:<34} {backend:<7} ERROR {type(exc).__name__}: {str(exc)[:300]}")
+        except Exception as exc:  # a supported case that raises is a failure; go on so it hides no other
+            log(f"  {case.name:<34} {backend:<7} FAIL raised {type(exc).__name__}: {str(exc)[:300]}")
             ok_all = False
             continue
         if device == "cuda":
             torch.cuda.synchronize()
         t_run = time.perf_counter() - t0
-        atol, rtol = TOL[case.dtype]
-        checks = [("o", _err(o, ro, atol, rtol)), ("lse", _err(lse, rl, atol * 10, rtol))]
+        checks = [("o", compare(o, ro, case.dtype, "out")), ("lse", compare(lse, rl, case.dtype, "lse"))]
         if case.want_map:
-            checks.append(("map", _err(a, ra, atol, rtol)))
+            checks.append(("map", compare(a, ra, case.dtype, "map")))
         if grads is not None:
-            gatol, grtol = GRAD_TOL[case.dtype]
             for name, got, want in zip(("dq", "dk", "dv", "dw"), grads, rgrads):
                 if want is not None:
-                    checks.append((name, _err(got, want, gatol, grtol, scale_by_max=True)))
-        ok = all(r <= 1.0 for _, (_, r) in checks)
+                    checks.append((name, compare(got, want, case.dtype, "grad")))
+        ok = all(v.ok for _, v in checks)
         ok_all &= ok
         results[backend] = (o, a, lse)
-        detail = "  ".join(f"{n}:{e:.1e}({r:.2f})" for n, (e, r) in checks)
+        detail = "  ".join(f"{n}:{v.max_err:.1e}({v.ratio:.2f})" for n, v in checks)
         log(f"  {case.name:<34} {backend:<7} {'ok  ' if ok else 'FAIL'} {detail}   "
             f"[{t_run:.2f}s, ref {t_ref:.2f}s]")
     if "triton" in results and "cuda" in results:  # the two fast paths against each other
         (o1, a1, l1), (o2, a2, l2) = results["triton"], results["cuda"]
-        atol, rtol = TOL[case.dtype]
-        e = [_err(o1, o2, 2 * atol, 2 * rtol), _err(l1, l2, 20 * atol, 2 * rtol)]
+        e = [compare(o1, o2, case.dtype, "out", 2.0), compare(l1, l2, case.dtype, "lse", 2.0)]
         if case.want_map:
-            e.append(_err(a1, a2, 2 * atol, 2 * rtol))
-        ok = all(r <= 1.0 for _, r in e)
+            e.append(compare(a1, a2, case.dtype, "map", 2.0))
+        ok = all(v.ok for v in e)
         ok_all &= ok
         log(f"  {case.name:<34} cuda~triton {'ok  ' if ok else 'FAIL'} max diff "
-            + " ".join(f"{x:.1e}" for x, _ in e))
+            + " ".join(f"{v.max_err:.1e}" for v in e))
     return ok_all
 
 
@@ -280,18 +251,18 @@ def small_cases(device: str) -> list[Case]:
 
 
 def model_cases(device: str) -> list[Case]:
-    shapes = CPU_MODEL_SHAPES if device == "cpu" else MODEL_SHAPES
-    return [Case(name, B, H, N, M, D, map_keys=keys, joint=keys is not None, layout="bnhd")
-            for name, B, H, N, M, D, keys in shapes]
+    shapes = list(TINY_SHAPES.values()) if device == "cpu" else [ATTN_SHAPES[n] for n in SELFTEST_SHAPES]
+    return [Case(s.name, s.B, s.H, s.N, s.M, s.D, map_keys=s.map_keys, joint=s.map_keys is not None,
+                 layout="bnhd")
+            for s in shapes]
 
 
 def available_backends(device: str, log) -> list[str]:
     from . import _ext
-    from .sra import _unavailable
 
     backends = []
     for b in ("triton", "cuda"):
-        why = _unavailable(b, torch.device(device), torch.bfloat16)
+        why = unsupported_reason("sra_attention", b, device, torch.bfloat16)
         if why is None:
             backends.append(b)
         else:
@@ -324,23 +295,7 @@ def _timer(device: str):
     return bench_cpu
 
 
-def _bias(w, mask, B, H, M, strength, dtype):
-    """γ·log w with -inf for invalid keys, [B, 1, 1, M] (the additive mask SDPA and eager use)."""
-    bias = torch.zeros(B, M, device=w.device if w is not None else mask.device, dtype=torch.float32)
-    valid = torch.ones_like(bias, dtype=torch.bool)
-    if w is not None:
-        wb = w.float().expand(B, M) if w.dim() < 3 else w.float()[:, 0]
-        valid &= wb > 0
-        bias = strength * torch.log(torch.where(valid, wb, torch.ones_like(wb)))
-    if mask is not None:
-        valid &= mask
-    bias = torch.where(valid, bias, float("-inf"))
-    return bias.to(dtype).view(B, 1, 1, M)
-
-
 def benchmark_shape(case: Case, device: str, backends: list[str], deadline: float, log) -> list[dict]:
-    import torch.nn.functional as F
-
     from . import sra_attention
 
     bench = _timer(device)
@@ -351,7 +306,7 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
     flops_fwd = 4.0 * B * H * N * M * D
     elt = q.element_size()
     bytes_fwd = elt * (q.numel() * 2 + k.numel() + v.numel())
-    bias = _bias(w, mask, B, H, M, case.strength, q.dtype)
+    bias = peers.sra_bias(w, case.strength, q.dtype, key_padding_mask=mask)  # [B, 1|H, 1, M]
     go = torch.randn_like(q)
     rows = []
 
@@ -380,15 +335,11 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
         outs = outs if isinstance(outs, tuple) else (outs,)
         return lambda: torch.autograd.grad(outs[: len(grads)], leaves, grads, retain_graph=True)
 
-    # --- SDPA without bias (FlashAttention backend on GPU)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def sdpa_flash(q_, k_, v_):
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(q_, k_, v_)
+    # --- SDPA without bias (FlashAttention backend on GPU) and with the bias as an additive mask
+    sdpa_flash = peers.sdpa_flash
 
     def sdpa_bias(q_, k_, v_):
-        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias)
+        return peers.sdpa_with_bias(q_, k_, v_, bias)
 
     record("sdpa_flash (no bias)", "fwd", lambda: sdpa_flash(q, k, v), flops_fwd, bytes_fwd)
     record("sdpa_bias", "fwd", lambda: sdpa_bias(q, k, v), flops_fwd, bytes_fwd)
@@ -437,18 +388,11 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
         skip("flex_compiled", "fwd", "time budget")
     else:
         try:
-            from torch.nn.attention.flex_attention import flex_attention
+            def flex(q_, k_, v_):
+                return peers.flex_with_bias(q_, k_, v_, bias)
 
-            kb = bias.view(B, M).float()
-
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + kb[b, kv_idx]
-
-            flex = torch.compile(flex_attention, dynamic=False)
-            record("flex_compiled", "fwd", lambda: flex(q, k, v, score_mod=score_mod), flops_fwd, bytes_fwd)
-            record("flex_compiled", "bwd",
-                   bwd_of(lambda a, b_, c: flex(a, b_, c, score_mod=score_mod), with_grad(q, k, v), (go,)),
-                   2.5 * flops_fwd)
+            record("flex_compiled", "fwd", lambda: flex(q, k, v), flops_fwd, bytes_fwd)
+            record("flex_compiled", "bwd", bwd_of(flex, with_grad(q, k, v), (go,)), 2.5 * flops_fwd)
         except Exception as exc:
             skip("flex_compiled", "fwd", f"{type(exc).__name__}: {str(exc)[:100]}")
 
@@ -457,13 +401,8 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
     if device == "cuda" and need > 0.6 * torch.cuda.mem_get_info()[0]:
         skip("eager_maps", "fwd+map", f"would materialise {need / 2**30:.0f} GiB of scores")
     else:
-        lo, hi = case.map_keys or (0, M)
-
-        def eager():
-            s = (q @ k.transpose(-1, -2)).float() * D ** -0.5 + bias.float()
-            p = torch.softmax(s, -1)
-            return (p.to(q.dtype) @ v), p[..., lo:hi].mean(1)
-        record("eager_maps", "fwd+map", eager, flops_fwd)
+        record("eager_maps", "fwd+map", lambda: peers.eager_with_maps(q, k, v, bias, case.map_keys, upcast=True),
+               flops_fwd)
     return rows
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import rand, tol
+from dare_kernels.benchmarking import peers
 from dare_kernels.reference import sra_attention_ref
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import peers  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # harness.py
 
 
 def _inputs(B=2, H=3, N=37, M=77, D=40, dtype=torch.float32):
@@ -35,6 +35,25 @@ def test_sdpa_with_bias_and_eager_maps_match_reference(strength):
     torch.testing.assert_close(o.double(), o_ref, **tol(torch.float32))
     torch.testing.assert_close(amap.double(), map_ref, **tol(torch.float32))
     assert amap.dtype == torch.float32 and amap.shape == (2, 37, 77)
+
+
+@pytest.mark.parametrize("wshape", ["m", "bm", "bhm", None])
+def test_bias_with_mask_and_per_head_weights_matches_reference(wshape):
+    # the additive mask SDPA / eager / Flex get: γ·log w per key (per head for [B, H, M]), -inf where masked
+    q, k, v, w = _inputs()
+    w = {"m": w[0], "bm": w, "bhm": torch.rand(2, 3, 77, dtype=torch.float64) + 0.05, None: None}[wshape]
+    mask = torch.rand(2, 77) > 0.3
+    mask[:, 0] = True
+    o_ref, map_ref = sra_attention_ref(q.double(), k.double(), v.double(), w, key_padding_mask=mask,
+                                       strength=0.7, return_attn_map=True)
+    bias = peers.sra_bias(None if w is None else w.float(), 0.7, torch.float32, key_padding_mask=mask)
+    assert bias.shape == ((2, 3, 1, 77) if wshape == "bhm" else (2, 1, 1, 77))
+    assert torch.isneginf(bias[~mask[:, None, None, :].expand_as(bias)]).all()
+    torch.testing.assert_close(peers.sdpa_with_bias(q, k, v, bias).double(), o_ref, **tol(torch.float32))
+    for upcast in (False, True):
+        o, amap = peers.eager_with_maps(q, k, v, bias, upcast=upcast)
+        torch.testing.assert_close(o.double(), o_ref, **tol(torch.float32))
+        torch.testing.assert_close(amap.double(), map_ref, **tol(torch.float32))
 
 
 def test_eager_maps_key_range_and_plain_sdpa():

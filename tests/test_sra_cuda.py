@@ -1,8 +1,10 @@
-"""backend="cuda" SRA attention against the float64 reference (GPU only; skipped without a CUDA device
-and a CUDA build of the extension). Forward out / lse / map and every gradient (q, k, v, token_weight,
-through the map and the lse), on the model shapes (query length cut to keep the float64 reference small)
-and small odd shapes: head dims 40/80/160/256, key lengths 1/77/226/512/1000, strided layouts, masks,
-empty rows, map key ranges; determinism of the map and the gradients; float32 rejected clearly.
+"""backend="cuda"-specific SRA attention tests (GPU only; skipped without a CUDA device and a CUDA build of
+the extension): the forced forward paths, determinism of the map and the gradients, float32 rejected
+clearly, the auto order, opcheck, and CUDA against Triton at model shapes.
+
+The case families against the float64 reference (head dims, key lengths, no map, strided layouts, masks
+and empty rows, map key ranges, Dv != D, strength, model shapes) run for every backend in
+test_sra_conformance.py.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import torch
 
 import dare_kernels as dk
 from dare_kernels import _ext, backends
+from dare_kernels.benchmarking.shapes import TEST_CUT_SHAPES
+from dare_kernels.benchmarking.tolerances import assert_close
 from dare_kernels.reference import sra_attention_ref
-
-from conftest import TOL
 
 _CUDA_OK = torch.cuda.is_available() and _ext.has_cuda_kernels()
 pytestmark = [
@@ -22,16 +24,10 @@ pytestmark = [
     pytest.mark.skipif(not _CUDA_OK, reason="needs a CUDA device and the extension built with CUDA kernels"),
 ]
 
-DTYPES = (torch.float16, torch.bfloat16)
 
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, mult: float = 1.0):
-    """Per-dtype tolerance, relative to the reference's magnitude (gradients can be large)."""
-    atol, rtol = TOL[dtype]
-    actual, expected = actual.detach(), expected.detach()
-    mag = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol * mag * mult,
-                               rtol=rtol * mult, msg=lambda m: f"{what} ({dtype}): {m}")
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, kind: str = "out"):
+    """The catalog's per-dtype check: maps by relative error, outputs and gradients relative to their size."""
+    assert_close(actual, expected, dtype, kind, what)
 
 
 def _inputs(B, H, N, M, D, Dv, dtype, layout="contiguous", weight="bm", mask=False, seed=0):
@@ -65,101 +61,6 @@ def _inputs(B, H, N, M, D, Dv, dtype, layout="contiguous", weight="bm", mask=Fal
     return q, k, v, w, kpm
 
 
-def _ref(q, k, v, w, kpm, strength, keys, **kw):
-    return sra_attention_ref(q.double(), k.double(), v.double(), None if w is None else w.double(),
-                             key_padding_mask=kpm, strength=strength, return_attn_map=True, attn_map_keys=keys,
-                             return_lse=True, compute_dtype=torch.float64)
-
-
-def _check(B, H, N, M, D, Dv, dtype, *, layout="contiguous", weight="bm", mask=False, keys=None,
-           strength=0.8, grads=True, seed=0, with_map=True):
-    q, k, v, w, kpm = _inputs(B, H, N, M, D, Dv, dtype, layout, weight, mask, seed)
-    keys = keys or (0, M)
-    leaves = [q, k, v] + ([w] if w is not None else [])
-    for t in leaves:
-        t.requires_grad_(True)
-    if with_map:
-        o, amap, lse = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, strength=strength, return_attn_map=True,
-                                        attn_map_keys=keys, return_lse=True, backend="cuda")
-    else:  # no map: the forward may take the online-softmax path
-        o, lse = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, strength=strength, return_lse=True,
-                                  backend="cuda")
-        amap = torch.zeros(B, N, keys[1] - keys[0], device="cuda")
-    assert o.dtype == dtype and amap.dtype == torch.float32 and lse.dtype == torch.float32
-    assert o.shape == (B, H, N, Dv) and amap.shape == (B, N, keys[1] - keys[0]) and lse.shape == (B, H, N)
-
-    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
-    q64, k64, v64 = leaves64[:3]
-    w64 = leaves64[3] if w is not None else None
-    o64, amap64, lse64 = sra_attention_ref(q64, k64, v64, w64, key_padding_mask=kpm, strength=strength,
-                                           return_attn_map=True, attn_map_keys=keys, return_lse=True,
-                                           compute_dtype=torch.float64)
-    _close(o, o64, dtype, "out")
-    if with_map:
-        _close(amap, amap64, dtype, "attn_map")
-    finite = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse).cpu(), finite.cpu()), "lse: -inf rows differ"
-    _close(lse[finite], lse64[finite], dtype, "lse")
-    assert not torch.isnan(o).any() and not torch.isnan(amap).any()
-    if not grads:
-        return
-    go = torch.randn_like(o64)
-    gmap = torch.randn_like(amap64)
-    glse = torch.where(finite, torch.randn_like(lse64), torch.zeros_like(lse64))
-    if with_map:
-        ref_grads = torch.autograd.grad([o64, amap64, lse64], leaves64, [go, gmap, glse])
-        got = torch.autograd.grad([o, amap, lse], leaves, [go.to(dtype), gmap.float(), glse.float()])
-    else:
-        ref_grads = torch.autograd.grad([o64, lse64], leaves64, [go, glse])
-        got = torch.autograd.grad([o, lse], leaves, [go.to(dtype), glse.float()])
-    for name, a, e in zip(("dq", "dk", "dv", "dw"), got, ref_grads):
-        assert not torch.isnan(a).any(), name
-        _close(a, e, dtype, name, mult=2.0)
-
-
-# ---- small odd shapes
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [40, 80, 160, 256])
-def test_head_dims(dtype, D):
-    _check(2, 3, 77, 77, D, D, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 77, 226, 512, 1000])
-def test_key_lengths(dtype, M):
-    _check(1, 2, 131, M, 64, 64, dtype, weight="bhm")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [77, 512, 1000])
-def test_without_map(dtype, M):
-    _check(2, 2, 131, M, 128, 128, dtype, with_map=False, mask=True)
-
-
-@pytest.mark.parametrize("layout", ["bnhd", "padded"])
-def test_strided_layouts(layout):
-    _check(2, 4, 100, 70, 80, 80, torch.float16, layout=layout)
-
-
-def test_mask_and_empty_rows():
-    _check(2, 2, 65, 90, 64, 64, torch.bfloat16, mask=True)
-
-
-@pytest.mark.parametrize("keys", [(0, 1), (17, 60), (64, 129)])
-def test_map_key_ranges(keys):
-    _check(1, 3, 70, 129, 64, 64, torch.float16, keys=keys)
-
-
-def test_dv_differs_from_d_and_no_weight():
-    _check(1, 2, 50, 33, 48, 112, torch.float16, weight=None, strength=1.0)
-
-
-@pytest.mark.parametrize("strength", [0.0, 2.5])
-def test_strength(strength):
-    _check(1, 2, 40, 50, 64, 64, torch.bfloat16, strength=strength)
-
-
 @pytest.mark.parametrize("path", ["exact", "online"])
 def test_forward_paths_agree(monkeypatch, path):
     # DARE_KERNELS_CUDA_SRA_PATH forces the forward's key loop (the map always takes the exact one)
@@ -168,24 +69,6 @@ def test_forward_paths_agree(monkeypatch, path):
     o = dk.sra_attention(q, k, v, w, backend="cuda")
     o64 = sra_attention_ref(q.double(), k.double(), v.double(), w.double(), compute_dtype=torch.float64)
     _close(o, o64, torch.float16, f"out ({path})")
-
-
-# ---- model shapes (query length cut so that the float64 reference fits)
-
-_MODEL = [
-    ("wan-1.3b", 1, 12, 1024, 512, 128, None),
-    ("ltx-video", 1, 32, 1024, 128, 64, None),
-    ("cogvideox-5b-joint", 1, 4, 600, 826, 64, (600, 826)),
-    ("animatediff-d40", 2, 8, 512, 77, 40, None),
-    ("animatediff-d160", 2, 8, 256, 77, 160, None),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", _MODEL, ids=[s[0] for s in _MODEL])
-def test_model_shapes(shape, dtype):
-    _, B, H, N, M, D, keys = shape
-    _check(B, H, N, M, D, D, dtype, layout="bnhd", keys=keys)
 
 
 # ---- determinism, errors, custom-op machinery
@@ -223,15 +106,18 @@ def test_opcheck():
                           (q, k, v, w.view(1, 1, 20).expand(1, 2, 20).contiguous(), kpm, 0.7, 0.125, 2, 15))
 
 
-@pytest.mark.parametrize("shape", _MODEL[:3], ids=[s[0] for s in _MODEL[:3]])
+_MODEL = [TEST_CUT_SHAPES[n] for n in ("wan-1.3b", "ltx-video", "cogvideox-5b-joint")]
+
+
+@pytest.mark.parametrize("shape", _MODEL, ids=[s.name for s in _MODEL])
 def test_cuda_matches_triton(shape):
     why = backends.unsupported_reason("sra_attention", "triton", torch.device("cuda"), torch.bfloat16)
     if why is not None:
         pytest.skip(f"triton backend: {why}")
-    _, B, H, N, M, D, keys = shape
+    B, H, N, M, D = shape.B, shape.H, shape.N, shape.M, shape.D
     q, k, v, w, _ = _inputs(B, H, N, M, D, D, torch.bfloat16, layout="bnhd")
-    keys = keys or (0, M)
+    keys = shape.map_keys or (0, M)
     o_c, a_c = dk.sra_attention(q, k, v, w, return_attn_map=True, attn_map_keys=keys, backend="cuda")
     o_t, a_t = dk.sra_attention(q, k, v, w, return_attn_map=True, attn_map_keys=keys, backend="triton")
     _close(o_c, o_t.float(), torch.bfloat16, "out cuda vs triton")
-    _close(a_c, a_t, torch.bfloat16, "map cuda vs triton")
+    _close(a_c, a_t, torch.bfloat16, "map cuda vs triton", kind="map")

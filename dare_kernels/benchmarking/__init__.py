@@ -5,4 +5,8 @@
 - ``floors``: matmul peak and copy bandwidth of a device, measured in the same run as the kernels.
 - ``report``: Markdown table and PNG plots from the CSV (``dare-kernels report``).
 - ``cli``: ``dare-kernels bench`` and ``dare-kernels report``.
+- the catalog bench/, tests/ and the GPU self-check share: ``shapes`` (model attention and latent shapes),
+  ``peers`` (SDPA / FlexAttention / eager / diffusers-guider baselines and the SRA bias), ``tolerances``
+  (per-dtype tolerances against the float64 reference and the one comparison) and ``capabilities`` (what a
+  backend declares unsupported).
 """

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ..ops.rectified_cfg import NUM_COEFFS, NUM_STATS, register_backend_ops
+from ..reference import CFG_MODE_ID as _MODES
 
-_MODES = {"cfg": 0, "cfg_zero_star": 1, "apg": 2}
 _PART_STRIDE = 16      # partial statistics are padded to 16 floats
 _MAX_CHUNKS = 1024     # chunks per sample (the coefficient kernel sums them in one block)
 _BLOCK = 1024

@@ -99,8 +99,11 @@ _FWD = {
     (False, False, 128): [(64, 64, 4, 2), (128, 32, 8, 2)],
     (False, False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
-# float32 (FMA dots): (64, 32, 4, 2) at D<=64, (32, 32, 4/8, 2) at D>=128 spill hundreds of bytes
-_FWD_FP32 = {64: [(16, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 32, 4, 2)]}
+# float32 (FMA dots): (64, 32, 4, 2) at D<=64, (32, 32, 4/8, 2) at D>=128 spill hundreds of bytes;
+# (16, 32, 4, 2) at D>=80 spills 12-368 B, and at D>=160 on sm_90 ptxas reports 32 registers and 10 KB of
+# spill (it gives up allocating): 8 warps halve the FMA operands each thread holds; at D=80 on sm_80
+# (16, 32, 8, 2) still spills 8 B, one stage does not (78 registers)
+_FWD_FP32 = {64: [(16, 32, 4, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 2)]}
 _MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
         (False, 128): [(64, 64, 4, 2), (64, 32, 4, 2)],
         (False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -109,17 +112,19 @@ _MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
         (True, 256): [(16, 32, 4, 2)]}
 # dk/dv tiles keys by BLOCK_M and holds dk, dv (BLOCK_M x D float32); dq tiles queries by BLOCK_N
 # (aot_check: dk/dv (64, 64, 4, 2) and (64, 32, 4, 2) spill at D<=64, (16, 32, 4, 2) at D=256; dq
-# (32, 16, 4, 2) and (32, 32, 8, 2) at D=160/256; float32 (32, 32, 8, 2) at D=128)
+# (32, 16, 4, 2), (32, 32, 8, 2), (32, 32, 4, 1) and, with the map gradient on sm_90, (16, 32, 8, 2) at
+# D=160/256; float32 (32, 32, 8, 2) at D=128, dk/dv (16, 32, 4, 2) at D>=80 (up to 21 KB on sm_90), dq
+# (32, 32, 4, 2) at D=40 on sm_80 with the map gradient)
 _DKDV = {(False, 64): [(64, 32, 8, 2)],  # (32, 64, 8, 2) spills 32-40 B on sm_80 at D<=64 with the map grad
          (False, 128): [(32, 64, 8, 2), (64, 32, 8, 2)],
          (False, 256): [(32, 32, 8, 2)],
          (True, 64): [(32, 32, 4, 2)],
-         (True, 128): [(16, 32, 4, 2)],
-         (True, 256): [(16, 32, 4, 2)]}
+         (True, 128): [(16, 32, 8, 2)],
+         (True, 256): [(16, 32, 8, 2)]}
 _DQ = {(False, 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
        (False, 128): [(64, 32, 8, 2), (64, 64, 8, 2)],
-       (False, 256): [(16, 32, 8, 2)],
-       (True, 64): [(32, 32, 4, 2)],
+       (False, 256): [(16, 32, 8, 1)],  # one stage: 126 registers on sm_90 where two spill 4-8 B
+       (True, 64): [(16, 32, 4, 2)],
        (True, 128): [(16, 32, 4, 2)],
        (True, 256): [(16, 32, 4, 2)]}
 # the fused-map kernel: (BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_M = next_pow2(M)

@@ -121,3 +121,20 @@ def test_cuda_matches_triton(shape):
     o_t, a_t = dk.sra_attention(q, k, v, w, return_attn_map=True, attn_map_keys=keys, backend="triton")
     _close(o_c, o_t.float(), torch.bfloat16, "out cuda vs triton")
     _close(a_c, a_t, torch.bfloat16, "map cuda vs triton", kind="map")
+
+
+def test_no_keys_gives_zeros_minus_inf_lse_and_an_empty_map():
+    """M == 0 at the op itself (below the wrapper): every row has no valid key, so o = 0 (never Q data, which
+    a missing barrier in the forward epilogue once let through), lse = -inf, map [B, N, 0], dq = 0."""
+    q = torch.randn(2, 3, 70, 64, device="cuda", dtype=torch.float16)
+    k = torch.empty(2, 3, 0, 64, device="cuda", dtype=torch.float16)
+    v = torch.empty(2, 3, 0, 48, device="cuda", dtype=torch.float16)
+    out, lse, amap = torch.ops.dare_kernels.sra_attention_fwd(q, k, v, None, None, 1.0, 0.125, 0, 0)
+    torch.cuda.synchronize()
+    assert out.shape == (2, 3, 70, 48) and bool((out == 0).all()), "o must be zeros with no keys"
+    assert lse.shape == (2, 3, 70) and bool(torch.isneginf(lse).all())
+    assert amap.shape == (2, 70, 0)
+    go = torch.randn_like(out)
+    dq, dk, dv, dw = torch.ops.dare_kernels.sra_attention_bwd(go, None, None, q, k, v, None, None, out, lse, 1.0,
+                                                             0.125, 0, 0)
+    assert bool((dq == 0).all()) and dk.shape == k.shape and dv.shape == v.shape

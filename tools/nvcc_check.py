@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Compile-check every CUDA kernel file with plain nvcc (no torch, no GPU) and fail on any register spill.
 
-Compiles each ``csrc/cuda/*.cu`` for ``-arch=sm_80`` and ``-arch=sm_90a`` with
-``-std=c++17 -O3 -Xptxas -v,-warn-spills``, parses ptxas' report and prints one row per kernel:
-registers, stack frame, spill stores/loads and static shared memory (dynamic shared memory is sized
-at launch; see each kernel file). Exit status 0 when everything compiles with no spills, 1 otherwise,
-2 when no CUDA toolkit is found.
+Compiles each ``csrc/cuda/*.cu`` for every target of the build's default ``TORCH_CUDA_ARCH_LIST``
+(read from CMakeLists.txt, "8.0;9.0a;9.0+PTX": SASS for sm_80, sm_90a and sm_90, and compute_90 PTX that
+newer GPUs compile at load time) with ``-std=c++17 -O3 -Xptxas -v,-warn-spills``, parses ptxas' report
+and prints one row per kernel: registers, stack frame, spill stores/loads and static shared memory
+(dynamic shared memory is sized at launch; see each kernel file). A PTX target has no ptxas report: it
+must compile without a warning. Exit status 0 when everything compiles with no spills, 1 otherwise, 2
+when no CUDA toolkit is found.
 
-    python tools/nvcc_check.py [--jobs 2] [--arch sm_80 --arch sm_90a] [--markdown bench/results/nvcc_resources.md]
+    python tools/nvcc_check.py [--jobs 2] [--arch sm_80 --arch compute_90 | --arch-list "8.0;9.0a;9.0+PTX"]
+                               [--markdown bench/results/nvcc_resources.md]
 """
 
 from __future__ import annotations
@@ -25,7 +28,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ARCHS = ("sm_80", "sm_90a")
+_CMAKE_ARCH_LIST = re.compile(r'set\(ENV\{TORCH_CUDA_ARCH_LIST\}\s+"([^"]+)"\)')
+
+
+def build_arch_list() -> str:
+    """The default TORCH_CUDA_ARCH_LIST of the build (CMakeLists.txt), e.g. "8.0;9.0a;9.0+PTX"."""
+    try:
+        m = _CMAKE_ARCH_LIST.search((ROOT / "CMakeLists.txt").read_text())
+    except OSError:
+        m = None
+    return m.group(1) if m else "8.0;9.0a"
+
+
+def parse_arch_list(arch_list: str) -> tuple[list[str], list[str]]:
+    """nvcc targets of a TORCH_CUDA_ARCH_LIST string, as torch's CMake reads it: (SASS archs, PTX archs).
+
+    "X.Y" (optionally with an "a" / "f" suffix) gives SASS sm_XY; "+PTX" adds PTX compute_XY as well as
+    the SASS (so "9.0+PTX" is sm_90 and compute_90). Named generations ("Hopper") are not accepted here.
+    """
+    sass: list[str] = []
+    ptx: list[str] = []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        with_ptx = entry.endswith("+PTX")
+        entry = entry.removesuffix("+PTX")
+        m = re.fullmatch(r"(\d+)\.(\d)([af]?)", entry)
+        if m is None:
+            raise ValueError(f"arch list entry {entry!r}: expected X.Y, X.Ya or X.Y+PTX (in {arch_list!r})")
+        num = m.group(1) + m.group(2) + m.group(3)
+        if f"sm_{num}" not in sass:
+            sass.append(f"sm_{num}")
+        if with_ptx and f"compute_{num}" not in ptx:
+            ptx.append(f"compute_{num}")
+    return sass, ptx
+
+
+DEFAULT_ARCHS, DEFAULT_PTX = (tuple(x) for x in parse_arch_list(build_arch_list()))
 
 
 def cuda_root() -> Path | None:
@@ -113,9 +152,14 @@ def parse_ptxas(text: str) -> list[KernelRow]:
 
 
 def compile_one(nvcc: Path, src: Path, arch: str, extra: list[str]) -> Result:
+    """Compile ``src`` for ``arch``: "sm_XY[a]" (SASS, with ptxas' report) or "compute_XY" (PTX only)."""
     t0 = time.perf_counter()
+    if arch.startswith("compute_"):  # PTX embedded as is: no ptxas run, so no resource report
+        target = [f"-gencode=arch={arch},code={arch}"]
+    else:
+        target = [f"-arch={arch}", "-Xptxas", "-v,-warn-spills"]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(nvcc), "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v,-warn-spills", "-lineinfo",
+        cmd = [str(nvcc), "-std=c++17", "-O3", *target, "-lineinfo",
                f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}", "-c", str(src), "-o",
                str(Path(tmp) / "out.o"), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -136,6 +180,9 @@ def table(results: list[Result]) -> str:
     lines = ["| file | arch | kernel | registers | stack B | spill st/ld B | static smem B |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in results:
+        if r.arch.startswith("compute_"):
+            lines.append(f"| {Path(r.file).name} | {r.arch} | PTX only ({'compiles' if r.ok else 'FAILS'}; "
+                         "ptxas runs at load time on the GPU) | | | | |")
         for k in sorted(r.kernels, key=lambda k: k.kernel):
             lines.append(f"| {Path(r.file).name} | {r.arch} | `{_short(k.kernel)}` | {k.registers} | {k.stack} | "
                          f"{k.spill_stores}/{k.spill_loads} | {k.smem} |")
@@ -144,7 +191,10 @@ def table(results: list[Result]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", action="append", help="repeatable; default sm_80 and sm_90a")
+    ap.add_argument("--arch", action="append",
+                    help="sm_XY[a] or compute_XY (PTX), repeatable; default: the targets of --arch-list")
+    ap.add_argument("--arch-list", default=None,
+                    help=f"a TORCH_CUDA_ARCH_LIST string (default: the build's, {build_arch_list()!r})")
     ap.add_argument("--jobs", type=int, default=2, help="parallel nvcc processes (default 2)")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     ap.add_argument("files", nargs="*", type=Path, help="default: every csrc/cuda/*.cu")
@@ -159,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("nvcc_check: no .cu files", file=sys.stderr)
         return 1
-    archs = args.arch or list(DEFAULT_ARCHS)
+    if args.arch:
+        archs = list(args.arch)
+    else:
+        sass, ptx = parse_arch_list(args.arch_list) if args.arch_list else (DEFAULT_ARCHS, DEFAULT_PTX)
+        archs = [*sass, *ptx]
     jobs = [(f, a) for f in files for a in archs]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, 2))) as pool:
@@ -177,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(
             "# CUDA kernel resources (ptxas -v)\n\nGenerated by `python tools/nvcc_check.py --markdown "
-            f"{args.markdown}` with {root / 'bin' / 'nvcc'}; `-O3 -std=c++17`. Static shared memory only: "
+            f"{args.markdown}` with {root / 'bin' / 'nvcc'}; `-O3 -std=c++17`; targets {', '.join(archs)} "
+            f"(TORCH_CUDA_ARCH_LIST {args.arch_list or build_arch_list()!r}). Static shared memory only: "
             "the SRA kernels size their dynamic shared memory at launch (see the kernel files).\n\n"
             + text + "\n")
     return 0 if not failed else 1

@@ -20,13 +20,15 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     failed = 0
-    # (B, H, N, M, D, Dv, dtype, map keys, transposed layout, mask)
+    # (B, H, N, M, D, Dv, dtype, map keys, transposed layout, mask: True / False / "empty" = sample 1 fully masked)
     cases = [
         (1, 2, 17, 5, 40, 40, torch.float16, (1, 4), False, True),
         (2, 3, 70, 77, 80, 80, torch.bfloat16, None, True, False),
         (1, 2, 65, 130, 160, 160, torch.float16, (64, 130), False, True),
         (1, 1, 33, 600, 256, 256, torch.bfloat16, None, True, False),  # M > 512: online forward without a map
         (1, 2, 40, 1, 64, 32, torch.float16, (0, 1), False, False),
+        (2, 2, 1, 3, 64, 128, torch.bfloat16, (0, 3), False, "empty"),  # N = 1, M < a tile, Dv != D, no-key rows
+        (2, 3, 130, 70, 256, 64, torch.float16, None, True, "empty"),    # kD = 256 tier with Dv < D
     ]
     for B, H, N, M, D, Dv, dtype, keys, bnhd, masked in cases:
         def make(n, d):
@@ -38,20 +40,33 @@ def main() -> int:
         kpm = (torch.rand(B, M, device="cuda") > 0.3) if masked else None
         if kpm is not None:
             kpm[:, 0] = True
+            if masked == "empty":
+                kpm[1:] = False  # every row of sample 1 has no valid key: o = 0, lse = -inf
         with_map = keys is not None
         res = dk.sra_attention(q, k, v, w, key_padding_mask=kpm, return_attn_map=with_map, attn_map_keys=keys,
                                return_lse=True, backend="cuda")
         o, lse = res[0], res[-1]
-        loss = o.float().square().sum() + lse.sum() + (res[1].square().sum() if with_map else 0)
+        finite = torch.isfinite(lse)
+        loss = o.float().square().sum() + lse[finite].sum() + (res[1].square().sum() if with_map else 0)
         loss.backward()
         torch.cuda.synchronize()
         ref = sra_attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), w.detach().double(),
                                 key_padding_mask=kpm, compute_dtype=torch.float64)
         err = float((o.detach().double() - ref).abs().max())
         bad = any(torch.isnan(t).any() for t in (o, q.grad, k.grad, v.grad, w.grad)) or err > 0.1
+        if masked == "empty":
+            bad = bad or not bool((o[1] == 0).all()) or not bool(torch.isneginf(lse[1]).all())
         failed += bad
         print(f"B={B} H={H} N={N} M={M} D={D} Dv={Dv} {dtype} map={keys} bnhd={bnhd} mask={masked}: "
               f"max|o - ref| = {err:.2e} {'FAIL' if bad else 'ok'}")
+    # M == 0 at the op (the binding answers without a launch): zeros, lse -inf, map [B, N, 0]
+    q = torch.randn(1, 2, 33, 64, device="cuda", dtype=torch.float16)
+    k, v = q[:, :, :0], q[:, :, :0]
+    o, lse, amap = torch.ops.dare_kernels.sra_attention_fwd(q, k, v, None, None, 1.0, 0.125, 0, 0)
+    torch.cuda.synchronize()
+    bad = not (bool((o == 0).all()) and bool(torch.isneginf(lse).all()) and amap.shape == (1, 33, 0))
+    failed += bad
+    print(f"M=0 at the op: o all zero, lse all -inf, map {tuple(amap.shape)}: {'FAIL' if bad else 'ok'}")
     return 1 if failed else 0
 
 

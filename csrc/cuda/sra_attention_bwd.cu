@@ -207,7 +207,9 @@ __global__ void __launch_bounds__(kDqThreads) sra_bwd_dq_kernel(const SraParams 
     warp_gemm_rs_kn<E, kOT, kNT / 2>(dq, dsa, sK, kLd);
   }
 
-  // ---- epilogue: scale, through the warp's rows of sQ, coalesced store
+  // ---- epilogue: scale, through the warp's rows of sQ, coalesced store. A warp barrier is enough here
+  // (unlike the forward): the __syncthreads after the Q / dO loads already ordered load_tile(sQ) for any M,
+  // and inside the key loop each warp reads only its own 16 rows of sQ.
   __syncwarp();
   frags_to_smem<E, kOT>(sQ + warp * 16 * kLd, kLd, dq, p.scale);
   __syncthreads();

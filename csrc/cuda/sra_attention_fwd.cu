@@ -221,8 +221,11 @@ __global__ void __launch_bounds__(kFwdThreads)
       }
     }
 
-    // ---- epilogue: O through the warp's own rows of sQ (no longer read), then coalesced stores; LSE
-    __syncwarp();
+    // ---- epilogue: O through the warp's own rows of sQ (no longer read), then coalesced stores; LSE.
+    // A CTA-wide barrier, not a warp one: load_tile above spreads the rows of sQ over all warps, and with
+    // M == 0 no key loop (whose barriers would order it) runs, so another warp could still be writing Q
+    // into these rows and O would come out as Q data. With keys it also covers the warp's own last reads.
+    __syncthreads();
     frags_to_smem<E, kOT>(sQ + warp * 16 * kLd, kLd, o, 1.f);
     __syncthreads();
     store_tile<kD>(bh_ptr(p.out, p.out_stride, b, h) + int64_t(q0) * p.out_stride[2], p.out_stride[2],

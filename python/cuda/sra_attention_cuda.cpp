@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -153,6 +154,11 @@ std::tuple<Tensor, Tensor, Tensor> sra_attention_fwd_cuda(const Tensor& query, c
     p.attn_map = amap.data_ptr<float>();
     strides(p.map_stride, amap);
   }
+  if (p.M == 0) {  // no key at all: every row has no valid key (zeros, lse -inf, map [B, N, 0]); no launch
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse, amap};
+  }
   p.fwd_path = fwd_path_switch();
   check_launch(dare::cuda::sra_attention_fwd_launch(p, c10::cuda::getCurrentCUDAStream().stream()),
                "sra_attention_fwd");
@@ -215,6 +221,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sra_attention_bwd_cuda(
   if (w.has_value()) {
     p.dw = dw.data_ptr<float>();
     strides(p.dw_stride, dw);
+  }
+  if (M == 0) {  // the forward was all zeros: dq = 0, and dk, dv, dw have no elements
+    dq.zero_();
+    return {dq, dk, dv, dw};
   }
   p.delta = delta.data_ptr<float>();
   Tensor kv_partial;

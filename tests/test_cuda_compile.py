@@ -1,5 +1,6 @@
 """CI compile check of the CUDA kernels (no GPU, no CUDA torch needed): every csrc/cuda/*.cu compiles with
-plain nvcc for sm_80 and sm_90a with no register spills and no warnings (tools/nvcc_check.py)."""
+plain nvcc for every target of the build's TORCH_CUDA_ARCH_LIST (SASS with no register spills, PTX for newer
+GPUs) and no warnings (tools/nvcc_check.py)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,28 @@ def test_parse_ptxas_report():
     assert "foo" in row.kernel
 
 
+def test_arch_list_is_read_as_torch_reads_it():
+    assert nvcc_check.parse_arch_list("8.0;9.0a;9.0+PTX") == (["sm_80", "sm_90a", "sm_90"], ["compute_90"])
+    assert nvcc_check.parse_arch_list("8.0 8.6+PTX") == (["sm_80", "sm_86"], ["compute_86"])
+    with pytest.raises(ValueError, match="Hopper"):
+        nvcc_check.parse_arch_list("Hopper")
+
+
+def test_build_ships_ptx_that_newer_gpus_can_jit():
+    """The highest arch of the default list has portable PTX (compute_XY, not the arch-specific XYa)."""
+    sass, ptx = nvcc_check.parse_arch_list(nvcc_check.build_arch_list())
+    highest = max(int(a.removeprefix("sm_").rstrip("af")) for a in sass)
+    assert f"compute_{highest}" in ptx, (nvcc_check.build_arch_list(), ptx)
+
+
 @pytest.mark.skipif(nvcc_check.cuda_root() is None, reason="no CUDA toolkit (nvcc) on this machine")
 @pytest.mark.skipif(not CU_FILES, reason="no csrc/cuda/*.cu files")
 def test_every_cuda_file_compiles_without_spills():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "nvcc_check.py"), "--jobs", "2"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     for f in CU_FILES:
         for arch in nvcc_check.DEFAULT_ARCHS:
-            assert f"| {f.name} | {arch} |" in proc.stdout, f"{f.name} [{arch}] has no kernel rows"
+            assert f"| {f.name} | {arch} | `" in proc.stdout, f"{f.name} [{arch}] has no kernel rows"
+        for arch in nvcc_check.DEFAULT_PTX:
+            assert f"| {f.name} | {arch} | PTX only (compiles;" in proc.stdout, f"{f.name} [{arch}] PTX"

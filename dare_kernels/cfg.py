@@ -1,11 +1,11 @@
-"""Rectified CFG combine (SPEC.md §2): the public function, its input checks and the coefficient math.
+"""Rectified CFG combine (docs/SPEC.md §2): the public function, its input checks and the coefficient math.
 
 Every mode is g = Σ_k γ_k x_k over x = (u, c, d, b_old) with per-sample γ from statistics of the branches;
 the custom ops' schema, fakes and autograd are in dare_kernels/ops/rectified_cfg.py, the backend choice in
 dare_kernels/backends.py. Without gradients the fused op runs (no host sync); with them, stats ->
 coefficients (PyTorch ops below, so autograd sees how γ depends on the statistics) -> combine.
 
-Conventions where SPEC.md and diffusers 0.42.1 differ or are silent (tests/test_cfg.py holds them):
+Conventions where docs/SPEC.md and diffusers 0.42.1 differ or are silent (tests/test_cfg.py holds them):
 - Branch order u, c[, d] along dim 0 (diffusers pipelines chunk uncond first; guiders take
   ``forward(pred_cond, pred_uncond)``). APG momentum: buf <- (c - u) + β buf, exactly diffusers'
   MomentumBuffer; a zero buffer on the first step reproduces its fresh buffer.
@@ -240,7 +240,7 @@ def rectified_cfg(
     out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Fused classifier-free guidance combine with DR-CFG rectification (SPEC.md §2).
+    """Fused classifier-free guidance combine with DR-CFG rectification (docs/SPEC.md §2).
 
     Args:
         preds: [K*B, ...] branch predictions stacked along dim 0 as diffusers batches them, or a sequence

@@ -1,4 +1,4 @@
-"""Semantic density of vocabulary tokens (SPEC.md §3) and the SRA token weights derived from it.
+"""Semantic density of vocabulary tokens (docs/SPEC.md §3) and the SRA token weights derived from it.
 
     p_t = (c_t + α) / (T + α·V)          add-α smoothed unigram probability (V = vocabulary size)
     I_t = −log p_t
@@ -129,7 +129,7 @@ def _check_unit_interval(name: str, value) -> float:
 
 
 class TokenDensity:
-    """Semantic density ρ ∈ [0, 1] of every token of a vocabulary (SPEC.md §3).
+    """Semantic density ρ ∈ [0, 1] of every token of a vocabulary (docs/SPEC.md §3).
 
     Args:
         vocab_size: V, number of token ids (ids are 0 .. V−1).

@@ -1,4 +1,4 @@
-"""SRA consistency loss (SPEC.md §4): per-token spatial attention maps of several layers pulled to their ensemble.
+"""SRA consistency loss (docs/SPEC.md §4): per-token spatial attention maps of several layers pulled to their ensemble.
 
 For each token j: a^(l)_bj = A^(l)_{b,:,j} / (Σ_i A^(l)_{b,i,j} + ε), ā_bj = mean_l a^(l)_bj,
 ŵ_bj = w_bj / Σ_{valid j} w_bj, and
@@ -138,7 +138,7 @@ def sra_consistency_loss(
     eps: float = 1e-6,
     detach_target: bool = True,
 ) -> torch.Tensor:
-    """SPEC.md §4 consistency loss between the per-token spatial maps of L layers and their ensemble.
+    """docs/SPEC.md §4 consistency loss between the per-token spatial maps of L layers and their ensemble.
 
     Args:
         maps: L tensors A^(l) [B, N, M] (e.g. ``sra_attention(..., return_attn_map=True)[1]`` of L

@@ -1,4 +1,4 @@
-"""SPEC.md written in plain PyTorch: the oracle for every test and the ``backend="reference"`` path.
+"""docs/SPEC.md written in plain PyTorch: the oracle for every test and the ``backend="reference"`` path.
 
 Every function here is differentiable by autograd and exact in float64 when given float64
 inputs. Nothing here is fast; everything here is meant to be obviously right.
@@ -33,7 +33,7 @@ def sra_attention_ref(
     return_lse: bool = False,
     compute_dtype: torch.dtype | None = None,
 ):
-    """SRA attention exactly as SPEC.md §1 states it, materialising the full [B, H, N, M] probabilities.
+    """SRA attention exactly as docs/SPEC.md §1 states it, materialising the full [B, H, N, M] probabilities.
 
     Shapes: query [B, H, N, D], key [B, H, M, D], value [B, H, M, Dv]; token_weight [M], [B, M]
     or [B, H, M] (non-negative) or None; key_padding_mask bool [B, M] (True = attend) or None.
@@ -113,7 +113,7 @@ def rectified_cfg_ref(
     momentum_buffer: torch.Tensor | None = None,
     reduce_dims=None,
 ) -> torch.Tensor:
-    """Rectified CFG combine exactly as SPEC.md §2 states it (no input checks; see dare_kernels.rectified_cfg).
+    """Rectified CFG combine exactly as docs/SPEC.md §2 states it (no input checks; see dare_kernels.rectified_cfg).
 
     Branch order uncond, cond[, degraded]. Computes in float32 (float64 for float64 inputs) and returns the
     input dtype. With ``momentum`` (mode "apg") ``momentum_buffer`` is updated in place: buf <- (c - u) + momentum * buf.
@@ -173,7 +173,7 @@ def rectified_cfg_ref(
 
 def sra_consistency_loss_ref(maps, token_weight, key_padding_mask=None, eps: float = 1e-6,
                              detach_target: bool = True, compute_dtype: torch.dtype | None = None):
-    """SPEC.md §4 transcribed literally (stacks all L maps; float64 when the maps are float64).
+    """docs/SPEC.md §4 transcribed literally (stacks all L maps; float64 when the maps are float64).
 
     maps: sequence of L tensors [B, N, M]; token_weight [B, M] (>= 0); key_padding_mask bool [B, M]
     (True = valid) or None. Returns a 0-dim tensor in the compute dtype.

@@ -113,7 +113,7 @@ def sra_attention(
     return_lse: bool = False,
     backend: str = "auto",
 ):
-    """Cross-attention with a per-key bias γ·log w_j (SPEC.md §1), optionally returning the head-averaged map.
+    """Cross-attention with a per-key bias γ·log w_j (docs/SPEC.md §1), optionally returning the head-averaged map.
 
     Args:
         query: [B, H, N, D] video tokens; float16, bfloat16, float32 (float64 on cpu/reference). Any strides.

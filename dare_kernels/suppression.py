@@ -1,4 +1,4 @@
-"""DR-CFG token suppression (SPEC.md §3): training-time dynamic suppression, prompt dropout, the degraded branch.
+"""DR-CFG token suppression (docs/SPEC.md §3): training-time dynamic suppression, prompt dropout, the degraded branch.
 
 Training: token j of a sample is suppressed with probability
 
@@ -146,7 +146,7 @@ def _apply(mask, embeds, token_weight, null_embeds, apply_to):
 # ---------------------------------------------------------------------------------------------
 
 class TokenSuppressor:
-    """Seeded, step-aware dynamic suppression of low-density prompt tokens (SPEC.md §3).
+    """Seeded, step-aware dynamic suppression of low-density prompt tokens (docs/SPEC.md §3).
 
     Args:
         density: the :class:`TokenDensity` giving ρ of each token id (or None: pass ρ directly).
@@ -308,7 +308,7 @@ def build_degraded_branch(token_ids: torch.Tensor, embeds: torch.Tensor, density
                           tau: float = 0.5, null_embeds: torch.Tensor | None = None,
                           token_weight: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
                           apply_to: str = "both", suppress_special_tokens: bool = False) -> DegradedPrompt:
-    """The prompt with its high-density tokens (ρ ≥ τ) suppressed (SPEC.md §3), for the degraded branch d.
+    """The prompt with its high-density tokens (ρ ≥ τ) suppressed (docs/SPEC.md §3), for the degraded branch d.
 
     token_ids integer [B, M]; embeds [B, M, C] (the conditional prompt's text-encoder output);
     null_embeds: the null prompt's embeddings ([M, C], [1, M, C] or [B, M, C]) or None (zeros);

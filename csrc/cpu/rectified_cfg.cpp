@@ -1,4 +1,4 @@
-// Rectified CFG combine on CPU (SPEC.md §2). One vectorised read of the inputs for the per-group
+// Rectified CFG combine on CPU (docs/SPEC.md §2). One vectorised read of the inputs for the per-group
 // statistics (fixed kChunk-element chunks: float accumulation inside a chunk, chunk partials added in
 // float64 in chunk order, so results do not depend on the thread count), a per-group coefficient
 // step in float64 (rectified_cfg_params.h), then one read + one write for the combine. bfloat16

@@ -1,4 +1,4 @@
-// Rectified CFG combine on CUDA (SPEC.md §2). Free of torch headers: plain nvcc compile-checks it.
+// Rectified CFG combine on CUDA (docs/SPEC.md §2). Free of torch headers: plain nvcc compile-checks it.
 //
 // Two-pass path (always available):
 //   stats_kernel    grid (G, chunks): per-chunk partial statistics (14 floats, rectified_cfg_params.h)

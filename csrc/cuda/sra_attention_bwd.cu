@@ -1,4 +1,4 @@
-// SRA attention backward (SPEC.md §1 gradients) with mma.sync tensor cores (sm_80+). No torch headers.
+// SRA attention backward (docs/SPEC.md §1 gradients) with mma.sync tensor cores (sm_80+). No torch headers.
 //
 //   dP_ij = dO_i·v_j + dA_ij / H          (dA = grad of the head-averaged map, inside its key range)
 //   Δ_i   = Σ_j P_ij dP_ij − grad_lse_i  = dO_i·O_i + (1/H) Σ_j P_ij dA_ij − grad_lse_i

@@ -1,4 +1,4 @@
-// SRA attention forward (SPEC.md §1) with mma.sync tensor cores (sm_80+). No torch headers.
+// SRA attention forward (docs/SPEC.md §1) with mma.sync tensor cores (sm_80+). No torch headers.
 //
 // Tiling. A CTA of 4 warps owns kBM = 64 queries of one (b, h) — or of one b and *all* heads when the
 // head-averaged map is asked for: the CTA then loops h = 0..H-1 and adds P/H into its own map rows, so

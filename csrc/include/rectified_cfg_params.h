@@ -1,4 +1,4 @@
-// Rectified CFG combine (SPEC.md §2): the statistics layout, the per-sample coefficient step shared by
+// Rectified CFG combine (docs/SPEC.md §2): the statistics layout, the per-sample coefficient step shared by
 // the CPU and CUDA kernels, and the CUDA launch parameters. Free of torch headers (plain nvcc includes it).
 //
 // Every mode is g = Σ_k γ_k x_k over the inputs x = (u, c, d, b_old) with per-sample γ computed from

@@ -1,4 +1,4 @@
-// Launch parameters of the CUDA SRA attention kernels (SPEC.md §1). Plain C++: no torch, no CUDA headers,
+// Launch parameters of the CUDA SRA attention kernels (docs/SPEC.md §1). Plain C++: no torch, no CUDA headers,
 // so the kernels (csrc/cuda/*.cu) compile with plain nvcc and the binding fills this struct from tensors.
 //
 // Every tensor is described by a pointer and int64 strides in elements (any strides, stride 0 allowed).

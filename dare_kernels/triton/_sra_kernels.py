@@ -1,4 +1,4 @@
-"""@triton.jit kernels of SRA attention (SPEC.md §1). Launch logic lives in ``sra_attention.py``.
+"""@triton.jit kernels of SRA attention (docs/SPEC.md §1). Launch logic lives in ``sra_attention.py``.
 
 Conventions shared by every kernel:
 - Scores are kept in the base-2 domain: ``s2 = scale·log2(e)·<q, k> + γ·log2(w)`` so that

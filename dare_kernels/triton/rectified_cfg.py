@@ -1,4 +1,4 @@
-"""Rectified CFG combine in Triton (SPEC.md §2): statistics, coefficients and combine, all on the device.
+"""Rectified CFG combine in Triton (docs/SPEC.md §2): statistics, coefficients and combine, all on the device.
 
 Three launches, no host synchronisation:
 1. ``_stats_kernel``  grid (G, chunks): each program reduces a fixed chunk of one sample into 14 float32

@@ -1,4 +1,4 @@
-"""Triton SRA attention (SPEC.md §1): the custom ops ``dare_kernels::sra_attention_{fwd,bwd}_triton``.
+"""Triton SRA attention (docs/SPEC.md §1): the custom ops ``dare_kernels::sra_attention_{fwd,bwd}_triton``.
 
 Schemas, output layout and semantics are those documented at the top of ``dare_kernels/ops/sra_attention.py``;
 importing this module defines the two ops and registers the shared fake impls and autograd.

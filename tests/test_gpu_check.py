@@ -101,3 +101,25 @@ def test_summary_exit_code_says_whether_everything_passed(tmp_path, last, want_r
 def test_summary_of_no_stages_is_a_failure(tmp_path, capsys):
     _write_stages(tmp_path, [])
     assert gpu_check_report.summary(tmp_path, "device") == 1
+
+
+@pytest.mark.slow
+def test_gpu_path_dry_run_without_a_gpu_fails_fast_and_runs_every_stage(tmp_path):
+    """GPU_CHECK_MODE=device on a machine without a GPU: the GPU path's commands all run (no typo waits for a
+    lent GPU to show up), each failing or skipping on its own, later stages still running, exit status 1."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_MODE="device",
+               GPU_CHECK_PYTEST_FILES="tests/test_sra_cuda.py")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    stages = {s["name"]: s for s in map(json.loads, (tmp_path / "stages.jsonl").read_text().splitlines())}
+    assert list(stages) == STAGES
+    assert stages["env"]["status"] == "passed"
+    for name in ("build", "selftest", "smoke", "bench"):  # each says why, none hangs to its time limit
+        assert stages[name]["status"] == "failed", stages[name]
+        assert stages[name]["note"], stages[name]
+    assert "CUDA" in stages["build"]["note"] and "CUDA" in stages["selftest"]["note"]
+    for name in ("racecheck", "memcheck", "synccheck", "initcheck"):
+        assert stages[name]["status"] == "skipped" and "skipped" in stages[name]["reason"], stages[name]
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["passed"] is False

@@ -17,7 +17,8 @@
 # stages.jsonl / stages.csv, gpu_check.json (the summary). Exit status 0 only when every stage passed or was
 # skipped for a stated reason other than the time budget.
 #
-# Knobs (environment): GPU_CHECK_BUDGET_S (default 465 on a GPU, 110 in rehearsal: stages and bench rows
+# Knobs (environment): GPU_CHECK_MODE (auto | device | rehearse; device on a machine without a GPU is a dry
+# run of the GPU path, whose stages then fail fast: tests/test_gpu_check.py uses it), GPU_CHECK_BUDGET_S (default 465 on a GPU, 110 in rehearsal: stages and bench rows
 # that would start later are skipped, recorded with the reason), GPU_CHECK_ARCH_LIST (TORCH_CUDA_ARCH_LIST
 # of the build; default: this GPU's arch only, "9.0a" on an H100/H200, to keep the build short; the release
 # default is in CMakeLists.txt), MAX_JOBS
@@ -25,15 +26,21 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-MODE=device
+MODE=${GPU_CHECK_MODE:-auto}
 [ "${1:-}" = "--rehearse" ] && MODE=rehearse
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-if [ "$MODE" = device ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  MODE=rehearse
-  NO_GPU_NOTE="torch sees no CUDA device here: running the CPU rehearsal"
+if [ "$MODE" = auto ]; then
+  MODE=device
+  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    MODE=rehearse
+    NO_GPU_NOTE="torch sees no CUDA device here: running the CPU rehearsal"
+  fi
+elif [ "$MODE" != device ] && [ "$MODE" != rehearse ]; then
+  echo "gpu_check: GPU_CHECK_MODE must be auto, device or rehearse, got '$MODE'" >&2
+  exit 2
 fi
 OUT_DIR=${OUT:-./gpu_check_out}
 mkdir -p "$OUT_DIR/logs"

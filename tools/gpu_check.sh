@@ -99,7 +99,10 @@ stage() {
 }
 
 build_cuda() {  # the CUDA extension against this machine's torch, no network, in place
-  local arch=${GPU_CHECK_ARCH_LIST:-$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}.{b}' + ('a' if (a, b) == (9, 0) else ''))")}
+  local arch=${GPU_CHECK_ARCH_LIST:-$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}.{b}' + ('a' if (a, b) == (9, 0) else ''))" 2>/dev/null)}
+  if [ -z "$arch" ]; then  # also keeps a dry run on a machine without a GPU from building in the tree
+    echo "no CUDA device to build for (torch.cuda.get_device_capability failed); set GPU_CHECK_ARCH_LIST"; return 1
+  fi
   echo "TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)}"
   DARE_KERNELS_CUDA=1 DARE_KERNELS_REQUIRE_EXT=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     TORCH_CUDA_ARCH_LIST=$arch "$PY" setup.py build_ext --inplace || return 1

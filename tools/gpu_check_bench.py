@@ -297,6 +297,9 @@ class Table:
             self.add(dict(base, status="skipped", reason=f"not supported here: {str(exc)[:160]}"))
             return
         except Exception as exc:  # noqa: BLE001 - a failing row is recorded and the table goes on
+            if "is not available" in str(exc):  # the library's own "backend=... is not available: why"
+                self.add(dict(base, status="skipped", reason=str(exc)[:240]))
+                return
             self.dare_errors += base["provider"].startswith("dare_")
             self.add(dict(base, status="error", reason=f"{type(exc).__name__}: {str(exc)[:200]}",
                           wall_s=round(time.monotonic() - t0, 2)))

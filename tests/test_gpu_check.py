@@ -35,7 +35,7 @@ def rehearsal(tmp_path_factory):
 def test_rehearsal_passes_and_writes_its_files(rehearsal):
     out, proc = rehearsal
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    for name in ("gpu_check.log", "gpu_check.json", "stages.csv", "stages.jsonl", "env.json", "bench.csv",
+    for name in ("gpu_check.log", "gpu_check.json", "gpu_check.md", "stages.csv", "stages.jsonl", "env.json", "bench.csv",
                  "bench.json", "bench_rows.jsonl", "selftest.json", "pytest.xml"):
         assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
     log = (out / "gpu_check.log").read_text()

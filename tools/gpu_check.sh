@@ -14,7 +14,8 @@
 #   racecheck, memcheck, synccheck, initcheck   compute-sanitizer over the smoke shapes (sanitize_sra_cuda.sh)
 #   bench      tools/gpu_check_bench.py: the benchmark table, on what is left of the budget -> bench.csv/.json
 # Everything goes under $OUT (default ./gpu_check_out): gpu_check.log, one log per stage in logs/,
-# stages.jsonl / stages.csv, gpu_check.json (the summary). Exit status 0 only when every stage passed or was
+# stages.jsonl / stages.csv, gpu_check.json and gpu_check.md (the summary: stages, and the bench rows with their
+# ratio to SDPA flash). Exit status 0 only when every stage passed or was
 # skipped for a stated reason other than the time budget.
 #
 # Knobs (environment): GPU_CHECK_MODE (auto | device | rehearse; device on a machine without a GPU is a dry

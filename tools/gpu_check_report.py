@@ -2,7 +2,7 @@
 """The two bookkeeping steps of tools/gpu_check.sh: what machine this is, and what the check found.
 
     python tools/gpu_check_report.py env OUT       -> OUT/env.json (versions, device, missing modules, commit)
-    python tools/gpu_check_report.py summary OUT   -> OUT/gpu_check.json and OUT/stages.csv; prints the stage
+    python tools/gpu_check_report.py summary OUT   -> OUT/gpu_check.json, gpu_check.md, stages.csv; prints the stage
                                                       table; exit 0 when every stage passed (or was skipped for
                                                       a stated reason other than the time budget), 1 otherwise
 
@@ -96,12 +96,41 @@ def stage_ok(stage: dict) -> bool:
 
 
 def bench_counts(out: Path) -> dict:
-    path = out / "bench_rows.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    rows = _bench_rows(out)
     counts = {"rows": len(rows)}
     for status in ("ok", "skipped", "error"):
         counts[status] = sum(r.get("status") == status for r in rows)
     return counts
+
+
+def _bench_rows(out: Path) -> list[dict]:
+    path = out / "bench_rows.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def markdown(report: dict, rows: list[dict]) -> str:
+    """gpu_check.md: the machine, the stage table and the measured rows with their ratio to SDPA flash (no bias)."""
+    env = report["env"]
+    lines = [f"# gpu_check ({report['mode']}): {'PASSED' if report['passed'] else 'FAILED'}", "",
+             f"{env.get('device', 'cpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"{env.get('date_utc')}, commit {env.get('commit')}", "",
+             "| stage | status | s | limit s | reason / last line |", "|---|---|---:|---:|---|"]
+    for s in report["stages"]:
+        why = str(s.get("reason") or s.get("note") or "").replace("|", "/")[:120]
+        lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | {s.get('limit_s', '')} | {why} |")
+    flash = {(r["shape"], r["mode"]): r["ms"] for r in rows
+             if r.get("provider") == "sdpa_flash" and r.get("status") == "ok"}
+    lines += ["", "| kernel | shape | provider | mode | ms | x SDPA flash (no bias) | status / reason |",
+              "|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        base = flash.get((r.get("shape"), str(r.get("mode", "")).replace("+map", "")))
+        ms = r.get("ms")
+        ratio = f"{ms / base:.2f}" if ms and base else ""
+        cell = f"{ms:.3f}" if ms else ""
+        why = r["status"] if r.get("status") == "ok" else f"{r.get('status')}: {str(r.get('reason', ''))[:90]}"
+        lines.append(f"| {r.get('kernel')} | {r.get('shape')} | {r.get('provider')} | {r.get('mode')} | {cell} | "
+                     f"{ratio} | {why.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(out: Path, mode: str) -> int:
@@ -111,6 +140,7 @@ def summary(out: Path, mode: str) -> int:
     report = {"mode": mode, "passed": passed, "env": env, "stages": stages, "bench": bench_counts(out),
               "files": sorted(p.name for p in out.iterdir() if p.is_file())}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(report, _bench_rows(out)))
     with (out / "stages.csv").open("w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=STAGE_COLUMNS, extrasaction="ignore")
         wr.writeheader()
@@ -122,7 +152,7 @@ def summary(out: Path, mode: str) -> int:
               f"  {why[:110]}")
     b = report["bench"]
     print(f"  bench rows: {b['rows']} ({b['ok']} measured, {b['skipped']} skipped, {b['error']} errors)")
-    print(f"  results in {out}: gpu_check.json, stages.csv, bench.csv, gpu_check.log")
+    print(f"  results in {out}: gpu_check.json, gpu_check.md, stages.csv, bench.csv, gpu_check.log")
     return 0 if passed else 1
 
 
@@ -138,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "env.json").write_text(json.dumps(env, indent=1, default=str))
         for k, v in env.items():
             print(f"  {k}: {v}")
+        print(f"env: {env.get('device', 'no CUDA device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+              f"missing {', '.join(env['missing_modules']) or 'nothing'}")
         return 0 if "dare_kernels_error" not in env and "torch_error" not in env else 1
     return summary(out, argv[2] if len(argv) > 2 else "device")
 

@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import gpu_check_bench  # noqa: E402
 import gpu_check_report  # noqa: E402
 
 STAGES = ["env", "build", "pytest", "selftest", "smoke", "racecheck", "memcheck", "synccheck", "initcheck", "bench"]
@@ -28,7 +29,7 @@ def rehearsal(tmp_path_factory):
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)  # the stages set it where they need it, as on a fresh machine
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--rehearse"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     return out, proc
 
 
@@ -123,3 +124,20 @@ def test_gpu_path_dry_run_without_a_gpu_fails_fast_and_runs_every_stage(tmp_path
     for name in ("racecheck", "memcheck", "synccheck", "initcheck"):
         assert stages[name]["status"] == "skipped" and "skipped" in stages[name]["reason"], stages[name]
     assert json.loads((tmp_path / "gpu_check.json").read_text())["passed"] is False
+
+
+def test_bench_rows_past_the_budget_or_the_row_cap_are_skipped_with_the_reason(tmp_path, capsys):
+    base = dict(kernel="sra_attention", shape="s", dims="", dtype="bfloat16", provider="dare_triton", mode="fwd")
+    late = gpu_check_bench.Table(tmp_path, "cpu", budget_s=0.0)
+    late.run(base, lambda: (lambda: None), 0.0, 0.0)
+    capped = gpu_check_bench.Table(tmp_path, "cpu", budget_s=60.0, rows_per_provider=1)
+    capped.run(base, lambda: (lambda: None), 1.0, 1.0)
+    capped.run(dict(base, mode="fwd+bwd"), lambda: (lambda: None), 1.0, 1.0)
+
+    def unavailable():
+        raise RuntimeError("sra_attention: backend='cuda' is not available: no GPU")
+    capped.run(dict(base, provider="dare_cuda"), unavailable, 1.0, 1.0)
+    rows = [json.loads(x) for x in (tmp_path / "bench_rows.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["skipped", "ok", "skipped", "skipped"]
+    assert rows[0]["reason"].startswith("time budget") and "at most 1 rows" in rows[2]["reason"]
+    assert "not available" in rows[3]["reason"] and capped.dare_errors == 0

@@ -14,16 +14,20 @@
 #   racecheck, memcheck, synccheck, initcheck   compute-sanitizer over the smoke shapes (sanitize_sra_cuda.sh)
 #   bench      tools/gpu_check_bench.py: the benchmark table, on what is left of the budget -> bench.csv/.json
 # Everything goes under $OUT (default ./gpu_check_out): gpu_check.log, one log per stage in logs/,
-# stages.jsonl / stages.csv, gpu_check.json and gpu_check.md (the summary: stages, and the bench rows with their
-# ratio to SDPA flash). Exit status 0 only when every stage passed or was
-# skipped for a stated reason other than the time budget.
+# stages.jsonl / stages.csv, gpu_check.json and gpu_check.md (the summary: the stages, and the bench rows
+# with their ratio to SDPA flash). Exit status 0 only when every stage passed or was skipped for a stated
+# reason other than the time budget.
 #
-# Knobs (environment): GPU_CHECK_MODE (auto | device | rehearse; device on a machine without a GPU is a dry
-# run of the GPU path, whose stages then fail fast: tests/test_gpu_check.py uses it), GPU_CHECK_BUDGET_S (default 465 on a GPU, 420 in rehearsal: stages and bench rows
-# that would start later are skipped, recorded with the reason), GPU_CHECK_ARCH_LIST (TORCH_CUDA_ARCH_LIST
-# of the build; default: this GPU's arch only, "9.0a" on an H100/H200, to keep the build short; the release
-# default is in CMakeLists.txt), MAX_JOBS
-# (default: every core), PYTHON (default .venv/bin/python if present, else python3), GPU_CHECK_PYTEST_FILES.
+# Knobs (environment):
+#   GPU_CHECK_MODE        auto (default) | device | rehearse; device without a GPU is a dry run of the GPU
+#                         path whose stages fail fast (tests/test_gpu_check.py uses it)
+#   GPU_CHECK_BUDGET_S    default 465 on a GPU, 420 in rehearsal: stages and bench rows that would start
+#                         later are skipped and recorded with the reason
+#   GPU_CHECK_ARCH_LIST   TORCH_CUDA_ARCH_LIST of the build; default this GPU's arch only ("9.0a" on an
+#                         H100 / H200) to keep the build short; the release default is in CMakeLists.txt
+#   MAX_JOBS              parallel compile jobs (default: every core)
+#   PYTHON                default .venv/bin/python if present, else python3
+#   GPU_CHECK_PYTEST_FILES  the test files of the pytest stage
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,4 +1,4 @@
-"""SRA attention (SPEC.md §1): the public function and its input checks.
+"""SRA attention (docs/SPEC.md §1): the public function and its input checks.
 
 The backend choice and the custom ops live below this module: dare_kernels/backends.py (which backend runs,
 and why not), dare_kernels/ops/sra_attention.py (the ops' schema, fakes and autograd), the kernels in

@@ -1,4 +1,4 @@
-// Schemas of the rectified CFG ops (SPEC.md §2). Per-device implementations: python/cpu/rectified_cfg_cpu.cpp,
+// Schemas of the rectified CFG ops (docs/SPEC.md §2). Per-device implementations: python/cpu/rectified_cfg_cpu.cpp,
 // python/cuda/rectified_cfg_cuda.cpp; fake impls and autograd from Python (dare_kernels/cfg.py).
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// Rectified CFG combine on CPU (SPEC.md §2): the kernels behind the fused op and the statistics / combine
+// Rectified CFG combine on CPU (docs/SPEC.md §2): the kernels behind the fused op and the statistics / combine
 // halves of the differentiable path. The op entry points (argument checks, contiguous copies, output
 // allocation) are in python/cpu/rectified_cfg_cpu.cpp. Every tensor u, c, d, buffer has one shape
 // [*groups, *reduced]; the last dims are reduced (n elements per group, `groups` groups).

@@ -1,4 +1,4 @@
-// SRA attention on CPU (SPEC.md §1): the kernel launches (forward in sra_cpu_fwd.cpp, backward in
+// SRA attention on CPU (docs/SPEC.md §1): the kernel launches (forward in sra_cpu_fwd.cpp, backward in
 // sra_cpu_bwd.cpp). The op entry points with the argument checks and output allocation are in
 // python/cpu/sra_attention_cpu.cpp; these take checked, non-empty inputs (B, H, N, M > 0).
 #pragma once

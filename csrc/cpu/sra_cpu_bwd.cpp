@@ -1,4 +1,4 @@
-// SRA attention on CPU (SPEC.md §1): the backward (helpers in sra_cpu_common.h, entry point with checks
+// SRA attention on CPU (docs/SPEC.md §1): the backward (helpers in sra_cpu_common.h, entry point with checks
 // and allocation in python/cpu/sra_attention_cpu.cpp).
 //
 // One task per (batch, head, query split); P is recomputed from the LSE, dK/dV/Σ_i dS are accumulated in

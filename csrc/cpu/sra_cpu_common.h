@@ -1,4 +1,4 @@
-// Shared helpers of the CPU SRA attention kernels (SPEC.md §1): switches as the kernels see them, row
+// Shared helpers of the CPU SRA attention kernels (docs/SPEC.md §1): switches as the kernels see them, row
 // helpers (at::vec), strided views and block conversion, GEMM operands, scheduling and block sizes, the
 // block products. Forward in sra_cpu_fwd.cpp, backward in sra_cpu_bwd.cpp, the entry points (checks,
 // allocation, launch) in python/cpu/sra_attention_cpu.cpp. Mirrors csrc/cuda/sra_common.cuh.

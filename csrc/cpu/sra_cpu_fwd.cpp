@@ -1,4 +1,4 @@
-// SRA attention on CPU (SPEC.md §1): the fused forward (helpers in sra_cpu_common.h, entry point with checks
+// SRA attention on CPU (docs/SPEC.md §1): the fused forward (helpers in sra_cpu_common.h, entry point with checks
 // and allocation in python/cpu/sra_attention_cpu.cpp).
 //
 // Without a map, one task per (batch, head, query block), ordered so that consecutive tasks share K/V;

@@ -1,4 +1,4 @@
-"""Every SRA backend against the float64 reference (SPEC.md §1): one list of cases, run per backend.
+"""Every SRA backend against the float64 reference (docs/SPEC.md §1): one list of cases, run per backend.
 
 Backends: ``reference`` (the float32 dispatch path), ``cpu`` (the C++ kernels), ``triton`` (CUDA tensors
 with a GPU, else CPU tensors in Triton's interpreter: small cases only, it is slow) and ``cuda`` (skipped

@@ -114,7 +114,7 @@ build_cuda() {  # the CUDA extension against this machine's torch, no network, i
 
 run_pytest() {  # the GPU unit tests (files, not tests/: collecting every file needs packages this machine may lack)
   if ! "$PY" -c "import pytest" 2>/dev/null; then echo "SKIP: pytest is not installed here"; return 0; fi
-  local files=${GPU_CHECK_PYTEST_FILES:-tests/test_sra_cuda.py tests/test_cfg_triton.py}
+  local files=${GPU_CHECK_PYTEST_FILES:-tests/test_sra_conformance.py tests/test_sra_cuda.py tests/test_cfg_triton.py}
   local sel=()
   [ "$MODE" = rehearse ] && { files=tests/test_sra_cuda.py; sel=(-m gpu); }  # no GPU: they skip, with the reason
   # shellcheck disable=SC2086

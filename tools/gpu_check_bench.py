@@ -230,15 +230,11 @@ def cfg_call(provider: str, preds: torch.Tensor):
 
 
 def _dare_unavailable(op: str, backend: str, x: torch.Tensor) -> str | None:
-    """Why dare's ``backend`` cannot run ``op`` on ``x`` here (None when it can), from the library's own check."""
-    import dare_kernels.cfg as cfg_mod
-    import dare_kernels.sra as sra_mod
+    """Why dare's ``backend`` cannot run ``op`` on ``x`` here (None when it can), from the backend registry."""
+    from dare_kernels import backends
 
-    mod = sra_mod if op == "sra" else cfg_mod
-    check = getattr(mod, "_unavailable", None)
-    if check is None:  # the library moved its availability check: let the call itself say
-        return None
-    return check(backend, x.device, x.dtype)
+    name = "sra_attention" if op == "sra" else "rectified_cfg"
+    return backends.unsupported_reason(name, backend, x.device, x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

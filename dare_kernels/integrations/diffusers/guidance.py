@@ -322,8 +322,9 @@ class _BatchedBranches:
         base = _unwrapped(model)
         self.pipe = pipe
         self.model = model
-        self.signature = inspect.signature(type(base).forward)
-        params = self.signature.parameters
+        params = inspect.signature(type(base).forward).parameters
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.positional_names = [n for n, p in params.items() if p.kind in positional][1:]  # without self
         self.sample_name = "hidden_states" if "hidden_states" in params else "sample"
         if self.sample_name not in params or "encoder_hidden_states" not in params:
             raise TypeError(f"dare_guidance: {type(base).__name__}.forward takes no hidden_states / sample and "
@@ -356,8 +357,12 @@ class _BatchedBranches:
                 "dare_guidance: call the pipeline with guidance_scale=1.0 inside this context "
                 f"(it got {gs}); the guidance scale goes to dare_guidance(...)"
             )
-        bound = self.signature.bind(None, *args, **kwargs)  # None stands for self: only names matter here
-        a = bound.arguments
+        # name the arguments, but hand them on as the caller passed them (positional stays positional):
+        # hooks inside (FasterCache) look for the CFG inputs among the keyword arguments
+        names = self.positional_names[: len(args)]
+        if len(args) > len(self.positional_names):
+            raise TypeError(f"dare_guidance: {len(args)} positional arguments for {type(module).__name__}.forward")
+        a = dict(zip(names, args), **kwargs)
         hs, text = a.get(self.sample_name), a.get("encoder_hidden_states")
         if not isinstance(hs, torch.Tensor) or not isinstance(text, torch.Tensor):
             raise TypeError(f"dare_guidance: expected tensors {self.sample_name} and encoder_hidden_states")
@@ -390,7 +395,7 @@ class _BatchedBranches:
             ctx = handle.branch(*self.layout)
             ctx.__enter__()
         self.pending.append((b, ctx))
-        return tuple(bound.args[1:]), dict(bound.kwargs)
+        return tuple(a[n] for n in names), {n: a[n] for n in kwargs}
 
     @torch.compiler.disable
     def post(self, module, args, kwargs, output):

@@ -168,7 +168,7 @@ def test_guider_composes(setup):
         WanLoopDenoiser()(types.SimpleNamespace(guider=guider, transformer=pipe.transformer), state, 0, t)
     ref = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5)
     ref.set_state(step=0, num_inference_steps=2, timestep=t)
-    _close(state.noise_pred, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d).pred)
+    _close(state.noise_pred, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0])
 
 
 # ---------------------------------------------------------------------------------------------

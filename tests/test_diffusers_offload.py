@@ -48,15 +48,29 @@ def _align_hooks(pipe):
         add_hook_to_module(m, AlignDevicesHook(execution_device=torch.device("cpu"), io_same_device=True))
 
 
+def _group_offload_cpu(install):
+    """Group offloading onto cpu; diffusers <= 0.38 builds it from torch.accelerator.current_accelerator(), which
+    is None on a machine without an accelerator (stock models fail the same way): skipped there."""
+    import diffusers
+
+    try:
+        install()
+    except AttributeError as e:
+        if torch.accelerator.current_accelerator() is None and "'type'" in str(e):
+            pytest.skip(f"diffusers {diffusers.__version__}: group offloading needs an accelerator present ({e})")
+        raise
+
+
 def _group_offload_blocks(pipe):
-    pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                                          offload_type="block_level", num_blocks_per_group=1)
+    _group_offload_cpu(lambda: pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="block_level", num_blocks_per_group=1))
 
 
 def _group_offload_leaves(pipe):
     from diffusers.hooks import apply_group_offloading
 
-    apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"), offload_type="leaf_level")
+    _group_offload_cpu(lambda: apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"),
+                                                      offload_type="leaf_level"))
 
 
 def _model_offload(pipe):
@@ -74,7 +88,7 @@ def _compiled_wrapper(pipe):
 
 
 def _compiled_in_place(pipe):
-    pipe.transformer.compile(backend="eager")
+    pipe.transformer.compile(backend="eager", fullgraph=True)  # the module hooks stay out of the graph
 
 
 SETUPS = {

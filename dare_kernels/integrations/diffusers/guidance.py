@@ -8,8 +8,9 @@ Two ways in:
   (``handle.set_token_weights(w, degraded=w_d)``) apply. The degraded branch reuses the conditional inputs
   unless ``degraded_inputs`` names other block-state fields (e.g. {"encoder_hidden_states": "degraded_prompt_embeds"}).
 
-* Classic pipelines (WanPipeline, LTXPipeline, CogVideoXPipeline): :func:`dare_guidance`, a context manager
-  that makes the transformer run all branches in one batched forward and return the combined prediction::
+* Classic pipelines (WanPipeline, LTXPipeline, CogVideoXPipeline, AnimateDiffPipeline): :func:`dare_guidance`,
+  a context manager that makes the denoiser (``transformer`` / ``transformer_2`` / ``unet``) run all branches in
+  one batched forward and return the combined prediction::
 
       handle = apply_dare(pipe)                                   # optional: SRA token weights
       handle.set_token_weights(w, only_cond=True, degraded=w_d)
@@ -18,6 +19,12 @@ Two ways in:
 
   Call the pipeline with ``guidance_scale=1.0`` (so it runs one conditional pass); the guidance scale is
   given to ``dare_guidance``. Batch order of the forward: uncond, cond[, degraded].
+
+  It installs a forward pre-hook (batch the branches) and a forward hook (combine) on each denoiser and
+  removes them on exit; it never replaces ``forward`` on the instance. accelerate's offload hooks and
+  diffusers' HookRegistry (group offload, caches, context parallelism) do replace it, and PyTorch module
+  hooks run around whatever ``forward`` is installed, so they compose: the offload and cache hooks see the
+  batched branches, as they see a stock pipeline's batched CFG.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def _run_guider(guider, steps, preds_per_step):
     for i in range(steps):
         guider.set_state(step=i, num_inference_steps=steps, timestep=torch.tensor(999 - i))
         guider.prepare_inputs({})  # diffusers' APG creates its momentum buffer here at step 0
-        outs.append(guider.forward(**preds_per_step(i)).pred)
+        outs.append(guider.forward(**preds_per_step(i))[0])
     return outs
 
 
@@ -38,8 +38,8 @@ def test_cfg_mode_equals_diffusers_cfg(rescale):
     theirs = ClassifierFreeGuidance(guidance_scale=6.0, guidance_rescale=rescale)
     for gd in (ours, theirs):
         gd.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
-    a = ours.forward(pred_cond=c, pred_uncond=u).pred
-    b = theirs.forward(pred_cond=c, pred_uncond=u).pred
+    a = ours.forward(pred_cond=c, pred_uncond=u)[0]
+    b = theirs.forward(pred_cond=c, pred_uncond=u)[0]
     torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
@@ -51,8 +51,8 @@ def test_cfg_zero_star_equals_diffusers():
     theirs = ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=0)
     for gd in (ours, theirs):
         gd.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(500))
-    torch.testing.assert_close(ours.forward(pred_cond=c, pred_uncond=u).pred,
-                               theirs.forward(pred_cond=c, pred_uncond=u).pred, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours.forward(pred_cond=c, pred_uncond=u)[0],
+                               theirs.forward(pred_cond=c, pred_uncond=u)[0], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("momentum,threshold,eta", [(None, 0.0, 1.0), (-0.5, 15.0, 0.3), (0.4, 2.0, 0.0)])
@@ -79,8 +79,8 @@ def test_degraded_branch_adds_rectify_term(mode):
     for gd in (with_d, without):
         gd.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
     assert with_d.num_conditions == 3 and without.num_conditions == 2
-    a = with_d.forward(pred_cond=c, pred_uncond=u, pred_degraded=d).pred
-    b = without.forward(pred_cond=c, pred_uncond=u).pred
+    a = with_d.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0]
+    b = without.forward(pred_cond=c, pred_uncond=u)[0]
     torch.testing.assert_close(a.double(), b.double() + 1.5 * (c.double() - d.double()), atol=3e-5, rtol=3e-5)
 
 
@@ -89,7 +89,7 @@ def test_guider_disabled_outside_range_and_config_roundtrip():
     gd = DAREGuidance(guidance_scale=4.0, rectify_scale=1.0, start=0.5)
     gd.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
     assert gd.num_conditions == 1
-    assert torch.equal(gd.forward(pred_cond=c).pred, c)
+    assert torch.equal(gd.forward(pred_cond=c)[0], c)
     again = gd.new(guidance_scale=2.0)
     assert isinstance(again, DAREGuidance) and again.guidance_scale == 2.0 and again.rectify_scale == 1.0
     with pytest.raises(ValueError, match="mode"):
@@ -149,7 +149,7 @@ def test_dare_guidance_batches_branches_and_combines(mode):
         g = model(x, t, pe, return_dict=False)[0]
     ref = DAREGuidance(guidance_scale=5.0, rectify_scale=2.0, mode=mode)
     ref.set_state(step=0, num_inference_steps=1, timestep=t)
-    expect = ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d).pred
+    expect = ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0]
     torch.testing.assert_close(g, expect, atol=1e-5, rtol=1e-5)
     assert "forward" not in model.__dict__
 
@@ -218,5 +218,5 @@ def test_guider_in_wan_modular_denoise_step():
             d = model(x, t.expand(1), de, return_dict=False)[0]
     ref = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5, mode="cfg_zero_star")
     ref.set_state(step=0, num_inference_steps=2, timestep=t)
-    torch.testing.assert_close(got, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d).pred,
+    torch.testing.assert_close(got, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0],
                                atol=1e-5, rtol=1e-5)

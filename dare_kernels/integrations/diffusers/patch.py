@@ -70,9 +70,16 @@ def _find_layers(model, entry: ModelEntry, prefix: str) -> list[tuple[str, Any, 
     return layers
 
 
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a ``torch.compile(model)`` wrapper (patched in place; the wrapper recompiles on its guards)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def _models_of(obj) -> list[tuple[str, torch.nn.Module, ModelEntry]]:
     """[(prefix, model, entry)] for a supported model or a pipeline holding one (Wan 2.2 A14B: two experts)."""
     if isinstance(obj, torch.nn.Module):
+        obj = _uncompiled(obj)
         entry = entry_for(obj)
         if entry is None:
             raise TypeError(
@@ -85,6 +92,7 @@ def _models_of(obj) -> list[tuple[str, torch.nn.Module, ModelEntry]]:
     for attr in ("transformer", "transformer_2", "unet"):
         model = getattr(obj, attr, None)
         if isinstance(model, torch.nn.Module):
+            model = _uncompiled(model)
             entry = entry_for(model)
             if entry is None:
                 raise TypeError(

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["DAREGuidance", "dare_guidance", "CFG_MODES", "combine"]
+from ...reference import CFG_MODES
 
-CFG_MODES = ("cfg", "cfg_zero_star", "apg")
+__all__ = ["DAREGuidance", "dare_guidance", "CFG_MODES", "combine"]
 
 
 def combine(preds, guidance_scale, **kwargs):

@@ -256,6 +256,22 @@ def test_cache_hooks_compose_on_cogvideox(cache):
 
 
 @torch.no_grad()
+def test_faster_cache_refuses_per_branch_weights():
+    """On the steps where FasterCache reuses the unconditional prediction it runs the cond half alone, which the
+    handle cannot tell from a [uncond; cond] batch: per-branch weights must raise, not weight the wrong rows."""
+    pe, ne, args = _cog_args()
+    pipe = tiny.tiny_cogvideox_pipeline()
+    pipe.transformer.enable_cache(_faster(pipe))
+    w = torch.rand(1, 16, generator=torch.Generator().manual_seed(1)) + 0.1
+    with apply_dare(pipe) as h:
+        h.set_token_weights(w, only_cond=True)
+        with pytest.raises(ValueError, match="FasterCache runs the conditional half"):
+            pipe(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=4.0, **args)
+        h.set_token_weights(w)  # the same weights for every branch: allowed
+        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=4.0, **args)
+
+
+@torch.no_grad()
 def test_first_block_cache_on_wan_with_weights():
     """Wan runs cond / uncond as separate cached passes in stock; under dare_guidance the one batched pass is
     cached in the "cond" context. Threshold 0 never reuses, so the result equals the uncached guided run."""

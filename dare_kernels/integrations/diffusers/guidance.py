@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ...reference import CFG_MODES
+from .patch import uses_faster_cache
 
 __all__ = ["DAREGuidance", "dare_guidance", "CFG_MODES", "combine"]
 
@@ -310,12 +311,6 @@ def _fit_batch(t: torch.Tensor, b: int, what: str) -> torch.Tensor:
     raise ValueError(f"dare_guidance: {what} has batch {t.shape[0]}, the pipeline's batch is {b}")
 
 
-def _uses_faster_cache(model) -> bool:
-    # FasterCache splits the denoiser batch into [uncond; cond] halves; diffusers keeps the config privately
-    config = getattr(_unwrapped(model), "_cache_config", None)
-    return type(config).__name__ == "FasterCacheConfig"
-
-
 class _BatchedBranches:
     """The forward pre-hook / forward hook pair of one dare_guidance context on one denoiser.
 
@@ -458,7 +453,7 @@ def dare_guidance(pipe, *, negative_prompt_embeds: torch.Tensor, guidance_scale:
         if _unwrapped(m) in _GUIDED:
             raise RuntimeError(f"dare_guidance: {type(_unwrapped(m)).__name__} is already inside a dare_guidance "
                                "context; contexts do not nest")
-        if k == 3 and _uses_faster_cache(m):
+        if k == 3 and uses_faster_cache(m):
             raise ValueError("dare_guidance: FasterCache splits the batch into [uncond; cond] halves; it cannot run "
                              "the three-branch batch of rectify_scale != 0 (use rectify_scale=0 or another cache)")
     combine_kwargs = dict(guidance_scale=guidance_scale, mode=mode, rectify_scale=rectify_scale,

@@ -70,6 +70,12 @@ def _find_layers(model, entry: ModelEntry, prefix: str) -> list[tuple[str, Any, 
     return layers
 
 
+def uses_faster_cache(model: torch.nn.Module) -> bool:
+    """Whether diffusers' FasterCache is enabled on ``model`` (it splits the batch into [uncond; cond] halves
+    and on some steps runs the cond half alone). diffusers keeps the cache config in a private attribute."""
+    return type(getattr(_uncompiled(model), "_cache_config", None)).__name__ == "FasterCacheConfig"
+
+
 def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a ``torch.compile(model)`` wrapper (patched in place; the wrapper recompiles on its guards)."""
     inner = getattr(model, "_orig_mod", None)
@@ -397,6 +403,11 @@ class DAREHandle:
 
     # forward pre-hook on each patched model: the batch, latent token grid and CFG layout of this forward
     def _pre_hook(self, entry: ModelEntry, model, args, kwargs) -> None:
+        if self._spec is not None and self._spec["uncond"] is not self._spec["cond"] and uses_faster_cache(model):
+            raise ValueError(
+                f"{type(model).__name__}: FasterCache runs the conditional half of the batch alone on the steps where "
+                "it reuses the unconditional prediction, so per-branch token weights (only_cond=True or a dict) "
+                "cannot be applied right there; give every branch the same weights or use another cache")
         info = entry.forward_info(model, args, kwargs)
         self._fwd = {"batch": info.batch, "grid": info.grid, "frames": info.frames,
                      "cfg_batched": self._batched_cfg(info)}

@@ -86,6 +86,8 @@ TABLE: tuple[Switch, ...] = (
            "run id written with every CSV row"),
     Switch("DARE_KERNELS_BENCH_BUDGET_S", "0", "float", "bench", "measurement",
            "time budget of a benchmark run in seconds (0 = the command's default: 200 quick on CPU, none full)"),
+    Switch("DARE_KERNELS_AOT_CACHE", "<~/.cache/dare_kernels>", "path", "test", "measurement",
+           "folder of python -m dare_kernels.triton.aot_check's cache of compiled-resource rows"),
 )
 
 # variables named by their owners that change what dare_kernels does (printed by ``info``, never renamed)

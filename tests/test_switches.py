@@ -106,7 +106,14 @@ def test_readme_has_one_table_with_every_switch_and_its_default():
     assert names  # the regex matched
 
 
-def test_parse_is_cached_until_reload(monkeypatch):
+def test_parse_is_cached_until_reload():
+    # a plain MonkeyPatch: the suite's monkeypatch fixture reloads the switches after every change
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _check_cached_until_reload(monkeypatch)
+    switches.reload()
+
+
+def _check_cached_until_reload(monkeypatch):
     name = "DARE_KERNELS_TRITON_AUTOTUNE"
     monkeypatch.setenv(name, "0")
     switches.reload()

@@ -37,6 +37,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+from .. import switches
 from . import _sra_configs as C
 
 HEAD_DIMS = (40, 64, 80, 128, 160, 256)
@@ -227,7 +228,7 @@ def _case_key(case: dict) -> str:
 
 
 def _cache_path(fp: str) -> str:
-    root = os.environ.get("DARE_KERNELS_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+    root = switches.get("DARE_KERNELS_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                       "dare_kernels")
     return os.path.join(root, f"aot_check-{fp}.json")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -101,6 +102,23 @@ def reload_cpu_switches() -> None:
     from dare_kernels import switches
 
     switches.reload()
+
+
+@contextlib.contextmanager
+def switch_env(name: str, value: str | None):
+    """Set (or, with None, unset) one environment switch for the block, with the kernels re-reading it on the
+    way in and out; for code outside a test function (module-level probes, hypothesis bodies)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if value is None:
+            mp.delenv(name, raising=False)
+        else:
+            mp.setenv(name, value)
+        reload_cpu_switches()
+        try:
+            yield
+        finally:
+            mp.undo()
+            reload_cpu_switches()
 
 
 class SwitchAwareMonkeyPatch(pytest.MonkeyPatch):

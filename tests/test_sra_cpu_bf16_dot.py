@@ -20,7 +20,7 @@ from dare_kernels import _ext, sra_attention
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import reload_cpu_switches
+from conftest import switch_env
 from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both, sra_problem
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
@@ -31,22 +31,14 @@ ENV = "DARE_KERNELS_CPU_BF16_DOT"
 def _bf16_dot_available() -> bool:
     """Ask the kernel itself: mode "1" fails with a clear error on a CPU without AVX512-BF16."""
     q = torch.randn(1, 1, 2, 4).bfloat16()
-    old = os.environ.get(ENV)
-    os.environ[ENV] = "1"
-    reload_cpu_switches()
-    try:
-        sra_attention(q, q, q, backend="cpu")
-        return True
-    except RuntimeError as e:
-        if "lacks AVX-512" in str(e):
-            return False
-        raise
-    finally:
-        if old is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = old
-        reload_cpu_switches()
+    with switch_env(ENV, "1"):
+        try:
+            sra_attention(q, q, q, backend="cpu")
+            return True
+        except RuntimeError as e:
+            if "lacks AVX-512" in str(e):
+                return False
+            raise
 
 
 HAVE_BF16_DOT = _ext.has_cpu_kernels() and _bf16_dot_available()
@@ -106,18 +98,9 @@ def test_hypothesis_bf16_products(problem, mode):
     q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
     w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
     mask = (torch.rand(B, M, generator=gen) > 0.3) if use_mask else None
-    old = os.environ.get(ENV)
-    os.environ[ENV] = mode
-    reload_cpu_switches()
-    try:
+    with switch_env(ENV, mode):
         # gradients too where M is small (the backward's bf16 S and dP on random layouts and odd sizes)
         res = run_both(q, k, v, w, mask, strength, keys, with_grad=M <= 300, gen=gen)
-    finally:
-        if old is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = old
-        reload_cpu_switches()
     check_all(res, torch.bfloat16)
 
 

@@ -290,12 +290,7 @@ def plot_speedups(rows: list[dict], path: str | Path, title: str = "") -> Path |
         ax.set_xlim(min(0.8, min(vals) / 1.25), max(1.25, max(vals) * 1.35))
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def floor_fraction(row: dict, fl: dict[str, float]) -> tuple[float | None, str]:
@@ -355,11 +350,16 @@ def plot_floor_fractions(rows: list[dict], path: str | Path, title: str = "") ->
         ax.grid(axis="x", alpha=0.3)
     fl_txt = ", ".join(f"{k} {v:.0f} {'GB/s' if k == 'copy' else 'GFLOP/s'}" for k, v in sorted(fl.items()))
     fig.suptitle(f"{title + chr(10) if title else ''}floors measured in the same run: {fl_txt}", fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns its path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 

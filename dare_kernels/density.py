@@ -301,8 +301,9 @@ class TokenDensity:
         """
         try:
             import wordfreq
-        except ImportError as exc:  # pragma: no cover - wordfreq is a runtime dependency
-            raise ImportError("TokenDensity.from_wordfreq needs the `wordfreq` package (pip install wordfreq)") from exc
+        except ImportError as exc:  # pragma: no cover - wordfreq is an optional dependency
+            raise ImportError("TokenDensity.from_wordfreq needs the `wordfreq` package "
+                              "(pip install 'dare_kernels[density]' or pip install wordfreq)") from exc
         vocab_size = tokenizer_vocab_size(tokenizer)
         if not isinstance(lang, str) or not lang:
             raise ValueError(f"lang must be a language code such as 'en', got {lang!r}")

@@ -169,6 +169,7 @@ def test_strip_word_piece_markers():
 
 
 def test_from_wordfreq_handles_pieces_punctuation_and_unknowns():
+    pytest.importorskip("wordfreq", reason="wordfreq (the [density] extra) is not installed here")
     pieces = ["<pad>", "</s>", "\u2581the", "\u2581cat", "##s", "\u0120dog", ",", "\u2581", "xqzvkj",
               "\u2581photograph", "\u2581a"]
 

@@ -12,6 +12,16 @@ from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
 
 
+
+def branch_predictions(handle, model, x, t, **embeds):
+    """One plain forward per branch (uncond=..., cond=..., degraded=... text embeddings), each told its branch:
+    the per-branch predictions a guider combines, in the order given."""
+    preds = []
+    for branch, e in embeds.items():
+        with handle.branch(branch):
+            preds.append(model(x, t.expand(x.shape[0]), e, return_dict=False)[0])
+    return preds
+
 def _preds(shape=(2, 4, 3, 5, 6), dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     c = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -210,12 +220,7 @@ def test_guider_in_wan_modular_denoise_step():
         comps = types.SimpleNamespace(guider=guider, transformer=model)
         WanLoopDenoiser()(comps, state, 0, t)
         got = state.noise_pred
-        with h.branch("uncond"):
-            u = model(x, t.expand(1), ne, return_dict=False)[0]
-        with h.branch("cond"):
-            c = model(x, t.expand(1), pe, return_dict=False)[0]
-        with h.branch("degraded"):
-            d = model(x, t.expand(1), de, return_dict=False)[0]
+        u, c, d = branch_predictions(h, model, x, t, uncond=ne, cond=pe, degraded=de)
     ref = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5, mode="cfg_zero_star")
     ref.set_state(step=0, num_inference_steps=2, timestep=t)
     torch.testing.assert_close(got, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0],

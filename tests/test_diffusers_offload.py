@@ -21,6 +21,8 @@ accelerate = pytest.importorskip("accelerate")
 from dare_kernels.integrations.diffusers import DAREGuidance, apply_dare, dare_guidance  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
+from test_diffusers_guidance import branch_predictions  # noqa: E402
+
 M = 512  # Wan's text length
 
 
@@ -169,13 +171,7 @@ def test_guider_composes(setup):
     guider = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5)
     with apply_dare(pipe) as h:
         h.set_token_weights(w, only_cond=True, degraded=torch.where(torch.arange(M) < 6, 0.0, 1.0).view(1, M))
-        model = pipe.transformer
-        with h.branch("uncond"):
-            u = model(x, t.expand(1), ne, return_dict=False)[0]
-        with h.branch("cond"):
-            c = model(x, t.expand(1), pe, return_dict=False)[0]
-        with h.branch("degraded"):
-            d = model(x, t.expand(1), pe, return_dict=False)[0]
+        u, c, d = branch_predictions(h, pipe.transformer, x, t, uncond=ne, cond=pe, degraded=pe)
         SETUPS[setup](pipe)
         state = BlockState(num_inference_steps=2, latent_model_input=x, dtype=torch.float32, attention_kwargs=None,
                            prompt_embeds=pe, negative_prompt_embeds=ne)

@@ -1,9 +1,12 @@
-"""Shared set-up of the rectified-CFG benchmarks: inputs, diffusers guiders and the dare call per mode."""
+"""Shared set-up of the rectified-CFG benchmarks: inputs, diffusers guiders, the dare call per mode and the
+providers the CPU and GPU files share."""
 
 from __future__ import annotations
 
 import torch
 
+import dare_kernels as dk
+from dare_kernels import backends
 from dare_kernels.benchmarking.peers import diffusers_guider
 from dare_kernels.benchmarking.shapes import LATENT_SHAPES
 from dare_kernels.reference import CFG_MODES as MODES
@@ -60,3 +63,30 @@ def cycling(fn, inputs):
         return fn(x)
 
     return call
+
+
+def dare_call(backend: str, mode: str, inputs):
+    """rectified_cfg on ``backend`` into a preallocated ``out=``, cycling ``inputs``; skips when it cannot run."""
+    import pytest  # here: the interleaved script and tools/gpu_check_bench.py import this module without it
+
+    why = backends.unsupported_reason("rectified_cfg", backend, inputs[0].device, inputs[0].dtype)
+    if why is not None:
+        pytest.skip(why)
+    out = torch.empty_like(inputs[0][: inputs[0].shape[0] // 2])
+    kw = dare_kwargs(mode)
+    return cycling(lambda p: dk.rectified_cfg(p, SCALE, out=out, backend=backend, **kw), inputs)
+
+
+def peer_call(provider: str, mode: str, inputs) -> tuple:
+    """(call, bytes it must move) of a peer both devices measure: "diffusers_guider" (eager; reads the K=2
+    branches twice and writes one, 2.5x the input bytes like the fused path) or "copy" (reads and writes 1x)."""
+    in_bytes = inputs[0].numel() * inputs[0].element_size()
+    if provider == "diffusers_guider":
+        import pytest
+
+        pytest.importorskip("diffusers")
+        return cycling(guider_fn(mode), inputs), int(2.5 * in_bytes)
+    if provider == "copy":
+        dst = torch.empty_like(inputs[0])
+        return cycling(lambda p: dst.copy_(p), inputs), 2 * in_bytes
+    raise ValueError(f"unknown provider {provider!r}")

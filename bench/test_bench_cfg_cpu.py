@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dare_kernels as dk
-from _cfg_common import MODES, cycling, dare_kwargs, guider_fn, latent_inputs
+from _cfg_common import MODES, cycling, dare_call, guider_fn, latent_inputs, peer_call
 from harness import latent_names
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,15 +40,7 @@ def test_bench_rectified_cfg_cpu(benchmark, shape, mode, dtype, provider, thread
     inputs = latent_inputs(shape, dt)
     in_bytes = inputs[0].numel() * inputs[0].element_size()
     if provider == "dare_cpu":
-        if dk.cfg._unavailable("cpu", inputs[0].device, dt) is not None:
-            pytest.skip(dk.cfg._unavailable("cpu", inputs[0].device, dt))
-        out = torch.empty_like(inputs[0][: inputs[0].shape[0] // 2])
-        kw = dare_kwargs(mode)
-        fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="cpu", **kw), inputs)
-        nbytes = int(2.5 * in_bytes)
-    elif provider == "diffusers_guider":
-        pytest.importorskip("diffusers")
-        fn = cycling(guider_fn(mode), inputs)
+        fn = dare_call("cpu", mode, inputs)
         nbytes = int(2.5 * in_bytes)
     elif provider == "diffusers_guider_compiled":
         pytest.importorskip("diffusers")
@@ -61,9 +52,7 @@ def test_bench_rectified_cfg_cpu(benchmark, shape, mode, dtype, provider, thread
         fn = cycling(compiled, inputs)
         nbytes = int(2.5 * in_bytes)
     else:
-        dst = torch.empty_like(inputs[0])
-        fn = cycling(lambda p: dst.copy_(p), inputs)
-        nbytes = 2 * in_bytes
+        fn, nbytes = peer_call(provider, mode, inputs)
     fn()
     _info(benchmark, provider, mode, shape, dtype, nbytes)
     benchmark(fn)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dare_kernels as dk
-from _cfg_common import MODES, cycling, dare_kwargs, guider_fn, latent_inputs
+from _cfg_common import MODES, dare_call, latent_inputs, peer_call
 from shapes import LATENT_SHAPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,31 +48,17 @@ def test_bench_rectified_cfg_gpu(benchmark, shape, mode, dtype, provider, monkey
     dt = DTYPES[dtype]
     inputs = latent_inputs(shape, dt, device="cuda")
     in_bytes = inputs[0].numel() * inputs[0].element_size()
-    out = torch.empty_like(inputs[0][: inputs[0].shape[0] // 2])
-    kw = dare_kwargs(mode)
     if provider.startswith("dare_cuda"):
-        why = dk.cfg._unavailable("cuda", inputs[0].device, dt)
-        if why is not None:
-            pytest.skip(why)
         path = "two_pass" if provider.endswith("two_pass") else "single_pass"
         monkeypatch.setenv("DARE_KERNELS_CUDA_CFG_PATH", path)
         getattr(dk._ext.EXT, "reload_cpu_switches", lambda: None)()  # the C++ switch table is parsed once
-        fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="cuda", **kw), inputs)
+        fn = dare_call("cuda", mode, inputs)
         nbytes = int((2.5 if path == "two_pass" else 1.5) * in_bytes)
     elif provider == "dare_triton":
-        why = dk.cfg._unavailable("triton", inputs[0].device, dt)
-        if why is not None:
-            pytest.skip(why)
-        fn = cycling(lambda p: dk.rectified_cfg(p, 5.0, out=out, backend="triton", **kw), inputs)
-        nbytes = int(2.5 * in_bytes)
-    elif provider == "diffusers_guider":
-        pytest.importorskip("diffusers")
-        fn = cycling(guider_fn(mode), inputs)
+        fn = dare_call("triton", mode, inputs)
         nbytes = int(2.5 * in_bytes)
     else:
-        dst = torch.empty_like(inputs[0])
-        fn = cycling(lambda p: dst.copy_(p), inputs)
-        nbytes = 2 * in_bytes
+        fn, nbytes = peer_call(provider, mode, inputs)
     fn = _synced(fn)
     fn()
     benchmark.extra_info.update(kernel="rectified_cfg", provider=provider, mode=mode, shape=shape, dtype=dtype,

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dare_kernels import _ext, sra
+from dare_kernels import backends
 from dare_kernels.sra import sra_attention
 
 from shapes import ATTN_SHAPES
@@ -50,7 +50,7 @@ def test_sra_attention_gpu(benchmark, shape, provider, mode, dtype):
                                 dtype=str(dtype).split(".")[-1], flops=_flops(s, mode))
     if provider in ("dare_cuda", "dare_triton"):
         backend = provider.split("_")[1]
-        why = sra._unavailable(backend, q.device, dtype)
+        why = backends.unsupported_reason("sra_attention", backend, q.device, dtype)
         if why is not None:
             pytest.skip(why)
 

@@ -59,9 +59,9 @@ def _make_call(provider, mode, shape, q, k, v, w, mask):
 
     if provider in ("dare_triton", "dare_cuda"):
         backend = provider.split("_")[1]
-        from dare_kernels.sra import _unavailable
+        from dare_kernels import backends
 
-        why = _unavailable(backend, q.device, q.dtype)
+        why = backends.unsupported_reason("sra_attention", backend, q.device, q.dtype)
         if why:
             return why
         from dare_kernels import sra_attention

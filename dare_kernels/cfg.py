@@ -22,7 +22,6 @@ Conventions where docs/SPEC.md and diffusers 0.42.1 differ or are silent (tests/
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Sequence
@@ -36,8 +35,6 @@ from .reference import CFG_MODES, rectified_cfg_ref
 __all__ = ["rectified_cfg", "CFG_MODES", "BACKENDS"]
 
 BACKENDS = backends.CHOICES
-# why a backend cannot run the CFG combine here (None when it can): kept for callers outside the package's core
-_unavailable = functools.partial(backends.unsupported_reason, "rectified_cfg")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ dare_kernels._C and dare_kernels/triton/, and the memory-safe PyTorch fallback i
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -20,8 +19,6 @@ from .sra_fallback import sra_attention_fallback
 __all__ = ["sra_attention", "BACKENDS"]
 
 BACKENDS = backends.CHOICES
-# why a backend cannot run SRA attention here (None when it can): kept for callers outside the package's core
-_unavailable = functools.partial(backends.unsupported_reason, "sra_attention")
 
 
 # ---------------------------------------------------------------------------------------------

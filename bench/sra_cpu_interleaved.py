@@ -33,32 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 import dare_kernels as dk  # noqa: E402
+from _sra_cpu_common import STRENGTH, eager_maps, eager_maps_fp32, input_set  # noqa: E402
 from shapes import CPU_ATTN_SHAPES  # noqa: E402
-
-STRENGTH = 1.0
-
-
-def make_inputs(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(shape.B, shape.H, shape.N, shape.D, generator=g).to(dtype)
-    k = torch.randn(shape.B, shape.H, shape.M, shape.D, generator=g).to(dtype)
-    v = torch.randn(shape.B, shape.H, shape.M, shape.D, generator=g).to(dtype)
-    w = torch.rand(shape.B, shape.M, generator=g) + 0.05
-    bias = (STRENGTH * torch.log(w)).to(dtype).view(shape.B, 1, 1, shape.M)
-    return dict(q=q, k=k, v=v, w=w.to(dtype), bias=bias)
-
-
-def eager_maps(x, shape):
-    s = x["q"] @ x["k"].transpose(-1, -2) * (shape.D ** -0.5) + x["bias"]
-    p = torch.softmax(s, dim=-1)
-    return p @ x["v"], p.float().mean(1)
-
-
-def eager_maps_fp32(x, shape):
-    qf, kf, vf = (x[n].float() for n in ("q", "k", "v"))
-    s = qf @ kf.transpose(-1, -2) * (shape.D ** -0.5) + x["bias"].float()
-    p = torch.softmax(s, dim=-1)
-    return (p @ vf).to(x["q"].dtype), p.mean(1)
 
 
 # the C++ kernels parse their switches once (csrc/include/switches.h): re-read them after each change
@@ -133,7 +109,7 @@ def main() -> None:
         shape = CPU_ATTN_SHAPES[sname]
         flops = 4 * shape.B * shape.H * shape.N * shape.M * shape.D
         for dname in args.dtypes:
-            sets = [make_inputs(shape, dtypes[dname], s) for s in (0, 1)]
+            sets = [input_set(shape, dtypes[dname], torch.Generator().manual_seed(s)) for s in (0, 1)]
             provs = providers_for(shape, dname, args.dot_modes)
             if args.only:
                 provs = {k: v for k, v in provs.items() if k in args.only}

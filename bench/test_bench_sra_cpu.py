@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from dare_kernels import _ext, sra_attention
 
+from _sra_cpu_common import STRENGTH, eager_maps, eager_maps_fp32, input_set
 from shapes import CPU_ATTN_SHAPES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-STRENGTH = 1.0
 
 
 def _rss_probe_available() -> bool:
@@ -73,15 +73,12 @@ class Inputs:
         g = torch.Generator().manual_seed(0)
         self.sets = []
         for _ in range(2):
-            q = torch.randn(shape.B, shape.H, shape.N, shape.D, generator=g).to(dtype)
-            k = torch.randn(shape.B, shape.H, shape.M, shape.D, generator=g).to(dtype)
-            v = torch.randn(shape.B, shape.H, shape.M, shape.D, generator=g).to(dtype)
-            w = torch.rand(shape.B, shape.M, generator=g) + 0.05
-            bias = (STRENGTH * torch.log(w)).to(dtype).view(shape.B, 1, 1, shape.M)
+            x = input_set(shape, dtype, g)
             if requires_grad:
-                q, k, v = (t.requires_grad_() for t in (q, k, v))
-            go = torch.randn(shape.B, shape.H, shape.N, shape.D, generator=g).to(dtype)
-            self.sets.append(dict(q=q, k=k, v=v, w=w.to(dtype), bias=bias, go=go))
+                for n in ("q", "k", "v"):
+                    x[n].requires_grad_()
+            x["go"] = torch.randn(shape.B, shape.H, shape.N, shape.D, generator=g).to(dtype)
+            self.sets.append(x)
         self.i = 0
 
     def next(self):
@@ -105,26 +102,33 @@ def _rounds(shape):
     return 3 if shape.N * shape.M * shape.H * shape.D > 1e9 else 10
 
 
-def _need_cpu():
-    if not _ext.has_cpu_kernels():
-        pytest.skip(f"the compiled CPU kernels are not loaded ({_ext.EXT_ERROR})")
-
-
 SHAPES = list(CPU_ATTN_SHAPES.values())
+
+
+def over_cases(*providers):
+    """Parametrise a benchmark over ``providers`` x SHAPES x DTYPES (case ids provider-shape-dtype)."""
+    def mark(test):
+        test = pytest.mark.parametrize("provider", list(providers))(test)
+        test = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)(test)
+        return pytest.mark.parametrize("dtype_name", list(DTYPES))(test)
+    return mark
+
+
+def case_inputs(benchmark, provider, shape, dtype_name, pass_name, requires_grad=False) -> Inputs:
+    """Start a case: skip dare_cpu without the compiled kernels, name its group, make its input sets."""
+    if provider == "dare_cpu" and not _ext.has_cpu_kernels():
+        pytest.skip(f"the compiled CPU kernels are not loaded ({_ext.EXT_ERROR})")
+    benchmark.group = f"sra_attention {pass_name} {shape.name} {dtype_name}"
+    return Inputs(shape, DTYPES[dtype_name], requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------
 # forward, no maps
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("provider", ["dare_cpu", "sdpa_bias"])
+@over_cases("dare_cpu", "sdpa_bias")
 def test_fwd(benchmark, provider, shape, dtype_name):
-    if provider == "dare_cpu":
-        _need_cpu()
-    benchmark.group = f"sra_attention fwd {shape.name} {dtype_name}"
-    ins = Inputs(shape, DTYPES[dtype_name])
+    ins = case_inputs(benchmark, provider, shape, dtype_name, "fwd")
     if provider == "dare_cpu":
         def fn():
             x = ins.next()
@@ -141,37 +145,17 @@ def test_fwd(benchmark, provider, shape, dtype_name):
 # forward with the head-averaged map
 # ---------------------------------------------------------------------------------------------
 
-def _eager_maps(x, shape):
-    """What a user writes: attention in the input dtype, map averaged in float32."""
-    s = x["q"] @ x["k"].transpose(-1, -2) * (shape.D ** -0.5) + x["bias"]
-    p = torch.softmax(s, dim=-1)
-    return p @ x["v"], p.float().mean(1)
-
-
-def _eager_maps_fp32(x, shape):
-    """The strongest eager peer for bf16 inputs: everything upcast to float32 first."""
-    qf, kf, vf = (x[n].float() for n in ("q", "k", "v"))
-    s = qf @ kf.transpose(-1, -2) * (shape.D ** -0.5) + x["bias"].float()
-    p = torch.softmax(s, dim=-1)
-    return (p @ vf).to(x["q"].dtype), p.mean(1)
-
-
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("provider", ["dare_cpu", "eager_maps", "eager_maps_fp32"])
+@over_cases("dare_cpu", "eager_maps", "eager_maps_fp32")
 def test_fwd_map(benchmark, provider, shape, dtype_name):
-    if provider == "dare_cpu":
-        _need_cpu()
     if provider == "eager_maps_fp32" and dtype_name == "fp32":
         pytest.skip("same as eager_maps for float32 inputs")
-    benchmark.group = f"sra_attention fwd+map {shape.name} {dtype_name}"
-    ins = Inputs(shape, DTYPES[dtype_name])
+    ins = case_inputs(benchmark, provider, shape, dtype_name, "fwd+map")
     if provider == "dare_cpu":
         def fn():
             x = ins.next()
             return sra_attention(x["q"], x["k"], x["v"], x["w"], strength=STRENGTH, return_attn_map=True, backend="cpu")
     else:
-        eager = _eager_maps if provider == "eager_maps" else _eager_maps_fp32
+        eager = eager_maps if provider == "eager_maps" else eager_maps_fp32
 
         def fn():
             return eager(ins.next(), shape)
@@ -190,14 +174,9 @@ def test_fwd_map(benchmark, provider, shape, dtype_name):
 # forward + backward (no maps)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("provider", ["dare_cpu", "sdpa_bias"])
+@over_cases("dare_cpu", "sdpa_bias")
 def test_fwd_bwd(benchmark, provider, shape, dtype_name):
-    if provider == "dare_cpu":
-        _need_cpu()
-    benchmark.group = f"sra_attention fwd+bwd {shape.name} {dtype_name}"
-    ins = Inputs(shape, DTYPES[dtype_name], requires_grad=True)
+    ins = case_inputs(benchmark, provider, shape, dtype_name, "fwd+bwd", requires_grad=True)
 
     def fn():
         x = ins.next()

@@ -82,30 +82,32 @@ def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
+def _supported(model: torch.nn.Module, where: str | None = None) -> tuple[torch.nn.Module, ModelEntry]:
+    """(the model under any torch.compile wrapper, its table entry); a TypeError listing the supported models
+    when it has none. ``where``: the pipeline attribute holding it ("WanPipeline.transformer"), for the message."""
+    model = _uncompiled(model)
+    entry = entry_for(model)
+    if entry is not None:
+        return model, entry
+    name = type(model).__name__
+    if where is None:
+        raise TypeError(
+            f"apply_dare: {name} is not supported. Supported models: {_supported_list()}; "
+            "or a pipeline holding one of them (WanPipeline, LTXPipeline, CogVideoXPipeline, "
+            "HunyuanVideoPipeline, AnimateDiffPipeline, ...)"
+        )
+    raise TypeError(f"apply_dare: {where} is a {name}, which is not supported. Supported models: {_supported_list()}")
+
+
 def _models_of(obj) -> list[tuple[str, torch.nn.Module, ModelEntry]]:
     """[(prefix, model, entry)] for a supported model or a pipeline holding one (Wan 2.2 A14B: two experts)."""
     if isinstance(obj, torch.nn.Module):
-        obj = _uncompiled(obj)
-        entry = entry_for(obj)
-        if entry is None:
-            raise TypeError(
-                f"apply_dare: {type(obj).__name__} is not supported. Supported models: {_supported_list()}; "
-                "or a pipeline holding one of them (WanPipeline, LTXPipeline, CogVideoXPipeline, "
-                "HunyuanVideoPipeline, AnimateDiffPipeline, ...)"
-            )
-        return [("", obj, entry)]
+        return [("", *_supported(obj))]
     found = []
     for attr in ("transformer", "transformer_2", "unet"):
         model = getattr(obj, attr, None)
         if isinstance(model, torch.nn.Module):
-            model = _uncompiled(model)
-            entry = entry_for(model)
-            if entry is None:
-                raise TypeError(
-                    f"apply_dare: {type(obj).__name__}.{attr} is a {type(model).__name__}, which is not supported. "
-                    f"Supported models: {_supported_list()}"
-                )
-            found.append((f"{attr}.", model, entry))
+            found.append((f"{attr}.", *_supported(model, f"{type(obj).__name__}.{attr}")))
     if not found:
         raise TypeError(
             f"apply_dare: expected a diffusers model or pipeline, got {type(obj).__name__}. "

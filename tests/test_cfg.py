@@ -173,31 +173,30 @@ def _guider_pred(guider, u, c, step=0, steps=10):
         return guider.forward(pred_cond=c, pred_uncond=u).pred
 
 
+# per K = 2 mode with a rescale: (its diffusers guider from diffusers.guiders, guidance scale, guidance_rescale, seed)
+RESCALED_GUIDERS = {
+    "cfg": (lambda G: G.ClassifierFreeGuidance(guidance_scale=7.0, guidance_rescale=0.7), 7.0, 0.7, 31),
+    "cfg_zero_star": (lambda G: G.ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=0,
+                                                                 guidance_rescale=0.5), 5.0, 0.5, 37),
+}
+
+
+@pytest.mark.parametrize("mode", list(RESCALED_GUIDERS))
 @pytest.mark.parametrize("shape", [SHAPE_4D, SHAPE_5D])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cfg_rescale_matches_diffusers(shape, dtype):
+def test_rescaled_guidance_matches_diffusers(mode, shape, dtype):
+    """CFG and CFG-Zero* with guidance_rescale against the guider on the float64 upcast of the inputs and, for
+    float32 inputs, against the guider in its own float32 arithmetic."""
     G = _guiders()
-    preds = make_preds(2, shape, dtype, seed=31)
+    make_guider, s, phi, seed = RESCALED_GUIDERS[mode]
+    preds = make_preds(2, shape, dtype, seed=seed)
     u, c = preds.double().chunk(2)
-    want = _guider_pred(G.ClassifierFreeGuidance(guidance_scale=7.0, guidance_rescale=0.7), u, c)
-    got = dk.rectified_cfg(preds, 7.0, guidance_rescale=0.7, backend="cpu")
+    want = _guider_pred(make_guider(G), u, c)
+    got = dk.rectified_cfg(preds, s, mode=mode, guidance_rescale=phi, backend="cpu")
     assert_close_to(got, want, dtype, scale=1.5)
-    if dtype == torch.float32:  # the guider in its own float32 arithmetic
+    if dtype == torch.float32:
         u32, c32 = preds.chunk(2)
-        want32 = _guider_pred(G.ClassifierFreeGuidance(guidance_scale=7.0, guidance_rescale=0.7), u32, c32)
-        torch.testing.assert_close(got, want32, atol=5e-5, rtol=5e-5)
-
-
-@pytest.mark.parametrize("shape", [SHAPE_4D, SHAPE_5D])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cfg_zero_star_matches_diffusers(shape, dtype):
-    G = _guiders()
-    preds = make_preds(2, shape, dtype, seed=37)
-    u, c = preds.double().chunk(2)
-    guider = G.ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=0, guidance_rescale=0.5)
-    want = _guider_pred(guider, u, c)
-    got = dk.rectified_cfg(preds, 5.0, mode="cfg_zero_star", guidance_rescale=0.5, backend="cpu")
-    assert_close_to(got, want, dtype, scale=1.5)
+        torch.testing.assert_close(got, _guider_pred(make_guider(G), u32, c32), atol=5e-5, rtol=5e-5)
 
 
 @pytest.mark.parametrize("shape", [SHAPE_4D, SHAPE_5D])

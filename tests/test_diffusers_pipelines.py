@@ -38,6 +38,14 @@ PIPES = {
 }
 
 
+def _pipeline(name):
+    """The tiny pipeline ``name`` of PIPES (built after seeding torch, so every test gets the same weights),
+    its call inputs and the text length m."""
+    torch.manual_seed(0)
+    build, make_inputs = PIPES[name]
+    return (build(), *make_inputs())
+
+
 def _run(pipe, inputs, **kw):
     args = dict(inputs, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
     args.update(kw)
@@ -46,10 +54,7 @@ def _run(pipe, inputs, **kw):
 
 @pytest.mark.parametrize("name", list(PIPES))
 def test_pipeline_end_to_end_with_patch(name):
-    torch.manual_seed(0)
-    build, make_inputs = PIPES[name]
-    pipe = build()
-    inputs, m = make_inputs()
+    pipe, inputs, m = _pipeline(name)
     stock = _run(pipe, inputs, guidance_scale=4.0)
     w = torch.rand(1, m) + 0.05
     with apply_dare(pipe, capture_maps=True) as h:
@@ -72,10 +77,7 @@ def test_pipeline_end_to_end_with_patch(name):
 @pytest.mark.parametrize("name", ["wan", "ltx"])
 def test_only_cond_leaves_uncond_pass_stock(name):
     """Stock Wan runs cond / uncond as separate passes, LTX one batched pass: both are recognised."""
-    torch.manual_seed(0)
-    build, make_inputs = PIPES[name]
-    pipe = build()
-    inputs, m = make_inputs()
+    pipe, inputs, m = _pipeline(name)
     w = torch.rand(1, m) + 0.05
     with apply_dare(pipe, capture_maps=True) as h:
         _run(pipe, inputs, guidance_scale=4.0, num_inference_steps=1)
@@ -89,10 +91,7 @@ def test_only_cond_leaves_uncond_pass_stock(name):
 
 @pytest.mark.parametrize("name", list(PIPES))
 def test_pipeline_with_dare_guidance_and_degraded_branch(name):
-    torch.manual_seed(0)
-    build, make_inputs = PIPES[name]
-    pipe = build()
-    inputs, m = make_inputs()
+    pipe, inputs, m = _pipeline(name)
     neg = inputs.pop("negative_prompt_embeds")
     neg_mask = inputs.pop("negative_prompt_attention_mask", None)
     stock_cfg = _run(pipe, dict(inputs, negative_prompt_embeds=neg,

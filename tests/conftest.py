@@ -41,6 +41,15 @@ def rand(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):
     return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    """Same shape and max |a - b| <= rel * max |b|, in float64: for end-to-end outputs (pipelines, models)
+    whose error is rounding carried through many layers, judged against the size of the expected ``b``."""
+    assert a.shape == b.shape
+    err = float((a.double() - b.double()).abs().max())
+    scale = float(b.double().abs().max())
+    assert err <= rel * scale, f"max abs error {err} vs scale {scale}"
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

@@ -10,6 +10,8 @@ pytest.importorskip("diffusers")
 from dare_kernels.integrations.diffusers import apply_dare, dare_guidance  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
+from conftest import assert_close_to_scale  # noqa: E402
+
 M = 77
 
 
@@ -32,12 +34,6 @@ def _run(pipe, pe, **kw):
                 generator=torch.Generator().manual_seed(0), **kw).frames
 
 
-def _close(a, b, rel=1e-5):
-    assert a.shape == b.shape
-    err = float((a - b).abs().max())
-    assert err <= rel * float(b.abs().max()), f"max abs error {err} vs scale {float(b.abs().max())}"
-
-
 @torch.no_grad()
 def test_dare_guidance_equals_stock_cfg(batch=2):
     """rectify_scale 0, no weights or weights 1: the pipeline's own batched CFG, to float32 rounding.
@@ -48,7 +44,7 @@ def test_dare_guidance_equals_stock_cfg(batch=2):
     stock = _run(pipe, pe, negative_prompt_embeds=ne, guidance_scale=5.0)
     with dare_guidance(pipe, negative_prompt_embeds=ne, guidance_scale=5.0):
         guided = _run(pipe, pe, guidance_scale=1.0)
-    _close(guided, stock)
+    assert_close_to_scale(guided, stock)
     with apply_dare(pipe, capture_maps=True) as h:
         h.set_token_weights(torch.ones(batch, M))
         with dare_guidance(pipe, negative_prompt_embeds=ne, guidance_scale=5.0):
@@ -56,7 +52,8 @@ def test_dare_guidance_equals_stock_cfg(batch=2):
         assert set(h.branch_maps) == {"uncond", "cond"}
         layer = h.layers[0]
         assert h.maps[layer].shape[0] == 2 * batch and h.branch_maps["cond"][layer].shape[0] == batch
-    _close(ones, stock, rel=5e-5)  # the SRA kernel instead of SDPA: float32 rounding, through two DDIM steps
+    # the SRA kernel instead of SDPA: float32 rounding, through two DDIM steps
+    assert_close_to_scale(ones, stock, rel=5e-5)
 
 
 @torch.no_grad()
@@ -86,5 +83,5 @@ def test_batched_branches_take_their_own_weights():
         assert not bool((h.branch_maps["cond"][layer][..., :5] == 0).any())
     u, c, d = preds["uncond"].double(), preds["cond"].double(), preds["degraded"].double()
     expect = u + 3.0 * (c - u) + 1.5 * (c - d)
-    _close(g.double(), expect, rel=2e-5)
+    assert_close_to_scale(g.double(), expect, rel=2e-5)
     assert float((preds["cond"] - preds["degraded"]).abs().max()) > 1e-5

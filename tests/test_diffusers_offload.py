@@ -21,6 +21,7 @@ accelerate = pytest.importorskip("accelerate")
 from dare_kernels.integrations.diffusers import DAREGuidance, apply_dare, dare_guidance  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
+from conftest import assert_close_to_scale  # noqa: E402
 from test_diffusers_guidance import branch_predictions  # noqa: E402
 
 M = 512  # Wan's text length
@@ -34,12 +35,6 @@ def _embeds():
 def _run(pipe, pe, **kw):
     return pipe(prompt_embeds=pe, height=64, width=64, num_frames=5, num_inference_steps=2, output_type="latent",
                 generator=torch.Generator().manual_seed(0), **kw).frames
-
-
-def _close(a, b, rel=1e-5):
-    assert a.shape == b.shape
-    err = float((a - b).abs().max())
-    assert err <= rel * float(b.abs().max()), f"max abs error {err} vs scale {float(b.abs().max())}"
 
 
 def _align_hooks(pipe):
@@ -134,8 +129,8 @@ def test_dare_guidance_and_apply_dare_compose(setup, references):
         assert model.__dict__.get("forward") is forward_before  # hooks, no forward replacement
         guided = _run(pipe, r["pe"], guidance_scale=1.0)
         again = _run(pipe, r["pe"], guidance_scale=1.0)  # model offload re-installs its hooks after a call
-    _close(guided, r["stock"])
-    _close(again, r["stock"])
+    assert_close_to_scale(guided, r["stock"])
+    assert_close_to_scale(again, r["stock"])
     with apply_dare(pipe, capture_maps=True) as h:
         h.set_token_weights(r["w"], only_cond=True)
         with dare_guidance(pipe, negative_prompt_embeds=r["ne"], guidance_scale=4.0, rectify_scale=1.0):
@@ -143,8 +138,8 @@ def test_dare_guidance_and_apply_dare_compose(setup, references):
         assert set(h.branch_maps) == {"uncond", "cond", "degraded"}
         assert h.maps.keys() == r["maps"].keys()
         for k, v in r["maps"].items():
-            _close(h.maps[k], v)
-    _close(weighted, r["weighted"])
+            assert_close_to_scale(h.maps[k], v)
+    assert_close_to_scale(weighted, r["weighted"])
     assert float((weighted - r["stock"]).abs().max()) > 1e-4  # the weights did something
     if setup != "model_cpu_offload":  # model offload re-installs its hooks (a new forward) after each call
         assert model.__dict__.get("forward") is forward_before
@@ -178,7 +173,7 @@ def test_guider_composes(setup):
         WanLoopDenoiser()(types.SimpleNamespace(guider=guider, transformer=pipe.transformer), state, 0, t)
     ref = DAREGuidance(guidance_scale=4.0, rectify_scale=1.5)
     ref.set_state(step=0, num_inference_steps=2, timestep=t)
-    _close(state.noise_pred, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0])
+    assert_close_to_scale(state.noise_pred, ref.forward(pred_cond=c, pred_uncond=u, pred_degraded=d)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +225,7 @@ def test_cache_hooks_compose_on_cogvideox(cache):
     assert float((stock - uncached).abs().max()) > 1e-6, "the cache did not engage"
     with dare_guidance(pipe, negative_prompt_embeds=ne, guidance_scale=4.0):
         guided = pipe(prompt_embeds=pe, guidance_scale=1.0, generator=gen(), **args).frames
-    _close(guided, stock)
+    assert_close_to_scale(guided, stock)
     maps_per_step = []
 
     def count_maps(p, i, t, kw):
@@ -242,7 +237,7 @@ def test_cache_hooks_compose_on_cogvideox(cache):
         with dare_guidance(pipe, negative_prompt_embeds=ne, guidance_scale=4.0):
             patched = pipe(prompt_embeds=pe, guidance_scale=1.0, generator=gen(), callback_on_step_end=count_maps,
                            **args).frames
-    _close(patched, stock)
+    assert_close_to_scale(patched, stock)
     # a step whose attention a cache skips has no map of that layer; computed steps have all of them
     assert maps_per_step[0] == len(h.layers) and max(maps_per_step) == len(h.layers)
     if cache == "faster_cache":
@@ -285,7 +280,7 @@ def test_first_block_cache_on_wan_with_weights():
             h.set_token_weights(w, only_cond=True)
             with dare_guidance(pipe, negative_prompt_embeds=ne, guidance_scale=4.0, rectify_scale=0.5):
                 out[cached] = _run(pipe, pe, guidance_scale=1.0)
-    _close(out[True], out[False])
+    assert_close_to_scale(out[True], out[False])
 
 
 def test_nested_contexts_refused_and_errors_leave_no_hooks():
@@ -324,4 +319,4 @@ def test_offload_to_cuda(offload, references):
         h.set_token_weights(r["w"], only_cond=True)
         with dare_guidance(pipe, negative_prompt_embeds=r["ne"], guidance_scale=4.0, rectify_scale=1.0):
             weighted = _run(pipe, r["pe"].cuda(), guidance_scale=1.0)
-    _close(weighted.cpu(), r["weighted"], rel=1e-3)
+    assert_close_to_scale(weighted.cpu(), r["weighted"], rel=1e-3)

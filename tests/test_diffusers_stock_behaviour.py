@@ -12,6 +12,8 @@ pytest.importorskip("diffusers")
 from dare_kernels.integrations.diffusers import apply_dare  # noqa: E402
 from dare_kernels.integrations.diffusers import tiny  # noqa: E402
 
+from conftest import assert_close_to_scale  # noqa: E402
+
 T_STEP = 500.0
 
 
@@ -37,12 +39,6 @@ _EXTRA = {"ltx": dict(num_frames=2, height=2, width=3)}
 
 def _call(name, model, args):
     return model(*args, return_dict=False, **_EXTRA.get(name, {}))[0]
-
-
-def _close(a, b, rel):
-    assert a.shape == b.shape
-    err = float((a.double() - b.double()).abs().max())
-    assert err <= rel * float(b.double().abs().max()), f"max abs error {err} vs scale {float(b.abs().max())}"
 
 
 NAMES = ["wan", "ltx", "cogvideox", "animatediff"]
@@ -117,11 +113,11 @@ def test_gradient_checkpointing(name):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.detach(), grads, w.grad.clone()))
     (o0, g0, w0), (o1, g1, w1) = results
-    _close(o1, o0, 1e-6)
+    assert_close_to_scale(o1, o0, 1e-6)
     assert g0.keys() == g1.keys() and len(g0) > 0
     for n in g0:
-        _close(g1[n], g0[n], 1e-5)
-    _close(w1, w0, 1e-5)
+        assert_close_to_scale(g1[n], g0[n], 1e-5)
+    assert_close_to_scale(w1, w0, 1e-5)
     assert float(w0.abs().max()) > 0
 
 
@@ -136,10 +132,10 @@ def test_forward_chunking_animatediff():
         maps = {k: v.clone() for k, v in h.maps.items()}
         model.enable_forward_chunking(chunk_size=1, dim=1)
         chunked = _call("animatediff", model, args)
-        _close(chunked, plain, 1e-6)
+        assert_close_to_scale(chunked, plain, 1e-6)
         assert h.maps.keys() == maps.keys()
         for k in maps:
-            _close(h.maps[k], maps[k], 1e-6)
+            assert_close_to_scale(h.maps[k], maps[k], 1e-6)
         model.disable_forward_chunking()
 
 
@@ -157,7 +153,7 @@ def test_dtype_cast_after_patching(name):
     with apply_dare(model, capture_maps=True) as h:
         model.to(torch.bfloat16)
         h.set_token_weights(torch.ones(b, m))
-        _close(_call(name, model, args), stock_out, 2e-2)
+        assert_close_to_scale(_call(name, model, args), stock_out, 2e-2)
         h.set_token_weights(w)
         out = _call(name, model, args)
         assert out.dtype == torch.bfloat16
@@ -165,7 +161,7 @@ def test_dtype_cast_after_patching(name):
             assert v.dtype == torch.float32 and v.shape[-1] == m
         model.to(torch.float64)
         ref = _call(name, model, args64)
-    _close(out, ref, 5e-2)
+    assert_close_to_scale(out, ref, 5e-2)
     assert float((out.double() - stock_out.double()).abs().max()) > 1e-3  # the weights did something
 
 
@@ -195,8 +191,8 @@ def test_compiled_module(name, how):
             h.set_token_weights(w)
             with torch.no_grad():
                 out = _call(name, compiled, args)
-            _close(out, out_e, 1e-5)
+            assert_close_to_scale(out, out_e, 1e-5)
             assert h.maps.keys() == maps_e.keys()
             for k in maps_e:
-                _close(h.maps[k], maps_e[k], 1e-5)
+                assert_close_to_scale(h.maps[k], maps_e[k], 1e-5)
     torch._dynamo.reset()

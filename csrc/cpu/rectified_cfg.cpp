@@ -276,6 +276,33 @@ void dispatch(at::ScalarType st, bool buf_f32, bool k3, bool mom, F&& f) {
 
 int64_t num_chunks(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
 
+// The tasks of the statistics and the combine: chunk ch of group g is task g * nch + ch; off is the
+// chunk's first element in the [groups, n] operands.
+struct Chunk {
+  int64_t group, off, len;
+};
+inline Chunk chunk_of(int64_t task, int64_t n, int64_t nch) {
+  const int64_t g = task / nch, ch = task % nch;
+  return {g, g * n + ch * kChunk, std::min(kChunk, n - ch * kChunk)};
+}
+
+// u, c, d, b of the inputs as typed pointers; d is null without a third branch, b without momentum.
+template <typename T, typename Bt, bool K3, bool MOM>
+struct TypedInputs {
+  const T* u;
+  const T* c;
+  const T* d;
+  const Bt* b;
+  explicit TypedInputs(const CfgInputs& in)
+      : u(in.u.const_data_ptr<T>()), c(in.c.const_data_ptr<T>()), d(K3 ? in.d.const_data_ptr<T>() : nullptr),
+        b(MOM ? in.b.const_data_ptr<Bt>() : nullptr) {}
+  TypedInputs(const T* u_, const T* c_, const T* d_, const Bt* b_) : u(u_), c(c_), d(d_), b(b_) {}
+  // the same operands from element off on (absent ones stay null)
+  TypedInputs at(int64_t off) const {
+    return {u + off, c + off, K3 ? d + off : nullptr, MOM ? b + off : nullptr};
+  }
+};
+
 }  // namespace
 
 std::vector<double> rectified_cfg_stats_cpu(const CfgInputs& in, double beta) {
@@ -287,16 +314,12 @@ std::vector<double> rectified_cfg_stats_cpu(const CfgInputs& in, double beta) {
     using T = typename decltype(t)::type;
     using Bt = typename decltype(b)::type;
     constexpr bool K3 = decltype(k3)::value, MOM = decltype(mom)::value;
-    const T* pu = in.u.const_data_ptr<T>();
-    const T* pc = in.c.const_data_ptr<T>();
-    const T* pd = K3 ? in.d.const_data_ptr<T>() : nullptr;
-    const Bt* pb = MOM ? in.b.const_data_ptr<Bt>() : nullptr;
+    const TypedInputs<T, Bt, K3, MOM> x(in);
     at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / nch, ch = task % nch;
-        const int64_t off = g * N + ch * kChunk, len = std::min(kChunk, N - ch * kChunk);
-        stats_chunk<T, Bt, K3, MOM>(pu + off, pc + off, K3 ? pd + off : nullptr, MOM ? pb + off : nullptr, len,
-                                    beta, partial.data() + task * rc::kNumStats);
+        const Chunk ck = chunk_of(task, N, nch);
+        const auto xs = x.at(ck.off);
+        stats_chunk<T, Bt, K3, MOM>(xs.u, xs.c, xs.d, xs.b, ck.len, beta, partial.data() + task * rc::kNumStats);
       }
     });
   });
@@ -315,21 +338,18 @@ void rectified_cfg_combine_cpu(const CfgInputs& in, const double* gamma, double 
     using T = typename decltype(t)::type;
     using Bt = typename decltype(b)::type;
     constexpr bool K3 = decltype(k3)::value, MOM = decltype(mom)::value;
-    const T* pu = in.u.const_data_ptr<T>();
-    const T* pc = in.c.const_data_ptr<T>();
-    const T* pd = K3 ? in.d.const_data_ptr<T>() : nullptr;
-    const Bt* pb = MOM ? in.b.const_data_ptr<Bt>() : nullptr;
+    const TypedInputs<T, Bt, K3, MOM> x(in);
     Bt* pbn = (MOM && b_new != nullptr) ? b_new->mutable_data_ptr<Bt>() : nullptr;
     T* po = out.mutable_data_ptr<T>();
     if constexpr (kAvx512Ok<T, Bt>) {
       if (avx512) {
         at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
           for (int64_t task = begin; task < end; ++task) {
-            const int64_t g = task / nch, ch = task % nch;
-            const int64_t off = g * N + ch * kChunk, len = std::min(kChunk, N - ch * kChunk);
-            avx512::combine_bf16_chunk<K3, MOM>(bits(pu + off), bits(pc + off), K3 ? bits(pd + off) : nullptr,
-                                                MOM ? bits(pb + off) : nullptr, pbn != nullptr ? bits(pbn + off) : nullptr,
-                                                bits(po + off), len, gamma + g * rc::kNumCoeffs, beta);
+            const Chunk ck = chunk_of(task, N, nch);
+            const auto xs = x.at(ck.off);
+            avx512::combine_bf16_chunk<K3, MOM>(bits(xs.u), bits(xs.c), bits(xs.d), bits(xs.b),
+                                                pbn != nullptr ? bits(pbn + ck.off) : nullptr, bits(po + ck.off), ck.len,
+                                                gamma + ck.group * rc::kNumCoeffs, beta);
           }
         });
         return;
@@ -338,19 +358,19 @@ void rectified_cfg_combine_cpu(const CfgInputs& in, const double* gamma, double 
     at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
       std::vector<Bt> scratch;  // b_new target when the caller does not want the buffer written
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / nch, ch = task % nch;
-        const int64_t off = g * N + ch * kChunk, len = std::min(kChunk, N - ch * kChunk);
+        const Chunk ck = chunk_of(task, N, nch);
+        const auto xs = x.at(ck.off);
         Bt* dst = nullptr;
         if constexpr (MOM) {
           if (pbn != nullptr) {
-            dst = pbn + off;
+            dst = pbn + ck.off;
           } else {
-            scratch.resize(static_cast<size_t>(len));
+            scratch.resize(static_cast<size_t>(ck.len));
             dst = scratch.data();
           }
         }
-        combine_chunk<T, Bt, K3, MOM>(pu + off, pc + off, K3 ? pd + off : nullptr, MOM ? pb + off : nullptr, dst,
-                                      po + off, len, gamma + g * rc::kNumCoeffs, beta);
+        combine_chunk<T, Bt, K3, MOM>(xs.u, xs.c, xs.d, xs.b, dst, po + ck.off, ck.len, gamma + ck.group * rc::kNumCoeffs,
+                                      beta);
       }
     });
   });

@@ -7,12 +7,7 @@
 
 #include <cstdint>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
-#define DARE_RCFG_HAVE_AVX512 1
-#include <immintrin.h>
-#else
-#define DARE_RCFG_HAVE_AVX512 0
-#endif
+#include "cpu/avx512_util.h"
 
 #define DARE_RCFG_INSTANTIATE(K3, MOM)                                                                          \
   template void combine_bf16_chunk<K3, MOM>(const uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, \
@@ -20,7 +15,7 @@
 
 namespace dare::cpu::avx512 {
 
-#if DARE_RCFG_HAVE_AVX512
+#if DARE_CPU_HAVE_AVX512
 
 bool supported() {
   // libgcc's / compiler-rt's CPU model also checks that the OS enables the AVX-512 register state (XCR0).
@@ -30,18 +25,7 @@ bool supported() {
          __builtin_cpu_supports("avx512bf16");
 }
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() (a self-initialised variable), which
-// -Wall reports as maybe-uninitialized in every caller.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+DARE_AVX512_REGION_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 namespace {
 
@@ -157,14 +141,9 @@ DARE_RCFG_INSTANTIATE(false, true)
 DARE_RCFG_INSTANTIATE(true, false)
 DARE_RCFG_INSTANTIATE(true, true)
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+DARE_AVX512_REGION_END
 
-#else  // !DARE_RCFG_HAVE_AVX512
+#else  // !DARE_CPU_HAVE_AVX512
 
 bool supported() { return false; }
 
@@ -177,6 +156,6 @@ DARE_RCFG_INSTANTIATE(false, true)
 DARE_RCFG_INSTANTIATE(true, false)
 DARE_RCFG_INSTANTIATE(true, true)
 
-#endif  // DARE_RCFG_HAVE_AVX512
+#endif  // DARE_CPU_HAVE_AVX512
 
 }  // namespace dare::cpu::avx512

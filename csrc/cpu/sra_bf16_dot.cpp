@@ -9,12 +9,7 @@
 #include <cstring>
 #include <limits>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
-#define DARE_BF16DOT_HAVE_AVX512 1
-#include <immintrin.h>
-#else
-#define DARE_BF16DOT_HAVE_AVX512 0
-#endif
+#include "cpu/avx512_util.h"
 
 namespace dare::cpu::bf16dot {
 
@@ -39,7 +34,7 @@ void pack_pairs(const uint16_t* x, int64_t sr, int64_t sc, int64_t rows, int64_t
   }
 }
 
-#if DARE_BF16DOT_HAVE_AVX512
+#if DARE_CPU_HAVE_AVX512
 
 bool supported() {
   // libgcc's / compiler-rt's CPU model also checks that the OS enables the AVX-512 register state (XCR0).
@@ -48,15 +43,7 @@ bool supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+DARE_AVX512_REGION_BEGIN("avx512f,avx512bw,avx512vl,avx512bf16")
 
 namespace {
 
@@ -65,8 +52,6 @@ namespace {
 #endif
 constexpr int kR = DARE_BF16DOT_ROWS;  // rows of a register tile (kR x 32 fp32 accumulators)
 constexpr int64_t kKc = 64;  // pairs of the reduction dimension per pass (A panel and B tile stay in L1)
-
-inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
 
 // same-size vector casts reinterpret the bits (GCC and clang)
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
@@ -267,12 +252,7 @@ void store_rows_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t col
 #include "cpu/sra_softmax_rows_avx512.inc"
 #undef DARE_ROWS_WITH_BF16
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+DARE_AVX512_REGION_END
 
 #else  // no AVX-512 build support
 

@@ -181,20 +181,8 @@ class BwdWorker {
     Rows r{i0, rows, nullptr, nullptr, D, Dv, nullptr, nullptr, 0, 0, p_.lse_p + hd.bh * p_.N + i0,
            p_.glse_p != nullptr ? p_.glse_p + hd.bh * p_.N + i0 : nullptr,
            p_.gmap_p != nullptr ? p_.gmap_p + (b * p_.N + i0) * p_.Mm : nullptr};
-    if (p_.ldq_direct >= 0) {
-      r.qp = reinterpret_cast<const acc_t*>(p_.qv.at(b, h, i0));
-      r.ldq = p_.ldq_direct;
-    } else {
-      load_block(p_.qv.at(b, h, i0), p_.qv.sl, p_.qv.sd, rows, D, qbuf_.data());
-      r.qp = qbuf_.data();
-    }
-    if (p_.ldgo_direct >= 0) {
-      r.gop = reinterpret_cast<const acc_t*>(p_.gov.at(b, h, i0));
-      r.ldgo = p_.ldgo_direct;
-    } else {
-      load_block(p_.gov.at(b, h, i0), p_.gov.sl, p_.gov.sd, rows, Dv, gobuf_.data());
-      r.gop = gobuf_.data();
-    }
+    std::tie(r.qp, r.ldq) = acc_rows(p_.qv, p_.ldq_direct, b, h, i0, rows, D, qbuf_.data());
+    std::tie(r.gop, r.ldgo) = acc_rows(p_.gov, p_.ldgo_direct, b, h, i0, rows, Dv, gobuf_.data());
     if (p_.bdot) {  // bf16 pairs of the block's Q and dO rows
       std::tie(r.q16, r.ldq16) = bf16_pair_rows(p_.qv, b, h, i0, rows, D, q16buf_.data());
       std::tie(r.go16, r.ldgo16) = bf16_pair_rows(p_.gov, b, h, i0, rows, Dv, go16buf_.data());

@@ -299,6 +299,17 @@ void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, ac
   if (a != acc_t(1)) scale_row(dst.data(), rows * cols, a);
 }
 
+// rows x len rows of x (rows l0.. of (b, h)) as an acc_t GEMM operand: read in place when ld_direct >= 0
+// (gemm_ld() of a tensor that already has the acc dtype), else converted into buf (ld = len). Returns the
+// rows and their stride.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> acc_rows(const View4<const scalar_t>& x, int64_t ld_direct, int64_t b, int64_t h,
+                                          int64_t l0, int64_t rows, int64_t len, acc_t* buf) {
+  if (ld_direct >= 0) return {reinterpret_cast<const acc_t*>(x.at(b, h, l0)), ld_direct};
+  load_block(x.at(b, h, l0), x.sl, x.sd, rows, len, buf);
+  return {buf, len};
+}
+
 // rows x len rows of a bf16 tensor (rows l0.. of (b, h)) as the A operand of bf16dot::gemm (pairs along the
 // row): read in place when the rows are unit-stride with an even length, else copied into buf (rows x
 // 2·ceil(len / 2), zero-padded to even). Returns the rows and their stride.

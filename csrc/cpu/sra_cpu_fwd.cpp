@@ -237,12 +237,8 @@ class FwdWorker {
             p_.lse_p + (b * p_.H + h) * p_.N + i0};
     if (p_.bdot.qk) {  // Q rows as bf16 pairs
       std::tie(hd.q16, hd.ldq16) = bf16_pair_rows(p_.qv, b, h, i0, rows, p_.D, qb16_.data());
-    } else if (p_.ldq_direct >= 0) {
-      hd.qp = reinterpret_cast<const acc_t*>(p_.qv.at(b, h, i0));
-      hd.ldq = p_.ldq_direct;
     } else {
-      load_block(p_.qv.at(b, h, i0), p_.qv.sl, p_.qv.sd, rows, p_.D, qbuf_.data());
-      hd.qp = qbuf_.data();
+      std::tie(hd.qp, hd.ldq) = acc_rows(p_.qv, p_.ldq_direct, b, h, i0, rows, p_.D, qbuf_.data());
     }
     if (!p_.bdot.qk) {
       hd.kp = p_.kops.rows(b, h, p_.H, kbuf_, k_cached_);

@@ -8,16 +8,11 @@
 #include <cstring>
 #include <limits>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
-#define DARE_ROWS512_HAVE_AVX512 1
-#include <immintrin.h>
-#else
-#define DARE_ROWS512_HAVE_AVX512 0
-#endif
+#include "cpu/avx512_util.h"
 
 namespace dare::cpu::rows512 {
 
-#if DARE_ROWS512_HAVE_AVX512
+#if DARE_CPU_HAVE_AVX512
 
 bool supported() {
   // libgcc's / compiler-rt's CPU model also checks that the OS enables the AVX-512 register state (XCR0).
@@ -26,30 +21,13 @@ bool supported() {
          __builtin_cpu_supports("avx512vl");
 }
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
-namespace {
-inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
-}  // namespace
+DARE_AVX512_REGION_BEGIN("avx512f,avx512bw,avx512vl")
 
 #define DARE_ROWS_WITH_BF16 0
 #include "cpu/sra_softmax_rows_avx512.inc"
 #undef DARE_ROWS_WITH_BF16
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+DARE_AVX512_REGION_END
 
 #else  // no AVX-512 build support
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -32,22 +33,8 @@ def _log(msg: str) -> None:
     print(f"[dare_kernels build] {msg}", flush=True)
 
 
-def _cuda_root() -> Path | None:
-    """The CUDA toolkit folder holding bin/nvcc and include/cuda_runtime_api.h, or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = Path(nvcc).resolve()
-        candidates.append(str(real.parent.parent))
-        try:  # a wrapper script that execs the real nvcc
-            text = real.read_text(errors="ignore")[:4096]
-            candidates += [m[: -len("/bin/nvcc")] for m in re.findall(r"(/\S+/bin/nvcc)", text)]
-        except OSError:
-            pass
-    for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime_api.h").exists():
-            return Path(c)
-    return None
+# the toolkit finder shared with tools/nvcc_check.py; loaded by path, the package is not importable here
+_cuda_root = runpy.run_path(str(ROOT / "dare_kernels" / "_cuda_toolkit.py"))["cuda_root"]
 
 
 class CMakeExtension(Extension):

@@ -16,8 +16,8 @@ when no CUDA toolkit is found.
 from __future__ import annotations
 
 import argparse
-import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -67,26 +67,8 @@ def parse_arch_list(arch_list: str) -> tuple[list[str], list[str]]:
 DEFAULT_ARCHS, DEFAULT_PTX = (tuple(x) for x in parse_arch_list(build_arch_list()))
 
 
-def cuda_root() -> Path | None:
-    """The CUDA toolkit folder holding bin/nvcc and include/cuda_runtime_api.h (as in setup.py), or None.
-
-    The ``nvcc`` on PATH may be a wrapper script that execs the real one, so the folders named inside
-    it are candidates too.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = Path(nvcc).resolve()
-        candidates.append(str(real.parent.parent))
-        try:
-            text = real.read_text(errors="ignore")[:4096]
-            candidates += [m[: -len("/bin/nvcc")] for m in re.findall(r"(/\S+/bin/nvcc)", text)]
-        except OSError:
-            pass
-    for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime_api.h").exists():
-            return Path(c)
-    return None
+# the toolkit finder of setup.py (loaded by path: this tool runs without importing the package or torch)
+cuda_root = runpy.run_path(str(ROOT / "dare_kernels" / "_cuda_toolkit.py"))["cuda_root"]
 
 
 @dataclass

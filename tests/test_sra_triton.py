@@ -3,9 +3,8 @@
 The case families against the float64 reference (key lengths, head dims, weights, layouts, map ranges,
 empty rows, half precision) run for every backend in test_sra_conformance.py.
 
-Without a GPU the kernels run on CPU tensors in Triton's interpreter: this module sets
-``TRITON_INTERPRET=1`` before anything imports the kernels (Triton reads it when ``@triton.jit``
-decorates them, i.e. at the first import of ``dare_kernels.triton.sra_attention``). With a GPU the same
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (``_triton_interp`` sets
+``TRITON_INTERPRET=1`` before the kernels are first imported). With a GPU the same
 tests run the compiled kernels on CUDA tensors. Shapes are small: the interpreter is slow.
 """
 
@@ -16,29 +15,14 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_interp import DEVICE, load_sra_triton  # before dare_kernels: sets TRITON_INTERPRET without CUDA
 
 from dare_kernels import sra_attention  # noqa: E402
 from dare_kernels.reference import sra_attention_ref  # noqa: E402
 
 from conftest import rand  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-try:
-    import triton  # noqa: F401
-
-    from dare_kernels.triton import sra_attention as triton_sra  # noqa: E402
-
-    _SKIP = None
-    if DEVICE == "cpu" and not triton_sra._INTERPRET_AT_IMPORT:
-        _SKIP = "the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process"
-    elif DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        _SKIP = "TRITON_INTERPRET is set to something other than 1"
-except ImportError as exc:  # triton missing
-    triton_sra = None
-    _SKIP = f"triton is not importable: {exc}"
+triton_sra, _SKIP = load_sra_triton()
 
 pytestmark = [pytest.mark.triton_interp, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 

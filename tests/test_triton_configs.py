@@ -11,31 +11,18 @@ config of the current arch compiles and runs as launched, at its own head dim an
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _triton_interp import DEVICE, load_sra_triton  # before dare_kernels: sets TRITON_INTERPRET without CUDA
 
 from dare_kernels import sra_attention  # noqa: E402
 from dare_kernels.reference import sra_attention_ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-try:
-    import triton  # noqa: F401
-
+tsra, _SKIP = load_sra_triton()
+aot_check = None
+if tsra is not None:
     from dare_kernels.triton import aot_check
-    from dare_kernels.triton import sra_attention as tsra
-
-    _SKIP = None
-    if DEVICE == "cpu" and not tsra._INTERPRET_AT_IMPORT:
-        _SKIP = "the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process"
-except ImportError as exc:
-    tsra = aot_check = None
-    _SKIP = f"triton is not importable: {exc}"
 
 pytestmark = [pytest.mark.triton_interp, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 

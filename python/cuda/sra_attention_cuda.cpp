@@ -13,6 +13,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "sra_attention_params.h"
 #include "switches.h"
@@ -50,6 +51,18 @@ void strides(int64_t (&dst)[K], const Tensor& t) {
   for (size_t i = 0; i < K; ++i) dst[i] = t.stride(int64_t(i));
 }
 
+// Points a parameter at t's data and copies t's strides (in elements), as the kernels index with them.
+template <typename T, size_t K>
+void bind(T*& ptr, int64_t (&stride)[K], const Tensor& t) {
+  using U = std::remove_const_t<T>;
+  if constexpr (std::is_void_v<U>) {
+    ptr = t.data_ptr();
+  } else {
+    ptr = t.data_ptr<U>();  // checks the dtype
+  }
+  strides(stride, t);
+}
+
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, op, " (cuda): kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
@@ -81,12 +94,9 @@ std::optional<Tensor> fill_inputs(SraParams& p, const Tensor& q, const Tensor& k
   TORCH_CHECK_VALUE(map_start == map_stop || (0 <= map_start && map_start < map_stop && map_stop <= M),
                     "sra_attention (backend='cuda'): map range must satisfy 0 <= map_start < map_stop <= M=", M,
                     ", got (", map_start, ", ", map_stop, ")");
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  strides(p.q_stride, q);
-  strides(p.k_stride, k);
-  strides(p.v_stride, v);
+  bind(p.q, p.q_stride, q);
+  bind(p.k, p.k_stride, k);
+  bind(p.v, p.v_stride, v);
   p.B = int32_t(B);
   p.H = int32_t(H);
   p.N = int32_t(N);
@@ -146,13 +156,10 @@ std::tuple<Tensor, Tensor, Tensor> sra_attention_fwd_cuda(const Tensor& query, c
   Tensor out = at::empty({B, N, H, Dv}, query.options()).transpose(1, 2);  // [B,H,N,Dv] view, like SDPA
   Tensor lse = at::empty({B, H, N}, f32);
   Tensor amap = at::empty({B, N, map_stop - map_start}, f32);
-  p.out = out.data_ptr();
-  strides(p.out_stride, out);
-  p.lse = lse.data_ptr<float>();
-  strides(p.lse_stride, lse);
+  bind(p.out, p.out_stride, out);
+  bind(p.lse, p.lse_stride, lse);
   if (map_stop > map_start) {
-    p.attn_map = amap.data_ptr<float>();
-    strides(p.map_stride, amap);
+    bind(p.attn_map, p.map_stride, amap);
   }
   if (p.M == 0) {  // no key at all: every row has no valid key (zeros, lse -inf, map [B, N, 0]); no launch
     out.zero_();
@@ -186,41 +193,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sra_attention_bwd_cuda(
   const Tensor dO = grad_out.scalar_type() == query.scalar_type() ? grad_out : grad_out.to(query.scalar_type());
   const Tensor o = out.scalar_type() == query.scalar_type() ? out : out.to(query.scalar_type());
   const Tensor l = lse.scalar_type() == at::kFloat ? lse : lse.to(at::kFloat);
-  p.grad_out = dO.data_ptr();
-  strides(p.grad_out_stride, dO);
-  p.out = const_cast<void*>(o.data_ptr());
-  strides(p.out_stride, o);
-  p.lse = const_cast<float*>(l.data_ptr<float>());
-  strides(p.lse_stride, l);
+  bind(p.grad_out, p.grad_out_stride, dO);
+  bind(p.out, p.out_stride, o);
+  bind(p.lse, p.lse_stride, l);
 
   Tensor glse, gmap;
   if (grad_lse.has_value()) {
     check_on(*grad_lse, "grad_lse", query);
     check_shape(*grad_lse, "grad_lse", {B, H, N});
     glse = grad_lse->to(at::kFloat);
-    p.grad_lse = glse.data_ptr<float>();
-    strides(p.grad_lse_stride, glse);
+    bind(p.grad_lse, p.grad_lse_stride, glse);
   }
   if (grad_map.has_value() && map_stop > map_start) {
     check_on(*grad_map, "grad_map", query);
     check_shape(*grad_map, "grad_map", {B, N, map_stop - map_start});
     gmap = grad_map->to(at::kFloat);
-    p.grad_map = gmap.data_ptr<float>();
-    strides(p.grad_map_stride, gmap);
+    bind(p.grad_map, p.grad_map_stride, gmap);
   }
 
   Tensor dq = at::empty_like(query), dk = at::empty_like(key), dv = at::empty_like(value);
   Tensor dw = w.has_value() ? at::empty({B, H, M}, f32) : at::empty({0}, f32);
   Tensor delta = at::empty({B, H, N}, f32);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  strides(p.dq_stride, dq);
-  strides(p.dk_stride, dk);
-  strides(p.dv_stride, dv);
+  bind(p.dq, p.dq_stride, dq);
+  bind(p.dk, p.dk_stride, dk);
+  bind(p.dv, p.dv_stride, dv);
   if (w.has_value()) {
-    p.dw = dw.data_ptr<float>();
-    strides(p.dw_stride, dw);
+    bind(p.dw, p.dw_stride, dw);
   }
   if (M == 0) {  // the forward was all zeros: dq = 0, and dk, dv, dw have no elements
     dq.zero_();

@@ -286,22 +286,12 @@ inline Chunk chunk_of(int64_t task, int64_t n, int64_t nch) {
   return {g, g * n + ch * kChunk, std::min(kChunk, n - ch * kChunk)};
 }
 
-// u, c, d, b of the inputs as typed pointers; d is null without a third branch, b without momentum.
+// The inputs as typed pointers (rc::Operands); const_data_ptr checks each dtype.
 template <typename T, typename Bt, bool K3, bool MOM>
-struct TypedInputs {
-  const T* u;
-  const T* c;
-  const T* d;
-  const Bt* b;
-  explicit TypedInputs(const CfgInputs& in)
-      : u(in.u.const_data_ptr<T>()), c(in.c.const_data_ptr<T>()), d(K3 ? in.d.const_data_ptr<T>() : nullptr),
-        b(MOM ? in.b.const_data_ptr<Bt>() : nullptr) {}
-  TypedInputs(const T* u_, const T* c_, const T* d_, const Bt* b_) : u(u_), c(c_), d(d_), b(b_) {}
-  // the same operands from element off on (absent ones stay null)
-  TypedInputs at(int64_t off) const {
-    return {u + off, c + off, K3 ? d + off : nullptr, MOM ? b + off : nullptr};
-  }
-};
+rc::Operands<T, Bt, K3, MOM> typed(const CfgInputs& in) {
+  return {in.u.const_data_ptr<T>(), in.c.const_data_ptr<T>(), K3 ? in.d.const_data_ptr<T>() : nullptr,
+          MOM ? in.b.const_data_ptr<Bt>() : nullptr};
+}
 
 }  // namespace
 
@@ -314,7 +304,7 @@ std::vector<double> rectified_cfg_stats_cpu(const CfgInputs& in, double beta) {
     using T = typename decltype(t)::type;
     using Bt = typename decltype(b)::type;
     constexpr bool K3 = decltype(k3)::value, MOM = decltype(mom)::value;
-    const TypedInputs<T, Bt, K3, MOM> x(in);
+    const auto x = typed<T, Bt, K3, MOM>(in);
     at::parallel_for(0, G * nch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const Chunk ck = chunk_of(task, N, nch);
@@ -338,7 +328,7 @@ void rectified_cfg_combine_cpu(const CfgInputs& in, const double* gamma, double 
     using T = typename decltype(t)::type;
     using Bt = typename decltype(b)::type;
     constexpr bool K3 = decltype(k3)::value, MOM = decltype(mom)::value;
-    const TypedInputs<T, Bt, K3, MOM> x(in);
+    const auto x = typed<T, Bt, K3, MOM>(in);
     Bt* pbn = (MOM && b_new != nullptr) ? b_new->mutable_data_ptr<Bt>() : nullptr;
     T* po = out.mutable_data_ptr<T>();
     if constexpr (kAvx512Ok<T, Bt>) {

@@ -82,6 +82,16 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, int64_t i, int64_t 
   }
 }
 
+// kVec elements from element i (see load_vec) of each operand the variant reads (Operands, rectified_cfg_params.h).
+template <typename T, typename Bt, bool K3, bool MOM>
+__device__ __forceinline__ void load_operands(const Operands<T, Bt, K3, MOM>& x, int64_t i, int64_t end,
+                                              bool aligned, float* vu, float* vc, float* vd, float* vb) {
+  load_vec(x.u, i, end, aligned, vu);
+  load_vec(x.c, i, end, aligned, vc);
+  if (K3) load_vec(x.d, i, end, aligned, vd);
+  if (MOM) load_vec(x.b, i, end, aligned, vb);
+}
+
 // Statistics accumulators of one thread; only the slots the variant uses are touched.
 template <bool K3, bool MOM>
 struct Acc {
@@ -145,20 +155,14 @@ __global__ void __launch_bounds__(kStatsThreads) stats_kernel(LaunchParams p, in
   __shared__ float red[32 * kNumStats];
   const int64_t g = blockIdx.x, ch = blockIdx.y, n = p.n;
   const int64_t row = g * n;
-  const T* u = static_cast<const T*>(p.u) + row;
-  const T* c = static_cast<const T*>(p.c) + row;
-  const T* d = K3 ? static_cast<const T*>(p.d) + row : nullptr;
-  const Bt* b = MOM ? static_cast<const Bt*>(p.b_old) + row : nullptr;
+  const auto in = Operands<T, Bt, K3, MOM>(p.u, p.c, p.d, p.b_old).at(row);
   const float beta = static_cast<float>(p.coeff.beta);
   const int64_t end = min(n, (ch + 1) * chunk);
   Acc<K3, MOM> acc;
   acc.zero();
   for (int64_t i = ch * chunk + threadIdx.x * kVec; i < end; i += blockDim.x * kVec) {
     float vu[kVec], vc[kVec], vd[kVec], vb[kVec];
-    load_vec(u, i, end, aligned, vu);
-    load_vec(c, i, end, aligned, vc);
-    if (K3) load_vec(d, i, end, aligned, vd);
-    if (MOM) load_vec(b, i, end, aligned, vb);
+    load_operands(in, i, end, aligned, vu, vc, vd, vb);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) acc.add(vu[k], vc[k], K3 ? vd[k] : 0.0f, MOM ? vb[k] : 0.0f, beta);
   }
@@ -189,15 +193,29 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(LaunchParams
   }
 }
 
+// r = gu*u + gc*c (+ gd*d with a third branch) (+ gb*b with momentum), per lane; with momentum, vb becomes
+// the new buffer beta*b + (c - u).
+template <bool K3, bool MOM>
+__device__ __forceinline__ void combine_lanes(float gu, float gc, float gd, float gb, float beta, const float* vu,
+                                              const float* vc, const float* vd, float* vb, float* r) {
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    float x = fmaf(gc, vc[k], gu * vu[k]);
+    if (K3) x = fmaf(gd, vd[k], x);
+    if (MOM) {
+      x = fmaf(gb, vb[k], x);
+      vb[k] = fmaf(beta, vb[k], vc[k] - vu[k]);
+    }
+    r[k] = x;
+  }
+}
+
 template <typename T, typename Bt, bool K3, bool MOM>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(LaunchParams p, int64_t chunk, bool aligned,
                                                                   const float* __restrict__ coeffs) {
   const int64_t g = blockIdx.x, ch = blockIdx.y, n = p.n;
   const int64_t row = g * n;
-  const T* u = static_cast<const T*>(p.u) + row;
-  const T* c = static_cast<const T*>(p.c) + row;
-  const T* d = K3 ? static_cast<const T*>(p.d) + row : nullptr;
-  const Bt* b = MOM ? static_cast<const Bt*>(p.b_old) + row : nullptr;
+  const auto in = Operands<T, Bt, K3, MOM>(p.u, p.c, p.d, p.b_old).at(row);
   Bt* bn = (MOM && p.b_new != nullptr) ? static_cast<Bt*>(p.b_new) + row : nullptr;
   T* out = static_cast<T*>(p.out) + row;
   const float gu = coeffs[g * kNumCoeffs + 0], gc = coeffs[g * kNumCoeffs + 1];
@@ -206,20 +224,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(LaunchParams p
   const int64_t end = min(n, (ch + 1) * chunk);
   for (int64_t i = ch * chunk + threadIdx.x * kVec; i < end; i += blockDim.x * kVec) {
     float vu[kVec], vc[kVec], vd[kVec], vb[kVec], r[kVec];
-    load_vec(u, i, end, aligned, vu);
-    load_vec(c, i, end, aligned, vc);
-    if (K3) load_vec(d, i, end, aligned, vd);
-    if (MOM) load_vec(b, i, end, aligned, vb);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      float x = fmaf(gc, vc[k], gu * vu[k]);
-      if (K3) x = fmaf(gd, vd[k], x);
-      if (MOM) {
-        x = fmaf(gb, vb[k], x);
-        vb[k] = fmaf(beta, vb[k], vc[k] - vu[k]);
-      }
-      r[k] = x;
-    }
+    load_operands(in, i, end, aligned, vu, vc, vd, vb);
+    combine_lanes<K3, MOM>(gu, gc, gd, gb, beta, vu, vc, vd, vb, r);
     store_vec(out, i, end, aligned, r);
     if (MOM && bn != nullptr) store_vec(bn, i, end, aligned, vb);
   }
@@ -261,10 +267,7 @@ __global__ void __launch_bounds__(kPersistThreads) persistent_kernel(LaunchParam
   T* sc = su + tile;
   T* sd = sc + tile;                                   // only with K3
   Bt* sb = reinterpret_cast<Bt*>(sc + (K3 ? 2 : 1) * tile);  // only with MOM
-  const T* u = static_cast<const T*>(p.u) + row;
-  const T* c = static_cast<const T*>(p.c) + row;
-  const T* d = K3 ? static_cast<const T*>(p.d) + row : nullptr;
-  const Bt* b = MOM ? static_cast<const Bt*>(p.b_old) + row : nullptr;
+  const auto in = Operands<T, Bt, K3, MOM>(p.u, p.c, p.d, p.b_old).at(row);
   const float beta = static_cast<float>(p.coeff.beta);
 
   // phase 1: read the tile once, keep it in shared memory, accumulate the statistics
@@ -273,16 +276,16 @@ __global__ void __launch_bounds__(kPersistThreads) persistent_kernel(LaunchParam
   for (int64_t i = begin + threadIdx.x * kVec; i < end; i += blockDim.x * kVec) {
     float vu[kVec], vc[kVec], vd[kVec], vb[kVec];
     const int64_t j = i - begin;
-    load_vec(u, i, end, aligned, vu);
-    load_vec(c, i, end, aligned, vc);
+    load_vec(in.u, i, end, aligned, vu);
+    load_vec(in.c, i, end, aligned, vc);
     store_vec(su, j, end - begin, true, vu);
     store_vec(sc, j, end - begin, true, vc);
     if (K3) {
-      load_vec(d, i, end, aligned, vd);
+      load_vec(in.d, i, end, aligned, vd);
       store_vec(sd, j, end - begin, true, vd);
     }
     if (MOM) {
-      load_vec(b, i, end, aligned, vb);
+      load_vec(in.b, i, end, aligned, vb);
       store_vec(sb, j, end - begin, true, vb);
     }
 #pragma unroll
@@ -319,16 +322,7 @@ __global__ void __launch_bounds__(kPersistThreads) persistent_kernel(LaunchParam
     load_vec(sc, j, end - begin, true, vc);
     if (K3) load_vec(sd, j, end - begin, true, vd);
     if (MOM) load_vec(sb, j, end - begin, true, vb);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      float x = fmaf(gc, vc[k], gu * vu[k]);
-      if (K3) x = fmaf(gd, vd[k], x);
-      if (MOM) {
-        x = fmaf(gb, vb[k], x);
-        vb[k] = fmaf(beta, vb[k], vc[k] - vu[k]);
-      }
-      r[k] = x;
-    }
+    combine_lanes<K3, MOM>(gu, gc, gd, gb, beta, vu, vc, vd, vb, r);
     store_vec(out, i, end, aligned, r);
     if (MOM && bn != nullptr) store_vec(bn, i, end, aligned, vb);
   }

@@ -48,6 +48,15 @@ struct FwdTile {
   }
 };
 
+// Max over one key tile's scores s of fragment row r (log2 domain), across the four lanes of the row.
+template <int kNT>
+__device__ __forceinline__ float tile_row_max(const float (&s)[kNT][4], int r) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+  return quad_max(mx);
+}
+
 template <typename E, int kD, bool kExact>
 __global__ void __launch_bounds__(kFwdThreads)
     sra_fwd_kernel(const SraParams p, const int k_resident) {
@@ -122,11 +131,8 @@ __global__ void __launch_bounds__(kFwdThreads)
         scores(s, tileK);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-          const float m_new = fmaxf(m_run[r], quad_max(mx));
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float m_new = fmaxf(m_run[r], tile_row_max(s, r));
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no finite score yet: exp2(-inf) = 0, not NaN
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < kNT; ++j) sum += exp2f(s[j][2 * r] - m_use) + exp2f(s[j][2 * r + 1] - m_use);
@@ -184,11 +190,8 @@ __global__ void __launch_bounds__(kFwdThreads)
         scores(s, sK);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-          const float m_new = fmaxf(m_run[r], quad_max(mx));
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float m_new = fmaxf(m_run[r], tile_row_max(s, r));
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no finite score yet: exp2(-inf) = 0, not NaN
           const float alpha = exp2f(m_run[r] - m_use);
           float sum = 0.f;
 #pragma unroll

@@ -26,38 +26,36 @@ constexpr float kLn2 = 0.6931471805599453f;
 // element types: raw 16-bit storage, conversions, the matching mma instruction
 // ---------------------------------------------------------------------------------------------
 
-struct F16 {
-  static __device__ __forceinline__ float to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
-  static __device__ __forceinline__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+// d += a * b: one m16n8k16 tensor-core step on 16-bit inputs of PTX type `ty` (f16 or bf16), fp32 accumulator
+#define DARE_MMA_M16N8K16(ty, d, a, b0, b1)                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." #ty "." #ty ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                          \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+// Two values rounded to the element type E and packed into one 32-bit register (lo in the low half).
+template <typename E>
+struct Packs16 {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    return uint32_t(from_float(lo)) | (uint32_t(from_float(hi)) << 16);
-  }
-  // d += a * b
-  static __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    return uint32_t(E::from_float(lo)) | (uint32_t(E::from_float(hi)) << 16);
   }
 };
 
-struct BF16 {
-  static __device__ __forceinline__ float to_float(uint16_t x) {
-    return __bfloat162float(__ushort_as_bfloat16(x));
+struct F16 : Packs16<F16> {
+  static __device__ __forceinline__ float to_float(uint16_t x) { return __half2float(__ushort_as_half(x)); }
+  static __device__ __forceinline__ uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  static __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    DARE_MMA_M16N8K16(f16, d, a, b0, b1);
   }
+};
+
+struct BF16 : Packs16<BF16> {
+  static __device__ __forceinline__ float to_float(uint16_t x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
   static __device__ __forceinline__ uint16_t from_float(float x) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));
   }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    return uint32_t(from_float(lo)) | (uint32_t(from_float(hi)) << 16);
-  }
   static __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    DARE_MMA_M16N8K16(bf16, d, a, b0, b1);
   }
 };
 

@@ -32,6 +32,24 @@ DARE_RCFG_HD constexpr int pair_index(int i, int j) {  // i <= j
   return 4 + i * 4 - (i * (i - 1)) / 2 + (j - i);
 }
 
+// The operands u, c, d (third branch: K3) and b (momentum buffer: MOM) of a combine as typed pointers,
+// absent ones null; at(off) is the same operands from element off on. The CPU and CUDA kernels both take them.
+template <typename T, typename Bt, bool K3, bool MOM>
+struct Operands {
+  const T* u;
+  const T* c;
+  const T* d;
+  const Bt* b;
+  DARE_RCFG_HD Operands(const void* u_, const void* c_, const void* d_, const void* b_)
+      : u(static_cast<const T*>(u_)),
+        c(static_cast<const T*>(c_)),
+        d(K3 ? static_cast<const T*>(d_) : nullptr),
+        b(MOM ? static_cast<const Bt*>(b_) : nullptr) {}
+  DARE_RCFG_HD Operands at(int64_t off) const {
+    return {u + off, c + off, K3 ? d + off : nullptr, MOM ? b + off : nullptr};
+  }
+};
+
 struct CoeffParams {
   int mode;      // Mode
   int K;         // 2 or 3 branches

@@ -54,3 +54,20 @@ def test_every_cuda_file_compiles_without_spills():
             assert f"| {f.name} | {arch} | `" in proc.stdout, f"{f.name} [{arch}] has no kernel rows"
         for arch in nvcc_check.DEFAULT_PTX:
             assert f"| {f.name} | {arch} | PTX only (compiles;" in proc.stdout, f"{f.name} [{arch}] PTX"
+
+
+def test_sass_diff_verdicts():
+    """tools/sass_diff.py tells a register renaming and a reordering from a real change (synthetic SASS)."""
+    import sass_diff
+
+    old = ["Function : _ZN4dare4cuda53_GLOBAL__N__fa7b95e0_20_sra_attention_bwd_cu_69c1249e3fooEv",
+           "/*0000*/ CS2R R10, SRZ ; /* 0x00000000000a7805 */", "/*0010*/ FADD R1, R2, R3 ; /* 0x0000000302017221 */"]
+    rehashed = [old[0].replace("fa7b95e0", "f4bc03d8"), *old[1:]]
+    assert sass_diff.verdict([sass_diff._ANON.sub("ANON", x) for x in old],
+                             [sass_diff._ANON.sub("ANON", x) for x in rehashed]) == "identical"
+    renamed = [old[0], "/*0000*/ CS2R R8, SRZ ; /* 0x0000000000087805 */", old[2].replace("R1,", "R4,")]
+    assert sass_diff.verdict(old, renamed) == "registers renamed"
+    swapped = [old[0], "/*0000*/ FADD R1, R2, R3 ;", "/*0010*/ CS2R R10, SRZ ;"]
+    assert sass_diff.verdict(old, swapped) == "rescheduled"
+    changed = [old[0], old[1], old[2].replace("FADD", "FMUL")]
+    assert sass_diff.verdict(old, changed) == "differs"

@@ -16,14 +16,12 @@ and zero weights dropping keys.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are first imported
+from _triton_interp import load_sra_triton  # before dare_kernels: sets TRITON_INTERPRET without CUDA
 
 from dare_kernels import sra_attention  # noqa: E402
 from dare_kernels.benchmarking.capabilities import unsupported_reason  # noqa: E402
@@ -258,12 +256,9 @@ _BACKEND_PARAMS = [pytest.param(b, marks=[pytest.mark.triton_interp] if b == "tr
 def backend(request):
     name = request.param
     if name == "triton":
-        try:
-            from dare_kernels.triton import sra_attention as triton_sra
-        except ImportError as exc:
-            pytest.skip(f"triton is not importable: {exc}")
-        if INTERPRETED and not triton_sra._INTERPRET_AT_IMPORT:
-            pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set in this process")
+        triton_sra, why = load_sra_triton()
+        if triton_sra is None:
+            pytest.skip(why)
         previous = triton_sra.set_autotune(False)  # one heuristic config: autotuning each case takes minutes
         yield name
         triton_sra.set_autotune(previous)

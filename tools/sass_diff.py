@@ -46,8 +46,9 @@ def cuobjdump(root: Path) -> Path | None:
     return None
 
 
-def machine_code(nvcc: Path, dump: Path, src_root: Path, src: Path, arch: str) -> list[str]:
-    """SASS (sm_XY) or PTX (compute_XY) of one file, hash-masked, blank and comment lines dropped."""
+def machine_code(nvcc: Path, dump: Path, src_root: Path, name: str, arch: str) -> list[str]:
+    """SASS (sm_XY) or PTX (compute_XY) of src_root/csrc/cuda/name, hash-masked, blank and comment lines dropped."""
+    src = src_root / "csrc" / "cuda" / name
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         kind = ["-ptx"] if arch.startswith("compute_") else ["-cubin"]
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sass_diff: no CUDA toolkit (set CUDA_HOME) or no cuobjdump found", file=sys.stderr)
         return 2
     nvcc = root / "bin" / "nvcc"
-    with tempfile.TemporaryDirectory() as old_root:
+    with tempfile.TemporaryDirectory() as tmp:
+        old_root = Path(tmp)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.rev, "csrc"], check=True,
                                  capture_output=True).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -87,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                 tar.extractall(old_root, filter="data")
             else:
                 tar.extractall(old_root)
-        old_root = Path(old_root)
         files = sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         jobs = [(name, arch) for name in files for arch in (*DEFAULT_ARCHS, *DEFAULT_PTX)]
 
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             name, arch = job
             if not (old_root / "csrc" / "cuda" / name).exists():
                 return "new file"
-            old = machine_code(nvcc, dump, old_root, old_root / "csrc" / "cuda" / name, arch)
-            new = machine_code(nvcc, dump, ROOT, ROOT / "csrc" / "cuda" / name, arch)
+            old = machine_code(nvcc, dump, old_root, name, arch)
+            new = machine_code(nvcc, dump, ROOT, name, arch)
             return verdict(old, new)
 
         with ThreadPoolExecutor(max_workers=2) as pool:

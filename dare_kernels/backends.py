@@ -209,7 +209,8 @@ def available(op: str, backend: str) -> tuple[bool, str]:
         return False, why
     note = {"cpu": "fused C++ kernels in dare_kernels._C", "triton": triton_status()[1]}.get(backend, "")
     if cap.validated_on_gpu is False:
-        note = (f"{cap.label} kernels built, not validated on a GPU (only backend='{backend}' selects them)")
+        why_not = tuning.AUTO_EVIDENCE.get(op, {}).get(backend, "not validated on a GPU")
+        note = f"{cap.label} kernels built; {why_not} (only backend='{backend}' selects them)"
     return True, note
 
 

@@ -33,8 +33,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, (ok, why) in data["backends"].items():
         print(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+    from .tuning import AUTO_EVIDENCE
+
     for op, row in data["ops"].items():
         print(f"auto order of {op}: " + "; ".join(f"{dev}: {' > '.join(order)}" for dev, order in row["auto"].items()))
+        for backend, why in AUTO_EVIDENCE.get(op, {}).items():  # the measurements behind the GPU order
+            print(f"  {backend} on a GPU: {why}")
     print("switches (value, where it comes from; see README 'Switches'):")
     for name, row in data["switches"].items():
         print(f"  {name:<36} {row['value'] or '-':<16} {row['source']:<9} {row['scope']}")

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from .settings import bench_switch, budget_s, is_on
 
+# pytest exit statuses of a run that ended on its own: all passed, some benchmark failed (error rows), or nothing
+# selected; 2 (interrupted), 3 (internal error), 4 (usage) and a signal leave the run partial
+RUN_ENDED = (0, 1, 5)
 QUICK_BUDGET_S = {"cpu": 200.0, "cuda": 300.0, "all": 300.0}  # seconds of cases in the default (quick) run
 FULL_BUDGET_S = {"cpu": 0.0, "cuda": 480.0, "all": 0.0}       # --full: none on CPU; one device call on CUDA
 
@@ -48,7 +51,7 @@ def results_dirs(bench_dir: Path, out: str | None, csv_dir: str | None, publish:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import report
-    from .results import device_slug, new_run_id
+    from .results import device_slug, mark_run_complete, new_run_id
 
     import importlib.util
 
@@ -92,6 +95,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     what = f"quick, {budget:.0f} s budget" if quick else ("full" + (f", {budget:.0f} s budget" if budget > 0 else ""))
     print(f"dare-kernels bench: {len(files)} file(s), device {device}, run {run_id} ({what}); "
           f"results -> {csv_dir}", flush=True)
+    # Ctrl-C here raises KeyboardInterrupt after pytest stops: the run gets no end-of-run row
     rc = subprocess.call(cmd, cwd=str(bench_dir.parent), env=env)
     if rc not in (0, 1):  # 1: some benchmark failed (recorded as error rows); still report
         print(f"pytest exited with {rc}", file=sys.stderr)
@@ -101,6 +105,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not csvs:
         print("no result rows were written", file=sys.stderr)
         return rc or 1
+    if rc in RUN_ENDED:  # the run ended on its own (budget skips are rows of it): mark it complete
+        for p in csvs:
+            mark_run_complete(p, run_id, note=f"pytest exit status {rc}")
+    else:
+        print(f"run {run_id} did not end on its own (pytest exit status {rc}): it stays partial", file=sys.stderr)
     written = report.write_report(csvs, out_dir, run=run_id, plots=not args.no_plots)
     for md in written["md"]:
         print()
@@ -114,7 +123,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from . import report
 
     results = find_bench_dir(args.bench_dir) / "results"
-    csvs = args.csv or sorted(glob.glob(str(results / "local" / "*.csv"))) or sorted(glob.glob(str(results / "*.csv")))
+    csvs = args.csv or sorted(glob.glob(str(results / "local" / "*.csv"))) or committed_csvs(results)
     if not csvs:
         print("no result CSVs (run `dare-kernels bench` first, or pass --csv)", file=sys.stderr)
         return 1
@@ -126,6 +135,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for p in written["md"] + written["png"]:
         print(f"wrote {p}")
     return 0
+
+
+def committed_csvs(results: Path) -> list[str]:
+    """The committed result CSVs: bench/results/*.csv (make bench-publish) and the device checks' bench.csv
+    files (bench/results/<run>/bench.csv), CPU and GPU side by side."""
+    return sorted(glob.glob(str(results / "*.csv"))) + sorted(glob.glob(str(results / "*" / "bench.csv")))
 
 
 def add_parser(subparsers) -> None:
@@ -153,9 +168,11 @@ def add_parser(subparsers) -> None:
 
     r = subparsers.add_parser("report", help="Markdown table and PNG plots from bench/results/*.csv")
     r.add_argument("--csv", action="append", default=None,
-                   help="result CSV (repeatable; default bench/results/local/*.csv, else bench/results/*.csv)")
+                   help="result CSV or a device check's bench.csv (repeatable; default bench/results/local/*.csv, "
+                        "else bench/results/*.csv and bench/results/*/bench.csv)")
     r.add_argument("--out", default=None, help="output folder (default: the first CSV's folder)")
-    r.add_argument("--run", default="latest", help="'latest' run per device (default), 'all', or a run id")
+    r.add_argument("--run", default="latest",
+                   help="'latest' complete run per device (default; partial runs are listed), 'all', or a run id")
     r.add_argument("--bench-dir", default=None, help=argparse.SUPPRESS)
     r.add_argument("--no-plots", action="store_true", help="Markdown table only")
     r.add_argument("--print", action="store_true", help="also print the Markdown")

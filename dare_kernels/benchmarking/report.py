@@ -3,8 +3,13 @@
 For every (kernel, mode, shape, dtype) the report lists each provider's median time, its
 throughput as a fraction of the device's physical floors measured in the same run (FLOPs over the
 matmul peak of the dtype, bytes over the copy bandwidth), and the speed-up of the fastest dare_*
-provider over every peer (peer time / dare time: > 1 means dare is faster). Skipped and failed
-providers are listed with their reasons.
+provider over every peer of the same run (peer time / dare time: > 1 means dare is faster; a case whose
+run measured no peer says so). Skipped and failed providers are listed with their reasons.
+
+Result CSVs and the device check's bench.csv (committed under bench/results/<run>/) are both read. A run is
+rendered only once complete: ``dare-kernels bench`` appends an end-of-run row when its run ends on its own,
+and the default selection takes each device's newest run with that row; runs without it (cut off, or recorded
+before runs were marked) are listed as partial.
 
 A fraction is shown only where its floor means something: no "% peak" of a bf16 / fp16 matmul floor
 that is not native here (below half the fp32 one: the CPU emulates it), and a "% BW" over 100 % says
@@ -18,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .results import normalize_dtype, read_rows, slug_for
+from .results import complete_runs, is_run_end, normalize_dtype, read_results, slug_for
 
 KEY = ("kernel", "mode", "shape", "dtype")
 
@@ -34,16 +39,17 @@ def _canon(rows: list[dict]) -> list[dict]:
 
 
 def load(paths: Iterable[str | Path]) -> list[dict]:
-    """Rows of every CSV in ``paths`` (numeric columns as floats)."""
+    """Rows of every CSV in ``paths`` (result CSVs or device-check bench.csv files; numeric columns as floats)."""
     rows = []
     for p in paths:
-        rows += read_rows(p)
+        rows += read_results(p)
     return _canon(rows)
 
 
 def select_run(rows: list[dict], run: str | None = "latest") -> list[dict]:
-    """Rows of one run: ``"latest"`` (the newest run id per device), ``"all"`` (newest row per
-    provider and key across runs) or an explicit run id."""
+    """Rows of one run: ``"latest"`` (per device the newest COMPLETE run, i.e. with its end-of-run row; the
+    newest run where a device has none marked, as files written before runs were marked), ``"all"`` (newest
+    row per provider and key across runs) or an explicit run id."""
     if run in (None, "all"):
         newest: dict[tuple, dict] = {}
         for r in rows:
@@ -52,13 +58,29 @@ def select_run(rows: list[dict], run: str | None = "latest") -> list[dict]:
                 newest[k] = r
         return list(newest.values())
     if run == "latest":
+        done = complete_runs(rows)
         last: dict[str, str] = {}
+        marked: dict[str, str] = {}
         for r in rows:
-            d = r.get("device") or ""
-            if (r.get("run_id") or "") > last.get(d, ""):
-                last[d] = r.get("run_id") or ""
-        return [r for r in rows if r.get("run_id") == last.get(r.get("device") or "")]
+            d, rid = r.get("device") or "", r.get("run_id") or ""
+            last[d] = max(last.get(d, ""), rid)
+            if rid in done:
+                marked[d] = max(marked.get(d, ""), rid)
+        pick = {d: marked.get(d, last[d]) for d in last}
+        return [r for r in rows if r.get("run_id") == pick.get(r.get("device") or "")]
     return [r for r in rows if r.get("run_id") == run]
+
+
+def partial_runs(rows: list[dict]) -> list[tuple[str, int]]:
+    """(run id, rows) of every run in ``rows`` without its end-of-run row: cut off (Ctrl-C, a time limit, a
+    crash) or recorded before runs were marked; oldest first."""
+    done = complete_runs(rows)
+    count: dict[str, int] = defaultdict(int)
+    for r in rows:
+        rid = r.get("run_id") or ""
+        if rid not in done:
+            count[rid] += 1
+    return sorted(count.items())
 
 
 def floors(rows: list[dict]) -> dict[str, float]:
@@ -108,15 +130,20 @@ def fmt_time(seconds: float | None) -> str:
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
-    """One entry per (kernel, mode, shape, dtype) with ok timings:
-    {key, dims, times {provider: p50}, spread {provider: (p20, p80)}, row {provider: row},
-    best_dare (provider or None), speedup {peer: peer_p50 / best_dare_p50}}."""
+    """One entry per (kernel, mode, shape, dtype) and run with ok timings:
+    {key, run, dims, times {provider: p50}, spread {provider: (p20, p80)}, row {provider: row},
+    best_dare (provider or None), speedup {peer: peer_p50 / best_dare_p50}}.
+
+    Rows of different runs never share an entry: a ratio is always between rows of one run (one machine, one
+    load, one build)."""
     groups: dict[tuple, dict] = {}
     for r in rows:
         if r.get("kernel") == "floor" or r.get("status") != "ok" or not r.get("p50"):
             continue
         k = tuple(r.get(c) or "" for c in KEY)
-        g = groups.setdefault(k, {"key": k, "dims": r.get("dims") or "", "times": {}, "spread": {}, "row": {}})
+        run = r.get("run_id") or ""
+        g = groups.setdefault((k, run), {"key": k, "run": run, "dims": r.get("dims") or "", "times": {}, "spread": {},
+                                         "row": {}})
         prov = r.get("provider") or "?"
         g["times"][prov] = r["p50"]
         g["spread"][prov] = (r.get("p20"), r.get("p80"))
@@ -155,22 +182,48 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def render_markdown(rows: list[dict], title: str | None = None) -> str:
-    """The report as Markdown: run facts, floors, one table per kernel, skipped/failed providers."""
+def _run_state(rows: list[dict], partial: Sequence[tuple[str, int]] | None) -> list[str]:
+    """Lines saying whether the rendered run(s) completed, and which runs were left out as partial."""
+    done = complete_runs(rows)
+    runs = sorted({r.get("run_id") or "?" for r in rows})
+    open_runs = [rid for rid in runs if rid not in done]
+    lines = []
+    if open_runs:
+        lines.append(f"- **partial**: run(s) {', '.join(open_runs)} have no end-of-run mark (cut off, or recorded "
+                     "before runs were marked): what is missing was not measured, not skipped")
+    others = [(rid, n) for rid, n in (partial or []) if rid not in runs]
+    if others:
+        lines.append(f"- partial runs not rendered (no end-of-run mark): "
+                     + ", ".join(f"{rid} ({n} rows)" for rid, n in others))
+    return lines
+
+
+def render_markdown(rows: list[dict], title: str | None = None,
+                    partial: Sequence[tuple[str, int]] | None = None) -> str:
+    """The report as Markdown: run facts, floors, one table per kernel, skipped/failed providers.
+
+    ``partial``: (run id, rows) of the partial runs of the same device (listed, not rendered)."""
     fl = floors(rows)
     devices = sorted({r.get("device") or "?" for r in rows})
     runs = sorted({r.get("run_id") or "?" for r in rows})
-    first = rows[0] if rows else {}
+    first = next((r for r in rows if not is_run_end(r)), rows[0] if rows else {})
+    dates = sorted({str(r.get("timestamp") or "")[:10] for r in rows if r.get("timestamp") and not is_run_end(r)})
     lines = [f"# {title or 'dare_kernels benchmarks'}", ""]
-    lines += [f"- device: {', '.join(devices)}" + (f" ({int(first['threads'])} threads)" if first.get("threads") else ""),
-              f"- torch {first.get('torch', '?')}, triton {first.get('triton') or 'n/a'}, commit {first.get('commit') or '?'}",
+    lines += [f"- device: {', '.join(devices)}" + (f" ({int(first['threads'])} threads)" if first.get("threads") else "")
+              + (f" [{first['device_type']}]" if first.get("device_type") else ""),
+              f"- torch {first.get('torch', '?')}, triton {first.get('triton') or 'n/a'}, commit {first.get('commit') or '?'}"
+              + (f", {' to '.join(dict.fromkeys([dates[0], dates[-1]]))}" if dates else ""),
               f"- run(s): {', '.join(runs)}",
+              *_run_state(rows, partial),
               "- times are medians (p50) per call, p20–p80 in brackets; speed-up = peer time / fastest dare_* time "
               "(> 1: dare is faster); % peak = achieved FLOP/s over the measured matmul peak of the dtype; "
               "% BW = achieved bytes/s over the measured copy bandwidth (floors: p80 of the throughput, "
               "best of the measurements at the start and end of the run, same device); % BW over 100% = "
               "the data were cache-resident.", ""]
     native = native_lowp(fl)
+    if not fl:
+        lines[-1:] = ["- no floor rows in this run: the % peak and % BW columns are empty; a `copy` row of a kernel "
+                  "is the copy of its bytes, timed in the same run.", ""]
     if fl:
         lines += ["## Physical floors (same device, same run)", "", "| floor | value |", "| --- | --- |"]
         for k in sorted(fl):
@@ -196,7 +249,9 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
                 row = c["row"][prov]
                 p20, p80 = c["spread"][prov]
                 gf, fpk, gb, fbw = _efficiency(row, fl)
-                if is_dare(prov):
+                if is_dare(prov) and not c["speedup"] and prov == c["best_dare"]:
+                    sp = _no_peer(c["key"], rows)
+                elif is_dare(prov):
                     sp = "**best dare**" if prov == c["best_dare"] else f"{c['times'][c['best_dare']] / c['times'][prov]:.2f}× of best"
                 else:
                     sp = f"{c['speedup'][prov]:.2f}×"
@@ -223,6 +278,13 @@ def render_markdown(rows: list[dict], title: str | None = None) -> str:
     if not comps and not peers_only:
         lines += ["_No timing rows in this selection._", ""]
     return "\n".join(lines)
+
+
+def _no_peer(key: tuple, rows: list[dict]) -> str:
+    """The speed-up cell of a case whose run measured no peer: says so, and what became of the peer rows."""
+    missed = sorted({r.get("provider") or "?" for r in rows if not is_dare(r.get("provider") or "")
+                     and r.get("status") in ("skipped", "error") and tuple(r.get(c) or "" for c in KEY) == key})
+    return ("no peer measured in this run" + (f" ({', '.join(missed)} not run: see below)" if missed else ""))
 
 
 def _plt():
@@ -371,15 +433,15 @@ def write_report(csv_paths: Sequence[str | Path], out_dir: str | Path, run: str 
     written: dict[str, list[Path]] = {"md": [], "png": []}
     by_device: dict[str, list[dict]] = defaultdict(list)
     for p in csv_paths:
-        for r in _canon(read_rows(p)):
+        for r in _canon(read_results(p)):
             by_device[slug_for(r.get("device_type") or "cpu", r.get("device") or Path(p).stem)].append(r)
-    for slug, rows in sorted(by_device.items()):
-        rows = select_run(rows, run)
+    for slug, every in sorted(by_device.items()):
+        rows = select_run(every, run)
         if not rows:
             continue
         name = rows[0].get("device") or slug
         md = out_dir / f"REPORT-{slug}.md"
-        text = render_markdown(rows, title=f"dare_kernels benchmarks on {name}")
+        text = render_markdown(rows, title=f"dare_kernels benchmarks on {name}", partial=partial_runs(every))
         if plots:
             imgs = [plot_speedups(rows, out_dir / f"speedup-{slug}.png", name),
                     plot_floor_fractions(rows, out_dir / f"floor-{slug}.png", name)]

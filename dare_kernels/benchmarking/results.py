@@ -181,3 +181,104 @@ def read_rows(path: str | os.PathLike, numeric: bool = True) -> list[dict]:
                     except ValueError:
                         r[k] = None
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# complete and partial runs
+# ---------------------------------------------------------------------------------------------
+
+# The row that marks a run complete: appended by ``dare-kernels bench`` once its pytest run has ended on its
+# own (a run cut off by Ctrl-C, a kill at a time limit or a crash never gets one). Rows of a run are appended as
+# they are measured, so without this mark a cut-off run would look like a finished one.
+RUN_END = {"kernel": "run", "provider": "dare-kernels bench", "mode": "end", "metric": "run", "status": "complete"}
+
+
+def is_run_end(row: Mapping[str, object]) -> bool:
+    return row.get("kernel") == RUN_END["kernel"] and row.get("status") == RUN_END["status"]
+
+
+def mark_run_complete(path: str | os.PathLike, run_id: str, note: str = "") -> bool:
+    """Append the end-of-run row of ``run_id`` to the CSV at ``path`` when the file holds rows of that run.
+
+    The row copies the run's device columns, so the report groups it with them. Returns whether it was written.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    mine = [r for r in read_rows(path, numeric=False) if r.get("run_id") == run_id]
+    if not mine:
+        return False
+    shared = {k: mine[0].get(k, "") for k in ("device", "device_type", "threads", "torch", "triton", "commit")}
+    append_rows(path, [dict(shared, **RUN_END, run_id=run_id, timestamp=utc_now(), reason=note)])
+    return True
+
+
+def complete_runs(rows: Iterable[Mapping[str, object]]) -> set[str]:
+    """Run ids that have their end-of-run row."""
+    return {str(r.get("run_id") or "") for r in rows if is_run_end(r)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the device check's bench.csv (tools/gpu_check_bench.py), committed under bench/results/<run>/
+# ---------------------------------------------------------------------------------------------
+
+DEVICE_CHECK_COLUMNS = ("kernel", "shape", "dims", "dtype", "provider", "mode", "status", "ms", "p20_ms", "p80_ms")
+
+
+def is_device_check_csv(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a device check's bench.csv (times in ms, no run id) rather than a result CSV."""
+    with Path(path).open(newline="") as f:
+        header = next(csv.reader(f), [])
+    return "run_id" not in header and all(c in header for c in DEVICE_CHECK_COLUMNS)
+
+
+def _float(v) -> float | None:
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_device_check(path: str | os.PathLike) -> list[dict]:
+    """Rows of a device check's bench.csv in the result-CSV columns (seconds; numeric columns as floats).
+
+    Versions, device and commit come from the env.json beside it (its ``commit`` field is the project's; a
+    corrected one keeps the recorded value as ``commit_recorded``). The file is written when the bench stage
+    ends (rows measured so far go to bench_rows.jsonl), so the run it holds is complete: an end-of-run row is
+    added. Its run id is ``<date>-device-check`` (the date of env.json, else the folder name).
+    """
+    import json
+
+    path = Path(path)
+    env_path = path.with_name("env.json")
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    date = str(env.get("date_utc") or "")
+    stamp = re.sub(r"[^0-9TZ]", "", date) if date else path.parent.name
+    run_id = f"{stamp}-device-check"
+    with path.open(newline="") as f:
+        raw = list(csv.DictReader(f))
+    shared = {"run_id": run_id, "timestamp": date, "device_type": "cuda" if env.get("cuda_available", True) else "cpu",
+              "torch": str(env.get("torch") or ""), "triton": str(env.get("triton") or ""),
+              "commit": str(env.get("commit") or "unknown"), "threads": None}
+    rows = []
+    for r in raw:
+        ms, p20, p80 = (_float(r.get(k)) for k in ("ms", "p20_ms", "p80_ms"))
+        t = ms / 1e3 if ms is not None else None
+        tflops, gbps = _float(r.get("tflops")), _float(r.get("gbps"))
+        rows.append(dict(shared, kernel=r.get("kernel", ""), provider=r.get("provider", ""), mode=r.get("mode", ""),
+                         metric="time", unit="s", shape=r.get("shape", ""), dims=r.get("dims", ""),
+                         dtype=normalize_dtype(r.get("dtype")), status=r.get("status", ""),
+                         reason=r.get("reason", ""), p50=t, p20=p20 / 1e3 if p20 is not None else None,
+                         p80=p80 / 1e3 if p80 is not None else None, mean=None, rounds=_float(r.get("rounds")),
+                         flops=tflops * 1e12 * t if tflops and t else None,
+                         bytes=gbps * 1e9 * t if gbps and t else None, peak_mem_bytes=_float(r.get("peak_mem_bytes")),
+                         timer="cuda events, L2 flushed", test="device check",
+                         device=r.get("device") or str(env.get("device") or "")))
+    device = next((r["device"] for r in rows if r["device"]), str(env.get("device") or ""))
+    rows.append(dict(shared, **RUN_END, device=device, reason=f"{path.name} is written at the end of the bench stage"))
+    return rows
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """Rows of a result CSV or of a device check's bench.csv, in the result-CSV columns (numeric as floats)."""
+    return read_device_check(path) if is_device_check_csv(path) else read_rows(path)

@@ -346,3 +346,110 @@ def test_budgeted_run_skips_what_would_not_fit(tmp_path):
     assert rows["eager_maps"]["status"] == "skipped" and "bfloat16 matmul rate" in rows["eager_maps"]["reason"]
     seen = calls.read_text().split()
     assert seen.count("slow") == 1 and "eager" not in seen  # one probe call; the eager case never ran
+
+
+# ---------------------------------------------------------------------------------------------
+# committed GPU results, complete and partial runs, same-run ratios
+# ---------------------------------------------------------------------------------------------
+
+GPU_RUN = REPO / "bench" / "results" / "gpu-h100-2026-12-06"
+
+
+def test_the_first_gpu_run_renders_next_to_the_cpu_report(tmp_path):
+    from dare_kernels.benchmarking.cli import committed_csvs
+
+    csvs = committed_csvs(REPO / "bench" / "results")
+    assert str(GPU_RUN / "bench.csv") in csvs and any(p.endswith("cpu-amd-epyc.csv") for p in csvs)
+    rows = results.read_results(GPU_RUN / "bench.csv")
+    assert results.complete_runs(rows) == {"20261206T105802Z-device-check"}
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert len(timed) == 12 and {r["device"] for r in timed} == {"NVIDIA H100 80GB HBM3"}
+    assert {r["commit"] for r in rows} == {"2a89074"}  # the corrected commit, not the recorded one
+    written = report.write_report(csvs, tmp_path)
+    names = sorted(p.name for p in written["md"] + written["png"])
+    assert "REPORT-cuda-nvidia-h100-80gb-hbm3.md" in names and "REPORT-cpu-amd-epyc.md" in names
+    assert "speedup-cuda-nvidia-h100-80gb-hbm3.png" in names
+    md = (tmp_path / "REPORT-cuda-nvidia-h100-80gb-hbm3.md").read_text()
+    assert "NVIDIA H100 80GB HBM3 [cuda]" in md and "triton 3.6.0, commit 2a89074, 2026-12-06" in md
+    eager = next(ln for ln in md.splitlines() if "| torch_eager |" in ln)
+    assert "198 µs" in eager and "9.57×" in eager  # 0.198 ms / 0.0207 ms of the CUDA kernel, same run
+    assert "**best dare**" in next(ln for ln in md.splitlines() if "**dare_cuda**" in ln)
+    sra = [ln for ln in md.splitlines() if "**dare_triton**" in ln and "wan-1.3b" in ln]
+    assert len(sra) == 4 and all("no peer measured in this run" in ln for ln in sra)
+    assert "sdpa_flash" in sra[0] and "time budget: 0 s left" in md
+
+
+def test_ratios_only_between_rows_of_one_run(tmp_path):
+    path = tmp_path / "r.csv"
+    results.append_rows(path, [_row("run-01", "dare_cpu", 0.005), _row("run-02", "sdpa_bias", 0.010)])
+    comps = report.comparisons(report.select_run(results.read_rows(path), "all"))
+    assert len(comps) == 2 and all(not c["speedup"] for c in comps)
+    md = report.render_markdown(report.select_run(results.read_rows(path), "all"))
+    assert "2.00×" not in md and "no peer measured in this run" in md
+
+
+def test_report_renders_the_last_complete_run_and_lists_partial_ones(tmp_path):
+    path = tmp_path / "cpu-x.csv"
+    _synthetic(path, "run-01")
+    assert results.mark_run_complete(path, "run-01", note="pytest exit status 0")
+    results.append_rows(path, [_row("run-02", "dare_cpu", 0.5)])  # cut off after its first row
+    rows = results.read_rows(path)
+    assert results.complete_runs(rows) == {"run-01"}
+    assert {r["run_id"] for r in report.select_run(rows, "latest")} == {"run-01"}
+    written = report.write_report([path], tmp_path / "out", plots=False)
+    md = written["md"][0].read_text()
+    assert "- run(s): run-01" in md and "0.5 s" not in md
+    assert "partial runs not rendered (no end-of-run mark): run-02 (1 rows)" in md
+    # asked for explicitly, a partial run is rendered and marked partial
+    assert "**partial**: run(s) run-02" in report.render_markdown(report.select_run(rows, "run-02"))
+    assert not results.mark_run_complete(path, "run-99")  # no rows of that run: nothing appended
+
+
+@pytest.mark.parametrize("cut", ["ctrl-c", "crash"])
+def test_bench_marks_a_run_complete_only_at_its_end(tmp_path, monkeypatch, capsys, cut):
+    """`dare-kernels bench` around a stand-in pytest: a run that ends gets its end row, one cut off does not,
+    and `report` then renders the complete one."""
+    import importlib.util
+
+    from dare_kernels import cli as top
+    from dare_kernels.benchmarking import cli as bench_cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "pytest_benchmark" else real_find_spec(name, *a))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "conftest.py").write_text("")
+    (bench / "test_bench_x_cpu.py").write_text("")
+    monkeypatch.setattr(results, "device_name", lambda device_type: "Test CPU 9000")
+    plan = iter([(0.005, 0), (0.5, cut)])
+    ids = iter(["20260101T000001Z-1", "20260101T000002Z-1"])
+    monkeypatch.setattr(results, "new_run_id", lambda: next(ids))
+
+    def fake_pytest(cmd, cwd=None, env=None):
+        p50, end = next(plan)
+        run = cmd[cmd.index("--bench-run-id") + 1]
+        csv_dir = Path(cmd[cmd.index("--bench-csv-dir") + 1])
+        results.append_rows(csv_dir / "cpu-test-cpu-9000.csv", [_row(run, "dare_cpu", p50), _row(run, "sdpa_bias", 0.01)])
+        if end == "ctrl-c":
+            raise KeyboardInterrupt
+        return 3 if end == "crash" else end
+
+    monkeypatch.setattr(bench_cli.subprocess, "call", fake_pytest)
+    out = tmp_path / "out"
+    args = ["bench", "--device", "cpu", "--bench-dir", str(bench), "--out", str(out), "--no-plots"]
+    assert top.main(args) == 0
+    if cut == "ctrl-c":
+        with pytest.raises(KeyboardInterrupt):
+            top.main(args)
+    else:
+        assert top.main(args) == 3
+    rows = results.read_rows(out / "cpu-test-cpu-9000.csv")
+    runs = sorted({r["run_id"] for r in rows})
+    assert len(runs) == 2 and results.complete_runs(rows) == {runs[0]}
+    capsys.readouterr()
+    assert top.main(["report", "--csv", str(out / "cpu-test-cpu-9000.csv"), "--out", str(out), "--no-plots",
+                     "--print"]) == 0
+    md = capsys.readouterr().out
+    assert f"- run(s): {runs[0]}" in md and "2.00×" in md
+    assert f"partial runs not rendered (no end-of-run mark): {runs[1]} (2 rows)" in md

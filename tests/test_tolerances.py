@@ -17,7 +17,7 @@ import torch
 
 from dare_kernels import _ext, sra_attention
 from dare_kernels.benchmarking.shapes import ATTN_SHAPES
-from dare_kernels.benchmarking.tolerances import TOL, compare, tolerance
+from dare_kernels.benchmarking.tolerances import TOL, compare, family_scale, tolerance
 from dare_kernels.reference import sra_attention_ref
 
 # real keys and heads (the head average sets the map magnitude), 8 queries; CogVideoX at 8 of its 48 heads
@@ -111,3 +111,49 @@ def test_compare_handles_infinities_shapes_and_exact_zeros():
     assert not v.ok and math.isclose(v.max_err, 0.5) and "elementwise" in str(v)
     with pytest.raises(ValueError, match="kind must be one of"):
         tolerance("maps", torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# a vanishing reference: one key (M = 1), where the true dq, dk, dw are exactly 0
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _one_key_grads(dtype):
+    """The float64 reference gradients (dq, dk, dv, dw) of the selftest's bf16 M = 1 case (B2 H3 N300 D64)."""
+    from dare_kernels.selftest import Case, chunked_reference, make_inputs
+
+    case = Case("bf16 M=1 D=64", 2, 3, 300, 1, 64, dtype=dtype)
+    inputs = make_inputs(case, "cpu")
+    go = torch.randn(2, 3, 300, 64, generator=torch.Generator().manual_seed(1)).to(dtype).float()
+    _, grads = chunked_reference(*inputs, strength=1.0, map_keys=None, want_map=False, go=go)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_key_gradients_pass_rounding_noise_and_fail_a_planted_gradient(dtype):
+    dq, dk, dv, dw = _one_key_grads(dtype)
+    for t in (dq, dk, dw):
+        assert not bool(t.any()), "with one key the softmax is 1 whatever the scores: dq = dk = dw = 0 exactly"
+    scale = family_scale(dq, dk, dv, dw)
+    assert scale == float(dv.abs().max()) > 1.0  # dv = Σ_i dO_i carries the family's size
+    g = torch.Generator().manual_seed(7)
+    for ref in (dq, dk, dw):
+        noise = ref + 1e-6 * torch.randn(ref.shape, generator=g, dtype=torch.float64)  # what the H100 returned
+        assert compare(noise, ref, dtype, "grad", scale=scale).ok
+        assert not compare(noise, ref, dtype, "grad").ok  # the old rule: relative to ‖0‖, infinite
+        planted = torch.randn(ref.shape, generator=g, dtype=torch.float64)  # a gradient of the inputs' size
+        bad = compare(planted, ref, dtype, "grad", scale=scale)
+        assert not bad.ok and bad.ratio > 10, f"a planted gradient at a zero reference must fail: {bad}"
+        assert not compare(ref + 1e-2 * scale, ref, dtype, "grad", scale=scale).ok  # 1 % of the family, everywhere
+    # the family scale does not loosen a member of its family's order: dv off by 10 % fails as before
+    assert not compare(dv * 1.1, dv, dtype, "grad", scale=scale).ok
+    assert compare(dv.to(dtype).double(), dv, dtype, "grad", scale=scale).ok
+
+
+def test_family_scale_skips_missing_and_non_finite_members():
+    a = torch.tensor([1.0, -3.0, float("inf")], dtype=torch.float64)
+    assert family_scale(None, a, torch.zeros(0)) == 3.0
+    assert family_scale() == 0.0
+    zero = torch.zeros(4, dtype=torch.float64)
+    assert compare(zero, zero, torch.bfloat16, "grad", scale=0.0).ok  # exact zeros pass whatever the scale
+    assert not compare(torch.full((4,), 1e-6), zero, torch.bfloat16, "grad", scale=0.0).ok  # no scale: no slack

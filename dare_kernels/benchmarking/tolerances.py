@@ -12,6 +12,15 @@ What is compared decides how (``kind``):
   bias, pass at every model shape; ``tests/test_tolerances.py`` holds the guards that they now fail.
 - ``"lse"``: log-space, so an absolute bound (``10 * atol``) plus ``rtol``; -inf rows must match exactly.
 
+A reference can vanish where the math says so: with one key (M = 1) the softmax is 1 whatever the scores, so
+the true dq, dk and dw are exactly 0 while a kernel returns rounding noise (about 1e-6 in bf16). A Frobenius
+error relative to ‖ref‖ = 0 is infinite, so a correct kernel failed. ``scale`` gives the comparison the size of
+what flows through the quantity: for gradients the largest reference entry over the family of one backward
+(dq, dk, dv, dw: at M = 1, dv = Σ_i dO_i does not vanish; ``family_scale``). The Frobenius error is then
+taken relative to max(‖ref‖, ZERO_REF_FLOOR · scale · √n), which is ‖ref‖ wherever the reference is of its
+family's order, and stays finite where it vanishes: noise of 1e-6 passes, a planted gradient of the inputs'
+size still fails (tests/test_tolerances.py).
+
 The dtype is the inputs' dtype (a float32 map from bf16 inputs is judged at bf16's tolerance). The float64
 reference gets the same (rounded) inputs, so only the kernel's own rounding is measured.
 """
@@ -44,6 +53,9 @@ FROB_TOL: dict[str, dict[torch.dtype, float]] = {
     "grad": {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2},
 }
 KINDS = ("out", "map", "lse", "grad")
+# a reference whose norm falls below this fraction of its family's scale (per entry) is judged against that
+# scale: 1 % keeps the ordinary relative check wherever a gradient is within 100x of its family's largest entry
+ZERO_REF_FLOOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -91,8 +103,26 @@ class Verdict:
         return f"{text} ({self.why})" if self.why else text
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str, factor: float = 1.0) -> Verdict:
-    """Judge ``got`` against the float64 ``ref`` for inputs of ``dtype`` (see the module docstring)."""
+def family_scale(*refs: torch.Tensor | None) -> float:
+    """The largest finite entry (absolute) over the reference tensors of one family (e.g. dq, dk, dv, dw of one
+    backward): the ``scale`` that keeps a vanishing member's comparison finite. None entries are skipped."""
+    top = 0.0
+    for r in refs:
+        if r is None or r.numel() == 0:
+            continue
+        r = r.detach().double()
+        finite = r[torch.isfinite(r)]
+        if finite.numel():
+            top = max(top, float(finite.abs().max()))
+    return top
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str, factor: float = 1.0,
+            scale: float | None = None) -> Verdict:
+    """Judge ``got`` against the float64 ``ref`` for inputs of ``dtype`` (see the module docstring).
+
+    ``scale``: the size of what flows through this quantity (``family_scale`` of its family), so that a
+    reference that vanishes (one key: dq = dk = dw = 0) is judged against a scale that does not."""
     tol = tolerance(kind, dtype, factor)
     got = got.detach().double().cpu()
     ref = ref.detach().double().cpu()
@@ -108,13 +138,15 @@ def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str,
     g, r = got[finite], ref[finite]
     diff = (g - r).abs()
     top = float(r.abs().max())
-    scale = max(1.0, top) if tol.floor_one else top
-    allowed = tol.atol * scale + tol.rtol * r.abs()
+    elem_scale = max(1.0, top) if tol.floor_one else top
+    allowed = tol.atol * elem_scale + tol.rtol * r.abs()
     max_err = float(diff.max())
     if max_err == 0.0:
         return Verdict(0.0, 0.0, 0.0)
     elementwise = float((diff / allowed).max()) if bool((allowed > 0).all()) else math.inf
     norm = float(r.norm())
+    if scale is not None and scale > 0:  # a vanishing reference is judged against its family's size
+        norm = max(norm, ZERO_REF_FLOOR * scale * math.sqrt(r.numel()))
     frob_rel = float(diff.norm()) / norm if norm > 0 else math.inf
     ratio = elementwise
     why = "elementwise"
@@ -124,9 +156,9 @@ def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str,
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str, what: str = "",
-                 factor: float = 1.0) -> Verdict:
+                 factor: float = 1.0, scale: float | None = None) -> Verdict:
     """``compare`` that raises AssertionError naming ``what`` when the check fails; returns the verdict."""
-    verdict = compare(got, ref, dtype, kind, factor)
+    verdict = compare(got, ref, dtype, kind, factor, scale)
     if not verdict.ok:
         raise AssertionError(f"{what or kind} ({str(dtype).replace('torch.', '')}, {kind}): {verdict}")
     return verdict

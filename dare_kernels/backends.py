@@ -128,12 +128,13 @@ def _register_cpp_ops() -> None:
             _REGISTER[op](*cap.op_names)
 
 
-def _import_triton_module(op: str) -> None:
+def _import_triton_module(op: str):
     # importing the module defines the ops and registers them with their op module
     if op == "sra_attention":
-        from .triton import sra_attention  # noqa: F401
+        from .triton import sra_attention as module
     else:
-        from .triton import rectified_cfg  # noqa: F401
+        from .triton import rectified_cfg as module
+    return module
 
 
 def _load_reason(cap: Capability, device: torch.device) -> str | None:
@@ -285,9 +286,10 @@ def ops_for(op: str, backend: str) -> tuple:
     ops = _OPS_CACHE.get((op, backend))
     if ops is None:
         cap = capability(op, backend)
-        if backend == "triton":
-            _import_triton_module(op)
-        ops = _OPS_CACHE[(op, backend)] = tuple(resolve_op(n) for n in cap.op_names)
+        direct = {}
+        if backend == "triton":  # a module may offer a dispatcher-free twin of an op for eager calls
+            direct = getattr(_import_triton_module(op), "DIRECT_OPS", {})
+        ops = _OPS_CACHE[(op, backend)] = tuple(direct.get(n) or resolve_op(n) for n in cap.op_names)
     return ops
 
 

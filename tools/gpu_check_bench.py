@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=120.0, help="rows that would start later are skipped")
     ap.add_argument("--tiny", action="store_true", help="interpreter-sized stand-ins of the shapes (rehearsal)")
     ap.add_argument("--rows-per-provider", type=int, default=None,
-                    help="measure at most this many rows per (part, provider, mode): the rehearsal runs each once")
+                    help="measure at most this many rows per provider and part (the rehearsal: 4 runs each mode once, "
+                         "as a unit's rows come mode by mode)")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before dare_kernels imports Triton

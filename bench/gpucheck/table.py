@@ -136,9 +136,9 @@ class Table:
         """Measure one row: ``make()`` returns the zero-argument call (or raises Skip with the reason)."""
         if self.left() <= 0 or (compiled and self.device == "cuda" and self.left() < COMPILE_RESERVE_S):
             return self._skip(base, f"time budget: {max(0.0, self.left()):.0f} s left")
-        key = (base.get("part"), base["kernel"], base["provider"], base["mode"])
+        key = (base.get("part"), base["kernel"], base["provider"])
         if self.rows_per_provider is not None and self.measured.get(key, 0) >= self.rows_per_provider:
-            return self._skip(base, f"at most {self.rows_per_provider} rows per provider and mode here")
+            return self._skip(base, f"at most {self.rows_per_provider} rows per provider here")
         self.measured[key] = self.measured.get(key, 0) + 1
         is_dare = str(base["provider"]).startswith("dare_")
         t0 = time.monotonic()

@@ -98,3 +98,72 @@ def test_derived_costs_need_both_rows():
             dict(op="sra_attention", layer="op_cpu", status="skipped", reason="no extension")]
     got = {d["cost"]: d["us"] for d in host_overhead.derived(rows)}
     assert got == {"whole call, no grad": 30.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# host-overhead fixes the tool's measurements led to
+# ---------------------------------------------------------------------------------------------
+
+def test_a_call_with_nothing_to_differentiate_skips_the_autograd_wrapper(monkeypatch):
+    from dare_kernels import backends, sra
+
+    why = backends.unsupported_reason("sra_attention", "cpu", torch.device("cpu"), torch.float32)
+    if why:
+        pytest.skip(why)
+    entered = []
+    real = sra._BelowAutograd
+
+    class Counting:
+        def __enter__(self):
+            entered.append(1)
+            self.guard = real()
+            return self.guard.__enter__()
+
+        def __exit__(self, *exc):
+            return self.guard.__exit__(*exc)
+
+    monkeypatch.setattr(sra, "_BelowAutograd", Counting)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (11, 7, 7))
+    w = torch.rand(2, 7, generator=g) + 0.1
+    plain, amap = sra.sra_attention(q, k, v, w, return_attn_map=True, backend="cpu")
+    assert len(entered) == 1 and plain.grad_fn is None
+    qg, wg = q.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad():  # grad mode off: nothing to record, whatever requires grad
+        off = sra.sra_attention(qg, k, v, wg, backend="cpu")
+    assert len(entered) == 2 and off.grad_fn is None
+    graded, amap_g = sra.sra_attention(qg, k, v, wg, return_attn_map=True, backend="cpu")
+    assert len(entered) == 2 and graded.grad_fn is not None  # the autograd path, untouched
+    assert torch.equal(plain, graded.detach()) and torch.equal(plain, off) and torch.equal(amap, amap_g.detach())
+    graded.sum().backward()
+    assert qg.grad is not None and wg.grad is not None and torch.isfinite(wg.grad).all()
+    ref = sra.sra_attention(q.double(), k.double(), v.double(), w.double(), backend="reference")
+    torch.testing.assert_close(plain.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_backend_choice_for_cuda_inputs_is_resolved_once(monkeypatch):
+    from dare_kernels import backends
+
+    calls = []
+
+    def reason(op, backend, device, dtype, head_dim=None, head_dim_v=None):
+        calls.append((backend, head_dim))
+        return "not built here" if backend == "cuda" else None
+
+    monkeypatch.setattr(backends, "unsupported_reason", reason)
+    monkeypatch.setattr(backends, "_CUDA_CHOICE", {})
+    pick = lambda b, d=64: backends.choose("sra_attention", b, "cuda", torch.bfloat16, head_dim=d, head_dim_v=d)  # noqa: E731
+    assert pick("triton") == "triton" and pick("triton") == "triton"
+    assert calls == [("triton", 64)]
+    assert pick("triton", 128) == "triton" and len(calls) == 2  # another head dim is another key
+    for _ in range(2):  # an unusable backend is never cached: its error comes every time
+        with pytest.raises(RuntimeError, match="not built here"):
+            pick("cuda")
+    assert len(calls) == 4
+    auto = pick("auto")
+    n = len(calls)
+    assert pick("auto") == auto and len(calls) == n
+    # CPU tensors on Triton are never cached (TRITON_INTERPRET is read live)
+    backends.choose("sra_attention", "triton", "cpu", torch.float32, head_dim=8, head_dim_v=8)
+    backends.choose("sra_attention", "triton", "cpu", torch.float32, head_dim=8, head_dim_v=8)
+    assert calls[-2:] == [("triton", 8), ("triton", 8)]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # the gpucheck package, the shape table
 
 import torch  # noqa: E402
 
-from gpucheck.attention import DTYPES, Skip, attn_call, attn_inputs, attn_work  # noqa: E402,F401
+from gpucheck.attention import DTYPES, Skip, allow_recompiles, attn_call, attn_inputs, attn_work  # noqa: E402,F401
 from gpucheck.cfg_rows import cfg_bytes, cfg_call, cfg_inputs  # noqa: E402
 from gpucheck.plan import PARTS, Row, order_violations, plan, tiny_shape  # noqa: E402,F401
 from gpucheck.table import Table, ratios  # noqa: E402,F401
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:  # never spend GPU time on a table whose peers come too late
         print("gpu_check_bench: the plan breaks the bench order:\n  " + "\n  ".join(bad), file=sys.stderr)
         return 2
+    if args.device == "cuda":
+        allow_recompiles()
     table = Table(args.out, args.device, args.budget_s, args.rows_per_provider)
     print(f"gpu_check_bench: part {args.part}, {len(rows)} rows, {table.device_name}, torch {torch.__version__}, "
           f"budget {args.budget_s:.0f} s", flush=True)

@@ -132,12 +132,27 @@ def forward_fn(provider: str, shape: AttnShape, x: dict, device: str, with_map: 
         else:
             flex = torch.compile(flex_attention, dynamic=False)
 
+        mods: dict = {}  # one score_mod per bias tensor: a new function object each call would recompile
+
         def fx(q_, k_, v_, b):
-            def score_mod(score, bi, h, q_idx, kv_idx):
-                return score + b[bi, kv_idx]
-            return flex(q_, k_, v_, score_mod=score_mod)
+            mod = mods.get(id(b))
+            if mod is None:
+                def mod(score, bi, h, q_idx, kv_idx):
+                    return score + b[bi, kv_idx]
+                mods[id(b)] = mod
+            return flex(q_, k_, v_, score_mod=mod)
         return fx
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Let torch.compile specialise FlexAttention for every (shape, dtype, mode) of the table: past dynamo's
+    default limit (8 per function) it would fall back to eager silently and time something else."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
 
 
 def attn_call(provider: str, mode: str, shape: AttnShape, x: dict, device: str):

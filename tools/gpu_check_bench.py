@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-per-provider", type=int, default=None,
                     help="measure at most this many rows per provider and part (the rehearsal: 4 runs each mode once, "
                          "as a unit's rows come mode by mode)")
+    ap.add_argument("--list", action="store_true", help="print the rows of the part in the order they run, and exit")
     args = ap.parse_args(argv)
+    if args.list:
+        for r in plan(args.part, args.tiny):
+            print(f"{r.part} {r.kernel:<15} {r.shape:<22} {r.dtype:<9} {r.mode:<12} {r.role:<9} {r.provider}")
+        return 0
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before dare_kernels imports Triton
     args.out.mkdir(parents=True, exist_ok=True)

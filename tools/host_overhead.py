@@ -340,8 +340,11 @@ def graph_case(name: str, fn, calls: int) -> dict:
         row["host_overhead_us"] = row["eager_us"] - row["replay_us"]
         row["capture"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failed capture is a finding
-        row["capture"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:240]}"
-        torch.cuda.synchronize()
+        row["capture"] = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:240]}"
+        try:
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 - a capture error can surface again here; it is the same finding
+            row["capture"] += f" (then at synchronize: {type(err).__name__})"
     return row
 
 

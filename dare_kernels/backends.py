@@ -231,6 +231,10 @@ def auto_order(op: str, device) -> tuple[str, ...]:
 # (op, "auto" or "cpu", dtype) -> "cpu" for CPU inputs once the extension's ops were found usable: that cannot change
 # within a process, and resolving it again costs over a microsecond per call
 _CPU_CHOICE: dict[tuple, str] = {}
+# (op, backend, dtype, head_dim, head_dim_v) -> the compiled backend chosen for CUDA inputs: what is built and
+# installed cannot change within a process either, and resolving it (the device name, Triton's import) costs
+# microseconds per call. Not for CPU tensors on Triton: TRITON_INTERPRET is read live there.
+_CUDA_CHOICE: dict[tuple, str] = {}
 
 
 def choose(op: str, backend: str, device, dtype: torch.dtype, *, head_dim: int | None = None,
@@ -248,6 +252,11 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, head_dim: int |
         hit = _CPU_CHOICE.get(cpu_key)
         if hit is not None:
             return hit
+    cuda_key = (op, backend, dtype, head_dim, head_dim_v) if device.type == "cuda" else None
+    if cuda_key is not None:
+        hit = _CUDA_CHOICE.get(cuda_key)
+        if hit is not None:
+            return hit
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     if backend == "reference":
@@ -259,6 +268,8 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, head_dim: int |
             raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
         if cpu_key is not None:
             _CPU_CHOICE[cpu_key] = backend
+        if cuda_key is not None:
+            _CUDA_CHOICE[cuda_key] = backend
         return backend
     reasons = []
     for candidate in auto_order(op, device):
@@ -266,6 +277,8 @@ def choose(op: str, backend: str, device, dtype: torch.dtype, *, head_dim: int |
         if why is None:
             if cpu_key is not None and candidate == "cpu":
                 _CPU_CHOICE[cpu_key] = candidate
+            if cuda_key is not None:
+                _CUDA_CHOICE[cuda_key] = candidate
             return candidate
         reasons.append(f"{candidate}: {why}")
     last = LAST_RESORT[op]

@@ -160,8 +160,24 @@ def sra_attention(
         token_weight = token_weight.float()
     w = None if token_weight is None else expand_token_weight(token_weight, B, H, M)
     map_start, map_stop = (start, stop) if return_attn_map else (0, 0)
-    out, lse, amap = fwd(query, key, value, w, key_padding_mask, strength, scale, map_start, map_stop)
+    if _needs_autograd(query, key, value, w):
+        out, lse, amap = fwd(query, key, value, w, key_padding_mask, strength, scale, map_start, map_stop)
+    else:  # nothing to differentiate: skip the op's Python autograd wrapper, which torch.library runs on every
+        # call (tens of µs of host time per call, measured by tools/host_overhead.py)
+        with _BelowAutograd():
+            out, lse, amap = fwd(query, key, value, w, key_padding_mask, strength, scale, map_start, map_stop)
     return _pack(out, lse, amap, return_attn_map, return_lse)
+
+
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd  # dispatch below the Autograd key (the op's kernel directly)
+
+
+def _needs_autograd(*tensors) -> bool:
+    """Whether the op call must go through its autograd wrapper: grad mode on and an input that requires grad,
+    or a torch.compile trace (which sees the op as registered, autograd included)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pack(out, lse, amap, return_attn_map: bool, return_lse: bool):

@@ -130,7 +130,7 @@ def attn_forward(provider: str, shape: AttnShape, inputs, device: str, with_map:
 
         def fwd(q_, k_, v_):
             return sra_attention(q_, k_, v_, w, key_padding_mask=mask, strength=STRENGTH, return_attn_map=with_map,
-                                 attn_map_keys=shape.map_keys, backend=backend)
+                                 attn_map_keys=shape.map_keys if with_map else None, backend=backend)
         return fwd
     if with_map and provider != "eager_maps":
         raise Skip(f"{provider} returns no attention map")

@@ -61,6 +61,9 @@ def _check_mode_args(mode, guidance_scale, rectify_scale, guidance_rescale, eta,
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     if momentum is not None and mode != "apg":
         raise ValueError("momentum applies to mode='apg' only")
+    for name, value, default in (("eta", eta, 1.0), ("norm_threshold", norm_threshold, 0.0)):
+        if mode != "apg" and value != default:
+            raise ValueError(f"{name} applies to mode='apg' only; mode={mode!r} would ignore {name}={value}")
 
 
 def _diffusers_guider_api():

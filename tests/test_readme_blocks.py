@@ -62,3 +62,20 @@ def test_readme_block_runs_as_pasted(line, code, skip):
         # a fallback's one-time RuntimeWarning is documented behaviour, not a failure of the example
         warnings.simplefilter("ignore", RuntimeWarning)
         exec(compile(code, f"README.md:{line}", "exec"), namespace)
+
+
+def test_the_layout_table_lists_every_top_level_folder():
+    import subprocess
+
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                                 check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("needs a git checkout to know the tracked folders")
+    folders = {f.split("/", 1)[0] for f in tracked if "/" in f}
+    text = README.read_text()
+    table = text[text.index("## Layout"):]
+    table = table[:table.index("\n## ")]
+    listed = set(re.findall(r"^\| `([^`/]+)/` \|", table, re.M))
+    assert folders - listed == set(), f"folders missing from the README's layout table: {sorted(folders - listed)}"
+    assert listed - folders == set(), f"the layout table names folders the repository lacks: {sorted(listed - folders)}"

@@ -206,3 +206,28 @@ def test_empty_branches_with_momentum_out_and_grad():
 def test_a_batch_that_k_does_not_divide_still_names_it():
     with pytest.raises(ValueError, match="batch 5 is not divisible by num_branches=2"):
         dk.rectified_cfg(torch.randn(5, 3), 5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the other public entries that take weights: suppression and prompt dropout
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_suppression_and_dropout_refuse_bad_cpu_weights(kind):
+    from dare_kernels.suppression import apply_suppression_to_weights, prompt_dropout
+
+    w = torch.rand(2, 6) + 0.1
+    w[1, 2] = BAD[kind]
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="token_weight must be finite and >= 0"):
+        apply_suppression_to_weights(w, mask)
+    emb = torch.randn(2, 6, 4)
+    with pytest.raises(ValueError, match="token_weight must be finite and >= 0"):
+        prompt_dropout(emb, 0.5, token_weight=w, null_token_weight=torch.ones(6))
+    with pytest.raises(ValueError, match="null_token_weight must be finite and >= 0"):
+        prompt_dropout(emb, 0.5, token_weight=torch.ones(2, 6), null_token_weight=w[1])
+    # good weights pass and are masked as before
+    good = torch.rand(2, 6)
+    mask[0, 1] = True
+    out = apply_suppression_to_weights(good, mask)
+    assert out[0, 1] == 0 and torch.equal(out[~mask], good[~mask])

@@ -231,3 +231,14 @@ def test_suppression_and_dropout_refuse_bad_cpu_weights(kind):
     mask[0, 1] = True
     out = apply_suppression_to_weights(good, mask)
     assert out[0, 1] == 0 and torch.equal(out[~mask], good[~mask])
+
+
+@pytest.mark.parametrize("name", ["degraded_prompt_embeds", "degraded_prompt_attention_mask"])
+def test_degraded_inputs_without_the_degraded_branch_raise(name):
+    pytest.importorskip("diffusers")
+    from dare_kernels.integrations.diffusers import dare_guidance
+
+    with pytest.raises(ValueError, match=f"{name}.*rectify_scale != 0"):
+        with dare_guidance(object(), negative_prompt_embeds=torch.zeros(1, 4, 8), rectify_scale=0.0,
+                           **{name: torch.zeros(1, 4, 8)}):
+            pass

@@ -4,7 +4,7 @@ Install with ``pip install --no-build-isolation .`` (or ``-e .``; also for an sd
 ``pip install --no-build-isolation dare_kernels-<v>.tar.gz``). torch, cmake>=3.26 and ninja must already
 be installed: the extension is compiled against the torch it will run with. pip's default isolated build
 has no torch, so it stops with that fix in the message instead of producing a wheel without kernels;
-a failed extension build fails the install. Environment switches:
+a failed extension build fails the install, always (docs/BUILD.md). Environment switches:
 
 - ``DARE_KERNELS_BUILD_EXT=0``   pure-Python package, no extension (runs on the reference backend).
   Explicit only; pip may cache that wheel, so add ``--no-cache-dir`` when you later want the kernels.
@@ -27,6 +27,37 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
+SPDX_SETUPTOOLS = 77  # the first setuptools that reads project.license as an SPDX string (pyproject.toml)
+
+
+def _let_old_setuptools_read_the_license() -> None:
+    """pyproject.toml gives ``license = "Apache-2.0"`` (SPDX), which setuptools >= 77 reads without a warning.
+
+    build-system.requires asks for setuptools >= 77, but ``--no-build-isolation`` builds and the offline GPU
+    machines use whatever setuptools is installed; one older than 77 knows only the table form and would
+    refuse the whole file. For those, the string is handed over as ``{text = "Apache-2.0"}``.
+    """
+    import setuptools
+
+    try:
+        if int(setuptools.__version__.split(".")[0]) >= SPDX_SETUPTOOLS:
+            return
+        from setuptools.config import pyprojecttoml
+        load_file = pyprojecttoml.load_file
+    except (ValueError, ImportError, AttributeError):  # not a layout this shim knows: setuptools' own message
+        return
+
+    def load_with_license_table(filepath):
+        data = load_file(filepath)
+        project = data.get("project", {})
+        if isinstance(project.get("license"), str):
+            project["license"] = {"text": project["license"]}
+        return data
+
+    pyprojecttoml.load_file = load_with_license_table
+
+
+_let_old_setuptools_read_the_license()
 
 
 def _log(msg: str) -> None:
@@ -48,7 +79,7 @@ The extension dare_kernels._C is compiled against the torch it will run with, so
 installed before the build and visible to it. pip builds in an isolated environment without torch
 by default; build in your environment instead:
 
-    pip install torch "cmake>=3.26" ninja setuptools wheel
+    pip install torch "cmake>=3.26" ninja "setuptools>=77" wheel
     pip install --no-build-isolation .            # or an sdist: --no-build-isolation dare_kernels-*.tar.gz
 
 For a pure-Python install without kernels (the slow reference backend), set DARE_KERNELS_BUILD_EXT=0."""

@@ -77,7 +77,7 @@ def _attn_call(provider: str, mode: str, map_keys):
 
         with_map = "map" in mode
         return lambda q, k, v, w: sra_attention(q, k, v, w, strength=STRENGTH, return_attn_map=with_map,
-                                                attn_map_keys=map_keys)
+                                                attn_map_keys=map_keys if with_map else None)
     if provider == "sdpa":
         return lambda q, k, v, w: peers.sdpa(q, k, v)
     if provider == "sdpa_bias":

@@ -57,7 +57,8 @@ def test_sra_attention_gpu(benchmark, shape, provider, mode, dtype):
         def run():
             need_grad = mode == "fwd+bwd"
             qq, kk, vv = (t.detach().requires_grad_(need_grad) for t in (q, k, v))
-            res = sra_attention(qq, kk, vv, w, return_attn_map=mode != "fwd", attn_map_keys=keys, backend=backend)
+            res = sra_attention(qq, kk, vv, w, return_attn_map=mode != "fwd",
+                                attn_map_keys=keys if mode != "fwd" else None, backend=backend)
             if need_grad:
                 o, amap = res
                 torch.autograd.backward([o, amap], [torch.ones_like(o), torch.ones_like(amap)])

@@ -68,7 +68,7 @@ def _make_call(provider, mode, shape, q, k, v, w, mask):
 
         def fwd(q_, k_, v_, w_, map_=False):
             return sra_attention(q_, k_, v_, w_, key_padding_mask=mask, return_attn_map=map_,
-                                 attn_map_keys=shape.map_keys, backend=backend)
+                                 attn_map_keys=shape.map_keys if map_ else None, backend=backend)
         if mode == "fwd+map":
             return lambda: fwd(q, k, v, w, True)
         bwd_args = (q, k, v, w)

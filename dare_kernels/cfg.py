@@ -69,7 +69,7 @@ def _split_branches(preds, num_branches) -> list[torch.Tensor]:
         if preds.dim() < 2:
             raise ValueError(f"preds must be [K*B, ...] with at least one non-batch dim, got shape {tuple(preds.shape)}")
         kb = preds.shape[0]
-        if kb % k != 0 or kb == 0:
+        if kb % k != 0:
             raise ValueError(f"preds' batch {kb} is not divisible by num_branches={k} "
                              f"(branches are stacked along dim 0: uncond, cond[, degraded])")
         if preds.dtype not in backends.FLOAT_DTYPES:
@@ -153,6 +153,12 @@ def _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guid
     a.eta = _check_number("eta", eta)
     a.tau = _check_number("norm_threshold", norm_threshold, low=0.0)
     a.beta = _check_number("momentum", momentum, allow_none=True)
+    if mode != "apg":
+        # APG-only parameters that another mode would silently ignore (momentum is checked below)
+        for name, value, default in (("eta", a.eta, 1.0), ("norm_threshold", a.tau, 0.0)):
+            if value != default:
+                raise ValueError(f"{name} is an APG option (mode='apg'); mode={mode!r} would ignore "
+                                 f"{name}={value} (leave it at its default {default})")
     if a.beta is not None:
         if mode != "apg":
             raise ValueError(f"momentum is an APG option (mode='apg'), got mode={mode!r}")
@@ -243,10 +249,12 @@ def rectified_cfg(
         preds: [K*B, ...] branch predictions stacked along dim 0 as diffusers batches them, or a sequence
             of K tensors [B, ...]; order uncond, cond[, degraded]. float16, bfloat16, float32 (float64 on
             cpu/reference). Any strides.
-        guidance_scale: s. num_branches: K (2 or 3) for a stacked tensor, default 2.
+        guidance_scale: s. num_branches: K (2 or 3) for a stacked tensor, default 2. An empty batch
+            (K*B = 0) gives an empty result [0, ...].
         mode: "cfg" (u + s(c-u)), "cfg_zero_star" (CFG-Zero*: u scaled by <c,u>/‖u‖²) or "apg"
             (adaptive projected guidance; ``eta`` weighs the part of c-u parallel to c, ``norm_threshold``
-            τ > 0 caps ‖c-u‖, ``momentum`` β with ``momentum_buffer`` keeps buf <- (c-u) + β buf).
+            τ > 0 caps ‖c-u‖, ``momentum`` β with ``momentum_buffer`` keeps buf <- (c-u) + β buf). These
+            four are APG-only: another mode raises ValueError when one is set away from its default.
         rectify_scale: s_r, weighs the DR-CFG term s_r (c - d) (K = 3 only).
         guidance_rescale: φ in [0, 1]; g <- φ g σ(c)/σ(g) + (1-φ) g with σ = torch.std (Bessel).
         momentum_buffer: caller-owned state of the branch shape [B, ...], float32 or the preds' dtype,
@@ -262,6 +270,11 @@ def rectified_cfg(
     a = _check_inputs(preds, guidance_scale, num_branches, mode, rectify_scale, guidance_rescale, eta,
                       norm_threshold, momentum, momentum_buffer, reduce_dims, out, backend)
     ref = a.branches[0]
+    if ref.numel() == 0:  # an empty batch (or empty samples): an empty result of the branch shape
+        if a.out is not None:
+            return a.out
+        # 0 * every branch (no elements: free) keeps the empty result on the autograd graph of preds
+        return sum(t * 0 for t in a.branches)
     needs_grad = torch.is_grad_enabled() and (preds.requires_grad if isinstance(preds, torch.Tensor)
                                               else any(t.requires_grad for t in a.branches))
     if needs_grad and a.out is not None:

@@ -57,9 +57,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# optional dependencies a subcommand may import -> the extra that installs them (pyproject.toml)
+_OPTIONAL_DEPENDENCIES = {
+    "diffusers": "diffusers", "matplotlib": "diffusers", "transformers": "bench", "tokenizers": "test",
+    "pytest": "test", "pytest_benchmark": "bench", "wordfreq": "density", "triton": "triton",
+    "accelerate": "test",
+}
+
+
+def missing_dependency_message(command: str, exc: ModuleNotFoundError) -> str | None:
+    """The one-line message for a subcommand stopped by a missing optional dependency, or None (not one of ours)."""
+    top = (exc.name or "").split(".")[0]
+    extra = _OPTIONAL_DEPENDENCIES.get(top)
+    if extra is None:
+        return None
+    package = top.replace("_", "-")
+    return (f"dare-kernels {command}: needs {package}, which is not installed here: "
+            f"pip install {package}  (or the extra: pip install -e '.[{extra}]')")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:
+        # a missing optional dependency is a set-up fact, not a crash: one line saying what to install
+        msg = missing_dependency_message(args.command, exc)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ def _parse_weights(spec: str) -> dict[int, float]:
 
 
 def _cmd_maps(args: argparse.Namespace) -> int:
+    # the optional dependencies first, so that a missing one stops before any work (dare_kernels.cli turns
+    # the ModuleNotFoundError into a one-line message saying what to install)
+    import diffusers  # noqa: F401
+    import matplotlib  # noqa: F401
     import torch
 
     from .integrations.diffusers import apply_dare, tiny
@@ -32,15 +36,19 @@ def _cmd_maps(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    if args.text_len is not None and args.text_len < 1:
+        raise SystemExit(f"dare-kernels maps: --text-len must be >= 1, got {args.text_len}")
     if args.model == "wan":
-        pipe, m = tiny.tiny_wan_pipeline(seed=args.seed, num_layers=args.layers), 512
+        m = 512 if args.text_len is None else args.text_len  # WanPipeline's default max_sequence_length
+        pipe = tiny.tiny_wan_pipeline(seed=args.seed, num_layers=args.layers)
         extra = {}
     elif args.model == "ltx":
-        pipe, m = tiny.tiny_ltx_pipeline(seed=args.seed, num_layers=args.layers), args.text_len
+        m = args.text_len or 16
+        pipe = tiny.tiny_ltx_pipeline(seed=args.seed, num_layers=args.layers)
         extra = {"prompt_attention_mask": torch.ones(1, m), "negative_prompt_attention_mask": torch.ones(1, m)}
     else:
-        pipe, m = tiny.tiny_cogvideox_pipeline(seed=args.seed, num_layers=args.layers,
-                                               text_len=args.text_len), args.text_len
+        m = args.text_len or 16
+        pipe = tiny.tiny_cogvideox_pipeline(seed=args.seed, num_layers=args.layers, text_len=m)
         extra = {}
     bad = [t for t in tokens if not 0 <= t < m]
     if bad:
@@ -76,7 +84,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=192)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--text-len", type=int, default=16, help="text length for ltx / cogvideox (Wan uses 512)")
+    p.add_argument("--text-len", type=int, default=None,
+                   help="text tokens of the prompt (default 512 for wan, as WanPipeline pads; 16 for ltx / cogvideox)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="dare_maps.png", help="PNG path")
     p.set_defaults(func=_cmd_maps)

@@ -151,7 +151,8 @@ def run_backend(backend: str, case: Case, inputs, go, ga):
     leaves = [t.detach().clone().requires_grad_(case.grads) for t in (q, k, v)]
     wl = None if w is None else w.detach().clone().requires_grad_(case.grads)
     res = sra_attention(*leaves, wl, key_padding_mask=mask, strength=case.strength,
-                        return_attn_map=case.want_map, attn_map_keys=case.map_keys, return_lse=True,
+                        return_attn_map=case.want_map,
+                        attn_map_keys=case.map_keys if case.want_map else None, return_lse=True,
                         backend=backend)
     o, a, lse = res if case.want_map else (res[0], None, res[1])
     grads = None
@@ -354,7 +355,8 @@ def benchmark_shape(case: Case, device: str, backends: list[str], deadline: floa
     for backend in backends:
         def fwd(q_, k_, v_, w_, backend=backend, want_map=False):
             return sra_attention(q_, k_, v_, w_, key_padding_mask=mask, strength=case.strength,
-                                 return_attn_map=want_map, attn_map_keys=case.map_keys, backend=backend)
+                                 return_attn_map=want_map,
+                                 attn_map_keys=case.map_keys if want_map else None, backend=backend)
         nb_map = bytes_fwd + 4 * B * N * n_map
         record(f"dare_{backend}", "fwd", lambda: fwd(q, k, v, w), flops_fwd, bytes_fwd)
         record(f"dare_{backend}", "fwd+map", lambda: fwd(q, k, v, w, want_map=True), flops_fwd, nb_map,

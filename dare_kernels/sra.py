@@ -15,6 +15,7 @@ from . import backends
 from .ops.sra_attention import acc_dtype
 from .reference import expand_token_weight, sra_attention_ref
 from .sra_fallback import sra_attention_fallback
+from .value_checks import check_weight_values
 
 __all__ = ["sra_attention", "BACKENDS"]
 
@@ -25,7 +26,7 @@ BACKENDS = backends.CHOICES
 # input checks
 # ---------------------------------------------------------------------------------------------
 
-def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, scale, attn_map_keys):
+def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, scale, return_attn_map, attn_map_keys):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -59,12 +60,9 @@ def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, s
                 f"token_weight must have shape [M]={list(allowed[0])}, [B, M]={list(allowed[1])} or "
                 f"[B, H, M]={list(allowed[2])}, got {list(token_weight.shape)}"
             )
-        # value checks read the data: CPU tensors only, and not while torch.compile traces
-        if token_weight.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(torch.isnan(token_weight).any()):
-                raise ValueError("token_weight contains NaN")
-            if bool((token_weight < 0).any()):
-                raise ValueError("token_weight must be non-negative (0 drops a key), found negative values")
+        # NaN / inf / negative weights: read on CPU tensors; on a GPU only with DARE_KERNELS_CHECK_INPUTS=1
+        # (a host sync); never while torch.compile traces (docs/SPEC.md §1.1)
+        check_weight_values(token_weight, "token_weight")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
@@ -84,6 +82,11 @@ def _check_inputs(query, key, value, token_weight, key_padding_mask, strength, s
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
     if attn_map_keys is not None:
+        if not return_attn_map:
+            # the range only shapes the map: without it the call would ignore the argument, and a caller
+            # unpacking (o, attn_map) would split o along the batch instead
+            raise ValueError(f"attn_map_keys={attn_map_keys!r} selects the keys of the attention map: pass "
+                             "return_attn_map=True too, or leave attn_map_keys=None")
         try:
             start, stop = (int(x) for x in attn_map_keys)
         except Exception:
@@ -115,11 +118,14 @@ def sra_attention(
     Args:
         query: [B, H, N, D] video tokens; float16, bfloat16, float32 (float64 on cpu/reference). Any strides.
         key: [B, H, M, D]; value: [B, H, M, Dv]; same dtype and device as ``query``.
-        token_weight: w >= 0 of shape [M], [B, M] or [B, H, M], or None (all ones). w = 0 drops a key.
+        token_weight: w >= 0, finite, of shape [M], [B, M] or [B, H, M], or None (all ones). w = 0 drops a key.
+            NaN, inf or negative values raise ValueError for CPU tensors; GPU tensors are checked only with
+            DARE_KERNELS_CHECK_INPUTS=1 (a host sync), and otherwise give undefined results.
         key_padding_mask: bool [B, M], True = attend; or None.
         strength: γ >= 0; γ = 0 is plain attention. scale: logit scale, default D**-0.5.
         return_attn_map: also return A [B, N, stop - start] float32, the probabilities averaged over heads.
-        attn_map_keys: (start, stop) key range of the map (default all M keys); all keys still attend.
+        attn_map_keys: (start, stop) key range of the map (default all M keys); all keys still attend. Only
+            with ``return_attn_map=True`` (ValueError otherwise: the range would be ignored).
         return_lse: also return the log-sum-exp of the biased logits, float32 [B, H, N] (-inf for empty rows).
         backend: "auto", "cpu", "triton", "cuda" or "reference". "auto" without a usable compiled backend
             warns once and runs the memory-safe PyTorch fallback (dare_kernels/sra_fallback.py).
@@ -128,7 +134,7 @@ def sra_attention(
         ``o`` [B, H, N, Dv] in query's dtype, or a tuple ``(o, attn_map)``, ``(o, lse)`` or ``(o, attn_map, lse)``.
         Differentiable w.r.t. query, key, value, token_weight, and through both ``o`` and ``attn_map``.
     """
-    _check_inputs(query, key, value, token_weight, key_padding_mask, strength, scale, attn_map_keys)
+    _check_inputs(query, key, value, token_weight, key_padding_mask, strength, scale, return_attn_map, attn_map_keys)
     B, H, N, D = query.shape
     M = key.shape[2]
     scale = float(D ** -0.5 if scale is None else scale)

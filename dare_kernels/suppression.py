@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .density import TokenDensity
+from .value_checks import check_weight_values
 
 __all__ = ["TokenSuppressor", "Suppressed", "prompt_dropout", "build_degraded_branch", "DegradedPrompt",
            "apply_suppression_to_embeddings", "apply_suppression_to_weights", "step_generator"]
@@ -120,6 +121,7 @@ def apply_suppression_to_weights(token_weight: torch.Tensor, mask: torch.Tensor)
     if not isinstance(token_weight, torch.Tensor) or token_weight.dim() != 2:
         raise ValueError("token_weight must be a [B, M] tensor")
     _check_mask(mask, *token_weight.shape)
+    check_weight_values(token_weight, "token_weight")  # CPU tensors (SPEC §1.1): no NaN / inf / negative
     return token_weight.masked_fill(mask.to(token_weight.device), 0.0)
 
 
@@ -285,9 +287,13 @@ def prompt_dropout(embeds: torch.Tensor, p: float, *, null_embeds: torch.Tensor 
     if token_weight is not None and null_token_weight is not None:
         if not isinstance(token_weight, torch.Tensor) or token_weight.shape != (B, M):
             raise ValueError(f"token_weight must be [B, M]={[B, M]}")
+        if not isinstance(null_token_weight, torch.Tensor):
+            raise TypeError(f"null_token_weight must be a tensor [M] or [B, M], got {type(null_token_weight).__name__}")
         ntw = null_token_weight.to(token_weight)
         if tuple(ntw.shape) not in ((M,), (B, M)):
             raise ValueError(f"null_token_weight must be [M] or [B, M] with M={M}, got {list(ntw.shape)}")
+        check_weight_values(token_weight, "token_weight")
+        check_weight_values(ntw, "null_token_weight")
         token_weight = torch.where(mask, ntw.expand(B, M), token_weight)
     return embeds, token_weight, dropped
 

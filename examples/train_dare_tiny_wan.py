@@ -5,8 +5,8 @@ DARE parts exercised:
     (``dare_kernels.TokenDensity``) -> SRA token weights;
   * training-time dynamic suppression of low-density tokens (``TokenSuppressor``) and ordinary
     whole-prompt CFG dropout (``prompt_dropout``), drawn per global batch so data-parallel runs agree;
-  * SRA-reweighted cross-attention (``dare_kernels.sra_attention`` on every ``attn2``) returning the
-    head-averaged maps;
+  * SRA-reweighted cross-attention on every ``attn2`` through the diffusers integration
+    (``dare_kernels.integrations.diffusers.apply_dare``), capturing the head-averaged maps;
   * the SRA consistency loss over the maps of all layers (``sra_consistency_loss``) added to the
     rectified-flow diffusion loss; both are logged.
 
@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dare_kernels
-from dare_kernels import (TokenDensity, TokenSuppressor, prompt_dropout, sra_attention,
-                          sra_consistency_loss)
+from dare_kernels import TokenDensity, TokenSuppressor, prompt_dropout, sra_consistency_loss
+from dare_kernels.integrations.diffusers import DAREHandle, apply_dare
 from dare_kernels.suppression import step_generator
 
 
@@ -140,56 +140,6 @@ def build_transformer(cfg: TinyConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# TEMPORARY: a minimal SRA processor for Wan's cross-attention (attn2).
-# To be replaced by dare_kernels.integrations.diffusers.apply_dare once that lands.
-# ---------------------------------------------------------------------------------------------
-
-class DareContext:
-    """Per-forward state shared by the SRA processors: token weights in, attention maps out."""
-
-    def __init__(self, strength: float = 1.0):
-        self.strength = strength
-        self.token_weight: torch.Tensor | None = None     # [B, M]
-        self.maps: list[torch.Tensor] = []                # one [B, N, M] per attn2 call
-
-    def begin(self, token_weight: torch.Tensor | None):
-        self.token_weight = token_weight
-        self.maps = []
-
-
-class TemporarySRACrossAttnProcessor:
-    """TEMPORARY (example only): Wan attn2 through dare_kernels.sra_attention, collecting head-averaged maps.
-
-    Text-to-video only (no image keys). Replace with ``apply_dare`` from dare_kernels.integrations.diffusers.
-    """
-
-    def __init__(self, ctx: DareContext):
-        self.ctx = ctx
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if attn.add_k_proj is not None or getattr(attn, "fused_projections", False):
-            raise NotImplementedError("the temporary example processor supports text-to-video Wan with unfused "
-                                      "projections only")
-        query = attn.norm_q(attn.to_q(hidden_states))
-        key = attn.norm_k(attn.to_k(encoder_hidden_states))
-        value = attn.to_v(encoder_hidden_states)
-        # [B, S, H*D] -> [B, H, S, D] (views; sra_attention takes any strides)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
-        out, amap = sra_attention(query, key, value, self.ctx.token_weight, strength=self.ctx.strength,
-                                  return_attn_map=True)
-        self.ctx.maps.append(amap)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def install_temporary_sra(transformer, strength: float) -> DareContext:
-    ctx = DareContext(strength)
-    for block in transformer.blocks:
-        block.attn2.set_processor(TemporarySRACrossAttnProcessor(ctx))
-    return ctx
-
-
-# ---------------------------------------------------------------------------------------------
 # components, batches, the training step
 # ---------------------------------------------------------------------------------------------
 
@@ -201,7 +151,7 @@ class Components:
     density: TokenDensity
     text_encoder: nn.Module
     transformer: nn.Module
-    ctx: DareContext
+    handle: DAREHandle               # apply_dare's handle: token weights in, per-layer maps out
     suppressor: TokenSuppressor
     null_embeds: torch.Tensor        # [M, C] text-encoder output of the empty prompt
     null_weight: torch.Tensor        # [M] SRA weights of the empty prompt
@@ -215,14 +165,15 @@ def build_components(cfg: TinyConfig) -> Components:
     torch.manual_seed(cfg.seed)
     text_encoder = TinyTextEncoder(len(tok), cfg.text_dim, cfg.max_length).eval().requires_grad_(False)
     transformer = build_transformer(cfg)
-    ctx = install_temporary_sra(transformer, cfg.sra_strength)
+    # SRA on every text cross-attention (blocks[i].attn2), maps captured with their autograd graph
+    handle = apply_dare(transformer, strength=cfg.sra_strength, capture_maps=True)
     suppressor = TokenSuppressor(density, tau=cfg.tau, p_max=cfg.p_max, beta=cfg.beta,
                                  warmup_steps=cfg.warmup_steps, seed=cfg.seed)
     null_ids, null_mask = tokenize(tok, [""], cfg.max_length)
     with torch.no_grad():
         null_embeds = text_encoder(null_ids, null_mask)[0]
     null_weight = density.weights(null_ids, cfg.weight_floor, cfg.weight_kappa, key_padding_mask=null_mask)[0]
-    return Components(cfg, captions, tok, density, text_encoder, transformer, ctx, suppressor, null_embeds,
+    return Components(cfg, captions, tok, density, text_encoder, transformer, handle, suppressor, null_embeds,
                       null_weight)
 
 
@@ -272,12 +223,12 @@ def training_step(comp: Components, model: nn.Module, batch: Batch, step: int, g
     # rectified flow (Wan): x_t = (1 − σ) x0 + σ ε, the model predicts ε − x0 at timestep 1000 σ
     s = batch.sigma.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * batch.latents + s * batch.noise
-    comp.ctx.begin(weights)
+    comp.handle.set_token_weights(weights)          # [B, M]: one row per sample (all in the "cond" branch)
     pred = model(x_t, batch.sigma * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
     diffusion = F.mse_loss(pred, batch.noise - batch.latents)
     # a dropped prompt is the null prompt: its SRA weights are the null prompt's (all padding but EOS here)
     kpm = torch.where(dropped.view(-1, 1), comp.null_weight.view(1, -1) > 0, batch.mask)
-    consistency = sra_consistency_loss(comp.ctx.maps, weights, kpm)
+    consistency = sra_consistency_loss(list(comp.handle.maps.values()), weights, kpm)  # one [B, N, M] per layer
     loss = diffusion + cfg.lambda_sra * consistency
     return {"loss": loss, "diffusion": diffusion.detach(), "consistency": consistency.detach(),
             "suppressed_tokens": sup.mask.sum(), "tokens": batch.mask.sum(), "dropped_prompts": dropped.sum()}
@@ -294,6 +245,23 @@ def _dist_info():
     return 0, 1
 
 
+class FSDPRoot(nn.Module):
+    """The root FSDP2 unit around the transformer (its blocks are units of their own).
+
+    diffusers' Wan forward returns its prediction as a view (of the un-patchify reshape), and FSDP2 warns
+    about every view a sharded module returns (an in-place op on it would skip the pre-backward hook): the
+    root returns a fresh tensor instead, a latent-sized copy, so the run prints no warning.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, *args, **kwargs):
+        out = self.transformer(*args, **kwargs)
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else type(out)(sample=out.sample.clone())
+
+
 def train(cfg: TinyConfig, steps: int, global_batch_size: int, log=print, fsdp2: bool = False) -> list[dict]:
     """Train for ``steps`` steps; under torch.distributed (initialised by the caller) the model is wrapped
     in DDP, or sharded with FSDP2 (``fully_shard`` per block, then the whole model) when ``fsdp2``."""
@@ -307,7 +275,8 @@ def train(cfg: TinyConfig, steps: int, global_batch_size: int, log=print, fsdp2:
         from torch.distributed.fsdp import fully_shard
         for block in comp.transformer.blocks:
             fully_shard(block)
-        fully_shard(comp.transformer)
+        model = FSDPRoot(comp.transformer)
+        fully_shard(model)
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model)

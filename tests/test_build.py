@@ -19,7 +19,7 @@ def test_info_lists_every_backend():
 
 
 @pytest.mark.skipif(os.environ.get("DARE_KERNELS_BUILD_EXT", "1") == "0" or os.environ.get("DARE_KERNELS_REQUIRE_EXT") == "0",
-                    reason="a pure-Python install was asked for (DARE_KERNELS_BUILD_EXT=0)")
+                    reason="a pure-Python install was asked for (DARE_KERNELS_BUILD_EXT=0 / DARE_KERNELS_REQUIRE_EXT=0)")
 def test_extension_is_loaded():
     # set-up (tools/setup_env.sh, pip install --no-build-isolation) fails when the extension does not build:
     # a missing extension here is a build defect

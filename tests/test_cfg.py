@@ -237,7 +237,7 @@ def test_apg_norm_dim_matches_diffusers():
 def test_gradcheck(mode, K):
     preds = make_preds(K, (2, 3, 7), torch.float64, seed=60).requires_grad_()
     kw = dict(num_branches=K, mode=mode, guidance_rescale=0.6, rectify_scale=0.8 if K == 3 else 0.0,
-              eta=0.3, norm_threshold=2.5 if mode == "apg" else 0.0)
+              **(dict(eta=0.3, norm_threshold=2.5) if mode == "apg" else {}))
     assert torch.autograd.gradcheck(lambda p: dk.rectified_cfg(p, 3.0, backend="cpu", **kw), (preds,))
 
 

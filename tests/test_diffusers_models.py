@@ -34,7 +34,7 @@ def test_table_covers_every_supported_model():
         assert e.model_class() is getattr(diffusers, e.class_name)
         assert len(e.stock_processors()) >= 1
     torch.manual_seed(0)
-    for build, name, text_len in ((_wan, "WanTransformer3DModel", 512), (_ltx, "LTXVideoTransformer3DModel", None),
+    for build, name, text_len in ((_wan, "WanTransformer3DModel", None), (_ltx, "LTXVideoTransformer3DModel", None),
                                   (_hunyuan, "HunyuanVideoTransformer3DModel", None)):
         model = build()["model"]
         assert entry_for(model).class_name == name
@@ -55,6 +55,22 @@ def test_cogvideox_text_length_is_fixed_only_with_learned_positions():
         h.set_token_weights(torch.ones(15))  # RoPE models take any prompt length: checked per forward
     with apply_dare(tiny.tiny_wan(num_layers=1), text_len=226) as h:  # a Wan run with max_sequence_length=226
         h.set_token_weights(torch.ones(226))
+        with pytest.raises(ValueError, match="16 entries per prompt.*attends 226 text tokens.*max_sequence_length"):
+            h.set_token_weights(torch.ones(16))
+
+
+def test_wan_text_length_is_fixed_only_for_i2v():
+    # T2V attends any text length (checked per forward); I2V splits its context as [image; 512 text] in
+    # diffusers' own processor, so there 512 is the model's and is checked when the weights are set
+    from dare_kernels.integrations.diffusers import tiny
+
+    with apply_dare(tiny.tiny_wan(num_layers=1)) as h:
+        assert h.text_len is None
+        h.set_token_weights(torch.ones(16))
+    with apply_dare(tiny.tiny_wan(num_layers=1, image=True)) as h:
+        assert h.text_len == 512
+        with pytest.raises(ValueError, match="16 entries per prompt.*attends 512 text tokens.*max_sequence_length"):
+            h.set_token_weights(torch.ones(16))
     with pytest.raises(ValueError, match="text_len"):
         apply_dare(tiny.tiny_wan(num_layers=1), text_len=0)
 

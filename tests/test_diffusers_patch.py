@@ -27,9 +27,10 @@ T_STEP = 500.0
 # cases: model, inputs, text length M, model batch B, frames folded into attention batches
 # ---------------------------------------------------------------------------------------------
 
-def _wan(image=False):
+def _wan(image=False, M=512):
+    """M: the text length the call encodes (T2V attends any: WanPipeline's max_sequence_length; I2V fixes 512)."""
     model = tiny.tiny_wan(image=image)
-    B, M = 2, 512
+    B = 2
     x = torch.randn(B, 4, 3, 8, 10)  # grid 3 x 4 x 5 = 60 video tokens
     e = torch.randn(B, M, 32)
     kw = {"encoder_hidden_states_image": torch.randn(B, 7, 24)} if image else {}
@@ -106,6 +107,7 @@ def _animatediff():
 
 CASES = {
     "wan": _wan,
+    "wan_text16": lambda: _wan(M=16),  # a short prompt encoding: weights of the length the layer attends
     "wan_i2v": lambda: _wan(image=True),
     "ltx": _ltx,
     "cogvideox": _cog,

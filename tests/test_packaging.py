@@ -78,8 +78,18 @@ def sdist(tmp_path_factory) -> Path:
     res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True, text=True,
                          timeout=300, env=_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (out / "build.log").write_text(res.stdout + res.stderr)
     name = res.stdout.strip().splitlines()[-1]
     return out / name
+
+
+def test_packaging_prints_no_deprecation_warning(sdist):
+    """Our pyproject.toml / setup.py use current setuptools forms (the SPDX string for project.license)."""
+    log = (sdist.parent / "build.log").read_text()
+    assert "Deprecat" not in log, log[-3000:]
+    with tarfile.open(sdist) as tf:
+        pkg_info = tf.extractfile(f"{sdist.name[:-len('.tar.gz')]}/PKG-INFO").read().decode()
+    assert "License-Expression: Apache-2.0" in pkg_info
 
 
 def _unpack(sdist: Path, dest: Path) -> Path:
@@ -129,6 +139,29 @@ def test_build_without_torch_fails_loudly(sdist, tmp_path):
     (whl,) = out.glob("*.whl")
     with zipfile.ZipFile(whl) as zf:
         assert not [n for n in zf.namelist() if "/_C" in n]
+
+
+def test_a_failed_extension_build_fails_the_build(sdist, tmp_path):
+    """README, docs/BUILD.md and setup.py: a failed extension build fails the install, whatever the switches
+    say (only DARE_KERNELS_BUILD_EXT=0 builds without the extension); no wheel without _C is written."""
+    pytest.importorskip("torch")
+    if not (shutil.which("ninja") or _has_module("ninja")) or not (shutil.which("cmake") or _has_module("cmake")):
+        pytest.skip("cmake and ninja are needed to run the extension build")
+    src = _unpack(sdist, tmp_path / "src")
+    cmakelists = src / "CMakeLists.txt"
+    cmakelists.write_text('message(FATAL_ERROR "planted configure failure")\n' + cmakelists.read_text())
+    hook = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    out = tmp_path / "wheels"
+    out.mkdir()
+    for require in ("1", "0"):  # DARE_KERNELS_REQUIRE_EXT only says whether the tests need _C; the build fails
+        env = _env(DARE_KERNELS_BUILD_DIR=str(tmp_path / f"cmake-{require}"), DARE_KERNELS_CUDA="0",
+                   DARE_KERNELS_REQUIRE_EXT=require)
+        env.pop("DARE_KERNELS_BUILD_EXT", None)
+        res = subprocess.run([sys.executable, "-c", hook, str(out)], cwd=src, capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert res.returncode != 0, "a failed extension build must fail the build"
+        assert "planted configure failure" in res.stdout + res.stderr
+        assert not list(out.glob("*.whl"))
 
 
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def run_and_compare(backend: str, case: Case, dtype: torch.dtype, seed: int = 0)
     device = _device(backend)
     q, k, v, w, mask = make_inputs(case, dtype, device, seed)
     kw = dict(key_padding_mask=mask, strength=case.strength, scale=case.scale, return_attn_map=case.want_map,
-              attn_map_keys=case.map_keys, return_lse=True)
+              attn_map_keys=case.map_keys if case.want_map else None, return_lse=True)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)] + \
              ([] if w is None else [w.detach().clone().requires_grad_()])
     res = sra_attention(*leaves[:3], leaves[3] if w is not None else None, backend=backend, **kw)

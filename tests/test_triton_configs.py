@@ -99,7 +99,8 @@ def _check(q, k, v, w, msk, *, want_map, map_keys=None, grads=False, strength=0.
     """Outputs (and gradients) vs float64; tolerances per dtype, relative to the reference's magnitude.
     ``clone=False`` hands the given views (strides) to the op."""
     dtype = q.dtype
-    kw = dict(key_padding_mask=msk, strength=strength, return_attn_map=want_map, attn_map_keys=map_keys,
+    kw = dict(key_padding_mask=msk, strength=strength, return_attn_map=want_map,
+              attn_map_keys=map_keys if want_map else None,
               return_lse=True)
     leaves = [(t.detach().clone() if clone else t.detach()).requires_grad_(grads) for t in (q, k, v, w)]
     ref_leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v, w)]

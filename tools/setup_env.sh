@@ -54,7 +54,7 @@ elif [ "$offline" = "1" ]; then
   echo "$key" >"$stamp"
 else
   step "installing build tools (setuptools, wheel, cmake>=3.26, ninja)"
-  pip_install "setuptools>=64" wheel "cmake>=3.26" ninja
+  pip_install "setuptools>=77" wheel "cmake>=3.26" ninja
   step "installing dare_kernels (editable) with [$EXTRAS] and their dependencies"
   DARE_KERNELS_BUILD_EXT=0 pip_install --no-build-isolation -e ".[${EXTRAS}]"
   case ",$EXTRAS," in

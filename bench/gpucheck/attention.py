@@ -88,7 +88,7 @@ def forward_fn(provider: str, shape: AttnShape, x: dict, device: str, with_map: 
 
         def dare(q_, k_, v_, w_):
             return sra_attention(q_, k_, v_, w_, key_padding_mask=mask, strength=STRENGTH, return_attn_map=with_map,
-                                 attn_map_keys=shape.map_keys, backend=backend)
+                                 attn_map_keys=shape.map_keys if with_map else None, backend=backend)
         return dare
     if with_map and provider != "eager_maps":
         raise Skip(f"{provider} returns no attention map")

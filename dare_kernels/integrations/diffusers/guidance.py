@@ -61,6 +61,9 @@ def _check_mode_args(mode, guidance_scale, rectify_scale, guidance_rescale, eta,
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
     if momentum is not None and mode != "apg":
         raise ValueError("momentum applies to mode='apg' only")
+    for name, value, default in (("eta", eta, 1.0), ("norm_threshold", norm_threshold, 0.0)):
+        if mode != "apg" and value != default:
+            raise ValueError(f"{name} applies to mode='apg' only; mode={mode!r} would ignore {name}={value}")
 
 
 def _diffusers_guider_api():
@@ -439,10 +442,17 @@ def dare_guidance(pipe, *, negative_prompt_embeds: torch.Tensor, guidance_scale:
     The denoisers are the pipeline's ``transformer`` / ``transformer_2`` (Wan 2.2) / ``unet`` (AnimateDiff),
     plain, offloaded (accelerate, group offload), cached, or compiled (``torch.compile(model)``).
     LTX needs the text masks: ``negative_prompt_attention_mask`` (and ``degraded_prompt_attention_mask``).
+    The degraded inputs are taken only with ``rectify_scale`` != 0 (ValueError otherwise: nothing would use them).
     A patched denoiser's DARE handle sees the layout ("uncond", "cond"[, "degraded"]).
     Momentum (APG) state resets when the timestep goes up (a new sampling run).
     """
     _check_mode_args(mode, guidance_scale, rectify_scale, guidance_rescale, eta, norm_threshold, momentum)
+    if rectify_scale == 0:  # no degraded branch runs: its inputs would be ignored
+        for name, value in (("degraded_prompt_embeds", degraded_prompt_embeds),
+                            ("degraded_prompt_attention_mask", degraded_prompt_attention_mask)):
+            if value is not None:
+                raise ValueError(f"dare_guidance: {name} feeds the degraded branch, which runs only with "
+                                 "rectify_scale != 0 (got rectify_scale=0)")
     models = [m for m in (getattr(pipe, a, None) for a in _DENOISER_ATTRS) if isinstance(m, torch.nn.Module)]
     if not models:
         raise TypeError(f"dare_guidance: expected a pipeline with a transformer or unet, got {type(pipe).__name__}")

@@ -7,8 +7,9 @@ An entry says everything the patch needs to know about a model class:
 * ``dare_processor``: the DARE processor class installed instead (``processors.py`` / ``joint.py``);
 * ``forward_info(model, args, kwargs)``: the model batch, the latent token grid (frames, height, width)
   behind the video tokens and the frames folded into attention batches, read from the forward's inputs;
-* ``text_len(model)``: the text length the model fixes (weights of another length are refused when set),
-  or None when any prompt length runs;
+* ``text_len(model)``: the text length the model itself fixes (weights of another length are refused when
+  set), or None when any prompt length runs (then the length is checked at each forward against the text
+  the layer attends); never a pipeline default the model does not enforce;
 * ``length_hint`` / ``refuse_hint``: what the errors for wrong-length weights / a replaced processor add;
 * ``joint``: text keys sit beside video keys in one softmax (joint attention), so the per-sample joint
   renormalisation of the weights applies (SPEC §1).
@@ -171,12 +172,16 @@ def _unet_motion_info(model, args, kwargs) -> ForwardInfo:
 # the table
 # ---------------------------------------------------------------------------------------------
 
-def _fixed(n: int):
-    return lambda model: n
-
-
 def _any_length(model):
     return None
+
+
+def _wan_text_len(model):
+    # T2V cross-attention attends whatever text length it is given (WanPipeline's max_sequence_length,
+    # shorter encodings in training): checked per forward against what the layer sees. I2V (added K/V
+    # projections) is different: diffusers' own processor splits the context as [image tokens; 512 text
+    # tokens], so there the model fixes 512.
+    return 512 if getattr(model.config, "added_kv_proj_dim", None) is not None else None
 
 
 def _cogvideox_text_len(model):
@@ -192,8 +197,7 @@ MODEL_TABLE: tuple[ModelEntry, ...] = (
         find_layers=_blocks_attr("blocks", "attn2"),
         stock_processors=_stock("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
         dare_processor=DAREWanAttnProcessor, forward_info=_wan_info,
-        # the text context length diffusers hard-codes for Wan (WanPipeline pads every prompt to it)
-        text_len=_fixed(512), length_hint=WAN_PADDING_HINT,
+        text_len=_wan_text_len, length_hint=WAN_PADDING_HINT,
     ),
     ModelEntry(
         class_name="LTXVideoTransformer3DModel", module="diffusers",

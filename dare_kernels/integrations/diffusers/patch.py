@@ -138,8 +138,9 @@ class DAREHandle:
         map_grids: {layer: (frames, height, width)} of the latent token grid behind N (None when N is a
             context-parallel shard or the grid is unknown).
         layers: names of the patched layers.
-        text_len: the text length the patched models fix (Wan 512; CogVideoX with learned positions its
-            ``max_text_seq_length``), checked when weights are set; None = any length (checked per forward).
+        text_len: the text length the patched models fix (Wan I2V 512; CogVideoX with learned positions its
+            ``max_text_seq_length``), checked when weights are set; None = any length (Wan T2V, LTX,
+            HunyuanVideo, AnimateDiff): checked at each forward against the text the layer attends.
         fast_path: when a forward needs neither weights (none set, or all exactly 1) nor maps, run diffusers'
             own attention call instead of sra_attention (bitwise stock output, stock speed). Default True.
 
@@ -185,8 +186,9 @@ class DAREHandle:
         """Set the per-text-token weights w (w >= 0; 0 drops a token; None = stock attention).
 
         Args:
-            weights: [B, M] or [M] tensor (M = the text length the patched layers attend: Wan 512 including
-                padding, CogVideoX 226, HunyuanVideo 256, LTX 128, AnimateDiff 77, ...); or a dict
+            weights: [B, M] or [M] tensor (M = the text length the patched layers attend: for Wan the encoded
+                prompt including padding, 512 with WanPipeline's default max_sequence_length; CogVideoX 226,
+                HunyuanVideo 256, LTX 128, AnimateDiff 77, ...); or a dict
                 {"cond": w, "uncond": w, "degraded": w} with None for "unweighted". A batch of B prompts is tiled
                 when a branch holds k·B samples.
             only_cond: apply ``weights`` to the conditional (and degraded) branch only; the unconditional
@@ -434,7 +436,8 @@ def apply_dare(model_or_pipeline, *, strength: float = 1.0, capture_maps: bool =
         joint_renormalize: joint-attention models only (CogVideoX, HunyuanVideo): renormalise each sample's text
             weights so that mean(w^γ) over its valid text keys is 1 (default); False = the raw weights.
         text_len: the text length the weights must have, checked when they are set (default: the model's own
-            where it fixes one, e.g. 512 for Wan; give it for a Wan pipeline run with another max_sequence_length).
+            where it fixes one, e.g. 512 for Wan I2V; otherwise None and each forward checks the weights against
+            the text length its layers attend). Give it to catch a wrong length before the first forward.
 
     Returns:
         A :class:`DAREHandle`; ``handle.remove()`` (or leaving ``with apply_dare(...) as h:``) restores the

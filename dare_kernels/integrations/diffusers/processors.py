@@ -6,7 +6,7 @@ the owning :class:`~dare_kernels.integrations.diffusers.DAREHandle` become the b
 head-averaged map over the text keys is captured in the same pass when the handle asks for it.
 
 Layout notes (what each processor sees):
-- Wan ``blocks[i].attn2``: query [B, N, C] video, text [B, M, C] (M = 512 after the pipeline's padding);
+- Wan ``blocks[i].attn2``: query [B, N, C] video, text [B, M, C] (M = the encoded prompt length, 512 after WanPipeline's padding);
   I2V / FLF2V models prepend the image tokens, which keep their own unweighted softmax exactly as
   diffusers computes it (``dispatch_attention_fn``), added to the text attention output.
 - LTX-Video ``transformer_blocks[i].attn2``: text mask arrives as an additive bias [B, 1, M]

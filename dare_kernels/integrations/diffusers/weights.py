@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from ...value_checks import check_weight_values
+
 __all__ = ["check_weight", "check_length", "check_batch", "fit_weight", "renormalize_joint", "WAN_PADDING_HINT"]
 
-WAN_PADDING_HINT = (" (Wan pads every prompt to 512 tokens and attends the padding; give weights for all 512 "
-                    "positions, e.g. 1 on the padding for stock behaviour or 0 to drop it)")
+WAN_PADDING_HINT = (" (Wan attends every text position it is given, padding included: WanPipeline pads each "
+                    "prompt to max_sequence_length, 512 by default; give one weight per position, e.g. 1 on the "
+                    "padding for stock behaviour or 0 to drop it)")
 
 
 def check_weight(w, what: str):
@@ -28,10 +31,9 @@ def check_weight(w, what: str):
         raise TypeError(f"set_token_weights: {what} must be floating point, got {w.dtype}")
     if w.dim() not in (1, 2) or w.shape[-1] == 0 or (w.dim() == 2 and w.shape[0] == 0):
         raise ValueError(f"set_token_weights: {what} must be [B, M] or [M] with B, M >= 1, got shape {list(w.shape)}")
-    if not torch.compiler.is_compiling():
-        wd = w.detach()
-        if bool(torch.isnan(wd).any()) or bool((wd < 0).any()) or bool(torch.isinf(wd).any()):
-            raise ValueError(f"set_token_weights: {what} must be non-negative, finite and not NaN")
+    if not torch.compiler.is_compiling() and w.device.type != "meta":
+        # once per set_token_weights, not per forward: worth its host sync on a GPU too
+        check_weight_values(w, f"set_token_weights: {what}", force=True)
     return w
 
 

@@ -308,7 +308,7 @@ part2() {
   elif [ "$PART" = 2 ]; then
     build_and_warm
   fi
-  stage wheels 90 220 'bash tools/gpu_wheels.sh install'
+  stage wheels 90 220 'PYTHON="$PY" bash tools/gpu_wheels.sh install'
   stage bench2 200 110 'bench 2 {BUDGET}'
   at_once 10 "pytest_gpu 240 run_pytest gpu tests/test_sra_conformance.py tests/test_sra_cuda.py tests/test_cfg_triton.py tests/test_diffusers_offload.py" \
     "selftest_models 180 selftest --no-small --json \"\$WORK/selftest-models.json\""

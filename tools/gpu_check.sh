@@ -24,7 +24,7 @@
 #   cache        20  the compiled kernels in the Triton cache, per kernel, against the count after the warm-up
 #   repack       40  the reuse archive again, with what the stages compiled
 # Stages of part 2: env 30; reuse 60 (with --reuse FILE: unpack it, then build and warm-up are skipped; without
-# it, or when it does not match this machine: build 150 and warmup 120 as in part 1); wheels 90
+# it, or when it does not match this machine: build 150 and warmup 120 as in part 1, and 270 s more budget); wheels 90
 # (tools/gpu_wheels.sh install: diffusers from .gpu_wheels/, offline); bench 200 (--part 2: every other row,
 # diffusers included); then at once pytest_gpu 240 (the GPU test files) and selftest_models 180; cache 20.
 #
@@ -50,11 +50,12 @@
 #   GPU_CHECK_PYTEST_FILES  the test files of the pytest stages (default per stage, above)
 #   MAX_JOBS              parallel compile jobs of the build and processes of the warm-up (default: every core)
 #   PYTHON                default .venv/bin/python if present, else python3
+# shellcheck disable=SC2016  # a stage's command is a bash string that the stage's own shell expands
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 
-usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^# shellcheck disable/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 PART=all
 REUSE=""
 MODE=${GPU_CHECK_MODE:-auto}
@@ -306,6 +307,10 @@ part2() {
     SEQ=$(( SEQ + 1 )); record build skipped 0 0 0 "reused: the extension from $(basename "$REUSE")" ""
     SEQ=$(( SEQ + 1 )); record warmup skipped 0 0 0 "reused: the Triton cache from $(basename "$REUSE")" ""
   elif [ "$PART" = 2 ]; then
+    if [ -z "${GPU_CHECK_BUDGET_S:-}" ]; then
+      DEADLINE=$(( DEADLINE + 270 ))
+      echo "gpu_check: no reuse archive: the part's budget grows by 270 s for the build and the warm-up"
+    fi
     build_and_warm
   fi
   stage wheels 90 220 'PYTHON="$PY" bash tools/gpu_wheels.sh install'

@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH
 "$PY" tools/sra_cuda_smoke.py --import-only || { echo "!! sanitize_sra_cuda: tools/sra_cuda_smoke.py cannot import its modules"; exit 1; }
 SAN=$(command -v compute-sanitizer || true)
 for c in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13.0; do

@@ -249,9 +249,11 @@ def print_cache(work: Path) -> int:
     added = rep["added_by_stages"]
     for name, n in added.items():
         print(f"  +{n:<4d} {name}")
+    ours = {k: n for k, n in added.items() if not k.startswith("triton_")}  # triton_*: torch.compile's kernels
     print(f"cache: {sum(warm.values())} compiled kernels after the warm-up, {sum(after.values())} after the stages"
-          + (f" ({sum(added.values())} compiled by the stages: a recompile across N, M or B, or a case the "
-             f"warm-up does not drive)" if added else " (nothing recompiled)"))
+          + (f" ({sum(ours.values())} of dare_kernels' compiled by the stages: a recompile across N, M or B, or "
+             f"a case the warm-up does not drive)" if ours else " (none of dare_kernels' recompiled)")
+          + (f"; {sum(added.values()) - sum(ours.values())} torch.compile kernels" if len(ours) < len(added) else ""))
     return 0
 
 

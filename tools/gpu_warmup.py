@@ -6,7 +6,8 @@ compiled for a later run.
         drives the public ops (``sra_attention`` forward, map and backward with backend="triton";
         ``rectified_cfg`` with backend="triton") once at every dtype, head dim, flag set and mode the later
         stages use: the selftest's small and model cases, the benchmark's model shapes with and without a
-        map, every rectified_cfg mode, branch count and dtype. The cases are spread over ``--jobs``
+        map, every rectified_cfg mode, branch count and dtype; on a GPU also the benchmark's compiled
+        FlexAttention peer at the headline shape (its Inductor compile is the longest one). The cases are spread over ``--jobs``
         processes (default: every core) that share one TRITON_CACHE_DIR, so each Triton specialization is
         compiled once, on all cores, and every later stage (run with the same TRITON_CACHE_DIR) loads it
         from disk instead of paying 4-13 s of JIT per case. Prints one line per case with its seconds.
@@ -167,6 +168,27 @@ def run_cfg(case: dict, device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_flex(case: dict, device: str) -> None:
+    """The benchmark's compiled FlexAttention peer (per-key-bias score_mod) at the headline shape, forward and
+    backward: its Inductor kernels land in TRITON_CACHE_DIR and its graphs in TORCHINDUCTOR_CACHE_DIR, so the
+    bench's own compile of the same graph is a cache hit."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v, w, mask = _inputs(case, device)
+    w = torch.where(mask, w, torch.zeros_like(w))
+    kb = torch.where(w > 0, torch.log(torch.where(w > 0, w, torch.ones_like(w))), float("-inf")).float()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + kb[b, kv_idx]
+    flex = torch.compile(flex_attention, dynamic=False)
+    flex(q, k, v, score_mod=score_mod)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = flex(*leaves, score_mod=score_mod)
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    torch.cuda.synchronize()
+
+
 def _worker_init(device: str) -> None:
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in this process
@@ -179,7 +201,7 @@ def _worker_init(device: str) -> None:
 def _run_case(kind: str, case: dict, device: str) -> tuple[str, float, str]:
     t0 = time.perf_counter()
     try:
-        (run_sra if kind == "sra" else run_cfg)(case, device)
+        {"sra": run_sra, "cfg": run_cfg, "flex": run_flex}[kind](case, device)
         err = ""
     except Exception as exc:  # noqa: BLE001 - one failing case does not stop the others; the stage fails
         err = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -209,6 +231,9 @@ def warm(device: str, jobs: int, json_path: Path | None) -> int:
         print(f"gpu_warmup: SKIP: the Triton backend cannot run here: {why}", flush=True)
         return 0
     work = [("sra", c) for c in sra_cases(device)] + [("cfg", c) for c in cfg_cases(device)]
+    if device == "cuda":  # the headline shape's compiled FlexAttention peer, its longest compile, starts first
+        headline = dict(work[0][1], name=work[0][1]["name"].split()[0] + " flex_attention compiled fwd+bwd")
+        work.insert(0, ("flex", headline))
     if device == "cpu":  # the interpreter compiles nothing: the smallest cases check the command path
         work = [w for w in work if w[0] == "sra"][-1:] + [w for w in work if w[0] == "cfg"][:1]
     cache = os.environ.get("TRITON_CACHE_DIR", "(Triton's default)")

@@ -417,3 +417,24 @@ def test_bench_rows_past_the_budget_or_the_row_cap_are_skipped_with_the_reason(t
     assert [r["status"] for r in rows] == ["skipped", "ok", "skipped", "skipped"]
     assert rows[0]["reason"].startswith("time budget") and "at most 1 rows" in rows[2]["reason"]
     assert "not available" in rows[3]["reason"] and capped.dare_errors == 0
+
+
+def test_readme_gpu_check_section_names_every_stage_with_its_cap_and_the_commands():
+    """The README's table of stages and caps is the script's: every stage the script runs, with the cap it
+    gives it, and the commands of both parts as the script takes them."""
+    import re
+
+    script = (ROOT / "tools" / "gpu_check.sh").read_text()
+    caps = dict(re.findall(r"(?:^\s*|&& )stage (\w+) (\d+) \d+ ", script, re.M))
+    caps.update(re.findall(r'"(\w+) (\d+) [^"]*"', script[script.index("part1() {"):]))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### GPU check"):]
+    section = section[:section.index("\n## ")]
+    table = {}
+    for row in re.findall(r"^\| (?:1|2|both) \| ([^|]+) \| ([^|]+) \|", section, re.M):
+        for name, cap in zip(row[0].split(", "), row[1].split(", ")):
+            table[name.strip()] = cap.strip()
+    assert table == caps, (table, caps)
+    for cmd in ("bash tools/gpu_check.sh --part 1", "bash tools/gpu_check.sh --part 2 --reuse .gpu_reuse/gpu_reuse.tar.gz",
+                "GPU_CHECK_COMMIT=<sha>", "bash tools/gpu_wheels.sh fetch", ".gpu_wheels", "bench/results/gpu-"):
+        assert cmd in section, cmd

@@ -319,7 +319,7 @@ def pack(archive: Path, max_mib: float) -> int:
         if attempt == "no inductor cache" and "TORCHINDUCTOR_CACHE_DIR" in dirs:
             manifest["left_out"].append("TORCHINDUCTOR_CACHE_DIR")
         tmp = archive.with_suffix(".tmp")
-        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        with tarfile.open(tmp, "w:gz", compresslevel=3) as tar:
             for so in sos:
                 tar.add(so, arcname=f"extension/{so.name}")
             for var, d in dirs.items():

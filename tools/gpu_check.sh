@@ -105,8 +105,8 @@ mkdir -p "$OUT_DIR" "$REUSE_DIR" || exit 2
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 rm -rf "$WORK"
 mkdir -p "$WORK/logs"
-# one compile cache for every stage (and the archive); part 1 and a part 2 without --reuse start it empty
-# when it is ours, so that the count after the stages says what they compiled
+# one compile cache for every stage (and the archive); part 1 starts it empty when it is ours, so that the
+# count after the stages says what they compiled; part 2 keeps what is there (part 1's on a warm machine)
 if [ -z "${TRITON_CACHE_DIR:-}" ]; then
   TRITON_CACHE_DIR=$REUSE_DIR/triton-cache
   [ "$PART" != 2 ] && rm -rf "$TRITON_CACHE_DIR"
@@ -304,7 +304,8 @@ part1() {
 part2() {
   local reused=""
   if [ -n "$REUSE" ]; then
-    stage reuse 60 240 '"$PY" tools/gpu_warmup.py unpack "$REUSE"'
+    stage reuse 60 240 '"$PY" tools/gpu_warmup.py unpack "$REUSE" &&
+      "$PY" tools/gpu_warmup.py count "$TRITON_CACHE_DIR" --json "$WORK/cache_after_warmup.json" | tail -n 1'
     tail -n 1 "$WORK/stages.jsonl" | grep -q '"status": "passed"' && reused=1
   fi
   if [ -n "$reused" ]; then

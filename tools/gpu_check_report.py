@@ -250,7 +250,8 @@ def print_cache(work: Path) -> int:
     for name, n in added.items():
         print(f"  +{n:<4d} {name}")
     ours = {k: n for k, n in added.items() if not k.startswith("triton_")}  # triton_*: torch.compile's kernels
-    print(f"cache: {sum(warm.values())} compiled kernels after the warm-up, {sum(after.values())} after the stages"
+    print(f"cache: {sum(warm.values())} compiled kernels after the warm-up (or as unpacked), "
+          f"{sum(after.values())} after the stages"
           + (f" ({sum(ours.values())} of dare_kernels' compiled by the stages: a recompile across N, M or B, or "
              f"a case the warm-up does not drive)" if ours else " (none of dare_kernels' recompiled)")
           + (f"; {sum(added.values()) - sum(ours.values())} torch.compile kernels" if len(ours) < len(added) else ""))

@@ -436,6 +436,7 @@ def test_readme_gpu_check_section_names_every_stage_with_its_cap_and_the_command
         for name, cap in zip(row[0].split(", "), row[1].split(", ")):
             table[name.strip()] = cap.strip()
     assert table == caps, (table, caps)
-    for cmd in ("bash tools/gpu_check.sh --part 1", "bash tools/gpu_check.sh --part 2 --reuse .gpu_reuse/gpu_reuse.tar.gz",
+    for cmd in ("bash tools/gpu_check.sh --part 1",
+                "bash tools/gpu_check.sh --part 2 --reuse .gpu_reuse/gpu_reuse.tar.gz",
                 "GPU_CHECK_COMMIT=<sha>", "bash tools/gpu_wheels.sh fetch", ".gpu_wheels", "bench/results/gpu-"):
         assert cmd in section, cmd

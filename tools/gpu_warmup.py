@@ -7,12 +7,12 @@ compiled for a later run.
         ``rectified_cfg`` with backend="triton") once at every dtype, head dim, flag set and mode the later
         stages use: the selftest's small and model cases, the benchmark's model shapes with and without a
         map, every rectified_cfg mode, branch count and dtype; on a GPU also the benchmark's compiled
-        FlexAttention peer at the headline shape (its Inductor compile is the longest one). The cases are spread over ``--jobs``
-        processes (default: every core) that share one TRITON_CACHE_DIR, so each Triton specialization is
-        compiled once, on all cores, and every later stage (run with the same TRITON_CACHE_DIR) loads it
-        from disk instead of paying 4-13 s of JIT per case. Prints one line per case with its seconds.
-        On CPU (the rehearsal) the same cases run at tiny shapes in Triton's interpreter, which compiles
-        nothing: it checks the command path.
+        FlexAttention peer at the headline shape (its Inductor compile is the longest one). The cases are
+        spread over ``--jobs`` processes (default: every core) that share one TRITON_CACHE_DIR, so each
+        Triton specialization is compiled once, on all cores, and every later stage (run with the same
+        TRITON_CACHE_DIR) loads it from disk instead of paying 4-13 s of JIT per case. Prints one line per
+        case with its seconds. On CPU (the rehearsal) the smallest cases run in Triton's interpreter, which
+        compiles nothing: it checks the command path.
     python tools/gpu_warmup.py count CACHE [--json FILE]
         the compiled kernels in a Triton cache, per kernel name (a kernel that recompiles for another N, M
         or B shows up as more binaries after the stages than after the warm-up).

@@ -49,6 +49,17 @@ install() {
     echo "SKIP: no wheels in $DIR/ (bash tools/gpu_wheels.sh fetch on a machine with a package index, then carry $DIR)"
     return 0
   fi
+  # a binary wheel for another CPython (fetched with another GPU_PYTHON) would not import: say so first
+  "$PY" - "${wheels[@]}" <<'PYEOF' || return 1
+import os, sys
+here = "cp%d%d" % sys.version_info[:2]
+other = [w for w in sys.argv[1:] if (lambda t: t[-3].startswith("cp") and t[-2] != "abi3" and t[-3] != here)(
+    os.path.basename(w)[:-4].split("-"))]
+if other:
+    print(f"gpu_wheels: {len(other)} wheels are for another Python than this {here} (e.g. "
+          f"{os.path.basename(other[0])}): fetch with GPU_PYTHON={sys.version_info[0]}.{sys.version_info[1]}")
+    sys.exit(1)
+PYEOF
   rm -rf "$SITE"
   if "$PY" -m pip --version >/dev/null 2>&1; then
     "$PY" -m pip install --disable-pip-version-check --no-index --no-deps --target "$SITE" "${wheels[@]}"

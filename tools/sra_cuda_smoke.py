@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Small backend="cuda" SRA attention runs (forward + backward, every head-dim tier, odd sizes, masks, map
 ranges, strided inputs) for compute-sanitizer (tools/sanitize_sra_cuda.sh). Prints one line per case and
-the max error against the float64 reference; exits 1 on a NaN or a gross mismatch, 0 otherwise."""
+the max error against the float64 reference; exits 1 on a NaN or a gross mismatch, 0 otherwise.
+
+    python tools/sra_cuda_smoke.py                  the runs (needs a GPU and the CUDA build)
+    python tools/sra_cuda_smoke.py --import-only    the imports only: prints where dare_kernels came from
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,16 @@ import sys
 import torch
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     import dare_kernels as dk
     from dare_kernels import _ext
     from dare_kernels.reference import sra_attention_ref
 
+    print(f"sra_cuda_smoke: imports ok: dare_kernels {dk.__version__} from {dk.__file__}, torch {torch.__version__}",
+          flush=True)
+    if "--import-only" in argv:
+        return 0
     if not torch.cuda.is_available() or not _ext.has_cuda_kernels():
         print("sra_cuda_smoke: needs a CUDA device and the extension built with CUDA kernels", file=sys.stderr)
         return 2

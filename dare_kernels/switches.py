@@ -57,6 +57,9 @@ TABLE: tuple[Switch, ...] = (
            "CPU vector path: avx2 keeps the kernels on the build's at::vec (AVX2) code, avx512 requires AVX-512"),
     Switch("DARE_KERNELS_CPU_BF16_DOT", "auto", ("auto", "0", "qk", "1"), "cpp", "user",
            "bf16 SRA block products with AVX512-BF16: auto = where the CPU has it, 0 = fp32 products, qk = S only"),
+    Switch("DARE_KERNELS_CPU_GEMM", "auto", ("auto", "native", "brgemm"), "cpp", "user",
+           "bf16/fp16 SRA block products: auto = PyTorch's cpublas::brgemm (AMX tiles via oneDNN) where the CPU packs "
+           "for the dtype, else native (our own products); brgemm forces cpublas::brgemm"),
     Switch("DARE_KERNELS_BENCH_QUICK", "1", _BOOL, "bench", "user",
            "dare-kernels bench / make bench run the quick, time-budgeted suite; 0 runs the full one (make bench-full)"),
     # --- measurement-only --------------------------------------------------------------------------------

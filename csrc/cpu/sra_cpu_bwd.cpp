@@ -7,7 +7,9 @@
 // fp32: the three row-major NN-able products (S = scale·Q K^T, dP = dO V^T, dQ = scale·dS K) go through
 // the brgemm micro-kernel with scale·K^T and V^T built per task; dV and dK (transposed A) stay on
 // cpu_blas. The bf16 backward with the forward's bf16 products takes S = Q·K^T and dP = dO·V^T by
-// vdpbf16ps as well (K and V packed per task).
+// vdpbf16ps as well (K and V packed per task). bf16 / fp16 inputs with the brgemm products
+// (DARE_KERNELS_CPU_GEMM, sra_brgemm16.h) take S and dP through cpublas::brgemm on K^T / V^T panels built per
+// task.
 #include "cpu/sra_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -59,6 +61,12 @@ struct BwdPlan {
   // unit-stride with an even length, else copied per block (zero-padded to even). dV, dK, dQ stay fp32.
   bool bdot = false;
   int64_t kpairs, vpairs, ldkp;
+  // S and dP through cpublas::brgemm (b16 != kNone): K^T and V^T of the task's (b, h) as panels(M) panels
+  // of [dkp x 64] / [dvp x 64]; Q and dO rows as pairs like bdot.
+  brg16::Mode b16 = brg16::Mode::kNone;
+  bool b16_packed = false;
+  int64_t dkp, dvp;
+  at::ScalarType dtype;
 
   BwdPlan(const BwdTensors& t, double scale_d, int64_t map_start_, int64_t map_stop_, int64_t nsplit_,
           const Blocks& blk)
@@ -80,7 +88,14 @@ struct BwdPlan {
     gemms.D = D;
     gemms.M = M;
     if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) bdot = bf16_dot_mode().qk;
+    dtype = t.query.scalar_type();
+    b16 = reduced_gemm_mode(dtype);
+    b16_packed = b16 == brg16::Mode::kPacked;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (b16 == brg16::Mode::kNone) bdot = bf16_dot_mode().qk;
+    }
+    dkp = brg16::even(D);
+    dvp = brg16::even(Dv);
     kpairs = (D + 1) / 2;
     vpairs = (Dv + 1) / 2;
     ldkp = bf16dot::round_up(M, bf16dot::kTileN) + bf16dot::kTileN;
@@ -98,8 +113,12 @@ class BwdWorker {
       : p_(p),
         kpack_(p.bdot ? p.kpairs * p.ldkp * 2 : 0),
         vpack_(p.bdot ? p.vpairs * p.ldkp * 2 : 0),
-        q16buf_(p.bdot ? p.bq * 2 * p.kpairs : 0),
-        go16buf_(p.bdot ? p.bq * 2 * p.vpairs : 0),
+        q16buf_(p.bdot || p.b16 != brg16::Mode::kNone ? p.bq * 2 * p.kpairs : 0),
+        go16buf_(p.bdot || p.b16 != brg16::Mode::kNone ? p.bq * 2 * p.vpairs : 0),
+        kpan_(p.b16 != brg16::Mode::kNone ? brg16::panels(p.M) * p.dkp * brg16::kPanel : 0),
+        vpan_(p.b16 != brg16::Mode::kNone ? brg16::panels(p.M) * p.dvp * brg16::kPanel : 0),
+        pantmp_(p.b16 != brg16::Mode::kNone ? std::max(p.dkp, p.dvp) * brg16::kPanel : 0),
+        s16_(p.b16 != brg16::Mode::kNone ? p.bq * (brg16::panels(p.bk) + 1) * brg16::kPanel : 0),
         qbuf_(p.ldq_direct < 0 ? p.bq * p.D : 0),
         gobuf_(p.ldgo_direct < 0 ? p.bq * p.Dv : 0),
         pbuf_(p.bq * p.bk),
@@ -149,8 +168,17 @@ class BwdWorker {
   Head load_head(int64_t split, int64_t bh) {
     const int64_t b = bh / p_.H, h = bh % p_.H, M = p_.M;
     Head hd{b, h, bh, p_.kops.rows(b, h, p_.H, kbuf_, k_cached_), nullptr, nullptr, nullptr, nullptr, nullptr};
-    hd.vp = p_.bdot ? nullptr : p_.vops.rows(b, h, p_.H, vbuf_, v_cached_);
-    if (p_.bdot) {
+    const bool b16 = p_.b16 != brg16::Mode::kNone;
+    hd.vp = p_.bdot || b16 ? nullptr : p_.vops.rows(b, h, p_.H, vbuf_, v_cached_);
+    if (b16) {
+      if (pack_cached_ != bh) {  // K^T [D x M] and V^T [Dv x M]: element (d, j) is K[j][d] / V[j][d]
+        brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.kv.at(b, h, 0)), p_.kv.sd, p_.kv.sl, p_.D, M, p_.dtype,
+                           p_.b16_packed, kpan_.data(), pantmp_.data());
+        brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.vv.at(b, h, 0)), p_.vv.sd, p_.vv.sl, p_.Dv, M,
+                           p_.dtype, p_.b16_packed, vpan_.data(), pantmp_.data());
+        pack_cached_ = bh;
+      }
+    } else if (p_.bdot) {
       if (pack_cached_ != bh) {
         bf16dot::pack_pairs(reinterpret_cast<const uint16_t*>(p_.kv.at(b, h, 0)), p_.kv.sd, p_.kv.sl, p_.D, M,
                             kpack_.data(), p_.ldkp);
@@ -183,17 +211,34 @@ class BwdWorker {
            p_.gmap_p != nullptr ? p_.gmap_p + (b * p_.N + i0) * p_.Mm : nullptr};
     std::tie(r.qp, r.ldq) = acc_rows(p_.qv, p_.ldq_direct, b, h, i0, rows, D, qbuf_.data());
     std::tie(r.gop, r.ldgo) = acc_rows(p_.gov, p_.ldgo_direct, b, h, i0, rows, Dv, gobuf_.data());
-    if (p_.bdot) {  // bf16 pairs of the block's Q and dO rows
+    if (p_.bdot || p_.b16 != brg16::Mode::kNone) {  // 16-bit pairs of the block's Q and dO rows
       std::tie(r.q16, r.ldq16) = bf16_pair_rows(p_.qv, b, h, i0, rows, D, q16buf_.data());
       std::tie(r.go16, r.ldgo16) = bf16_pair_rows(p_.gov, b, h, i0, rows, Dv, go16buf_.data());
     }
     return r;
   }
 
+  // c[rows x cols] (ld = cols) = alpha · A · X[:, j0 : j0 + cols] through brgemm, X the panels `pan` of
+  // kdp-row pairs: the product over the whole 64-column panels that hold the range into s16_, then copied
+  void b16_product(int64_t rows, int64_t j0, int64_t cols, const uint16_t* a, int64_t lda, int64_t kdp,
+                   const uint16_t* pan, acc_t alpha, acc_t* c) {
+    const int64_t a0 = j0 / brg16::kPanel * brg16::kPanel, off = j0 - a0, np = brg16::panels(off + cols);
+    const int64_t w = np * brg16::kPanel;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      brg16::gemm(rows, np, kdp, a, lda, pan + a0 * kdp, s16_.data(), w, false, p_.dtype, p_.b16_packed);
+      for (int64_t i = 0; i < rows; ++i) {
+        std::copy_n(s16_.data() + i * w + off, cols, c + i * cols);
+        if (alpha != acc_t(1)) scale_row(c + i * cols, cols, alpha);
+      }
+    }
+  }
+
   // P of the keys [j0, j0 + cols) into p (ld = cols); rows without a valid key give P = 0
   void probs(const Head& hd, const Rows& r, int64_t j0, int64_t cols, acc_t* p) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (p_.bdot) {
+      if (p_.b16 != brg16::Mode::kNone) {
+        b16_product(r.rows, j0, cols, r.q16, r.ldq16, p_.dkp, kpan_.data(), p_.scale, p);
+      } else if (p_.bdot) {
         bf16dot::gemm(r.rows, cols, p_.kpairs, r.q16, r.ldq16, kpack_.data() + j0 * 2, p_.ldkp, p_.scale, false, p,
                       cols);
       } else {
@@ -231,7 +276,9 @@ class BwdWorker {
 
   // ds[rows x cols] = dP = dO V[j0 : j0 + cols]^T (+ dA / H on the map columns)
   void grad_probs(const Head& hd, const Rows& r, int64_t j0, int64_t cols, acc_t* ds) {
-    if (p_.bdot) {
+    if (p_.b16 != brg16::Mode::kNone) {
+      b16_product(r.rows, j0, cols, r.go16, r.ldgo16, p_.dvp, vpan_.data(), acc_t(1), ds);
+    } else if (p_.bdot) {
       if constexpr (std::is_same_v<acc_t, float>)
         bf16dot::gemm(r.rows, cols, p_.vpairs, r.go16, r.ldgo16, vpack_.data() + j0 * 2, p_.ldkp, 1.0f, false, ds,
                       cols);
@@ -290,7 +337,8 @@ class BwdWorker {
   const Plan& p_;
   std::vector<acc_t> ktbuf_, vtbuf_;
   int64_t kt_cached_ = -1, vt_cached_ = -1;
-  std::vector<uint16_t> kpack_, vpack_, q16buf_, go16buf_;
+  std::vector<uint16_t> kpack_, vpack_, q16buf_, go16buf_, kpan_, vpan_, pantmp_;
+  std::vector<acc_t> s16_;
   int64_t pack_cached_ = -1;
   std::vector<acc_t> qbuf_, gobuf_, pbuf_, dsbuf_, dqbuf_, delta_, orow_;
   std::vector<acc_t> kbuf_, vbuf_, dkbuf_, dvbuf_;
@@ -306,6 +354,7 @@ void backward_kernel(const BwdTensors& t, double scale, int64_t map_start, int64
     BwdWorker<scalar_t, acc_t> worker(plan);
     for (int64_t task = next(); task < plan.ntasks; task = next()) worker.run_task(task);
     if (plan.gemms.brg) blas::brgemm_f32_release();
+    brg16::release(plan.b16_packed);
   });
 }
 

@@ -15,12 +15,14 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/cpu_blas.h"
 #include "cpu/sra_bf16_dot.h"
+#include "cpu/sra_brgemm16.h"
 
 namespace dare::cpu::sra {
 
@@ -45,6 +47,16 @@ struct Bf16DotMode {
   bool qk = false, pv = false;
 };
 Bf16DotMode bf16_dot_mode();
+
+// bf16 / fp16 inputs: the block products through cpublas::brgemm (sra_brgemm16.h), or kNone for our own
+// products (bf16_dot_mode / fp32). DARE_KERNELS_CPU_GEMM: auto = kPacked where brg16::could_pack(t), unless
+// DARE_KERNELS_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=default|avx2 or DARE_KERNELS_CPU_BLAS=fallback; brgemm =
+// kPacked where the CPU packs, else kPlain; native = kNone. Other dtypes: kNone.
+brg16::Mode reduced_gemm_mode(at::ScalarType t);
+
+// "<rows ISA> / <product kernel>" of the SRA forward for inputs of dtype t as the switches stand now,
+// e.g. "avx2 / cpublas::brgemm (amx, packed)" (what `dare-kernels info` prints).
+std::string cpu_sra_path(at::ScalarType t);
 
 // fp32 inputs: the exact softmax rows in one AVX-512 pass where the CPU has AVX-512 F/BW/VL, unless
 // DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2 (those give the at::vec row helpers of the

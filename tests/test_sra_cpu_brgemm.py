@@ -69,6 +69,31 @@ def test_brgemm_forward_matches_reference(monkeypatch, case, dtype):
     check_all(res, dtype)
 
 
+BWD_CASES = [
+    # the backward's S and dP through brgemm: exact and online blocks, map ranges from odd keys (the
+    # products then start inside a 64-column panel), odd head dims, strided / BSHD rows
+    (1, 2, 25, 226, 80, 72, "bhm", True, (11, 200), "bshd"),
+    (1, 2, 33, 300, 41, 33, None, True, (0, 300), "strided"),
+    (1, 2, 21, 1100, 32, 24, "bm_strided", True, (1001, 1100), "bhsd"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
+def test_brgemm_backward_matches_reference(monkeypatch, case, dtype):
+    """Gradients of q, k, v and the weights (through the output, the map and the LSE) with S and dP through
+    brgemm (dV, dK, dQ in fp32) against float64."""
+    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
+    gen = torch.Generator().manual_seed(29)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, dtype, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    monkeypatch.setenv(ENV, "brgemm")
+    check_all(run_both(q, k, v, w, mask, 0.8, keys, with_grad=True, gen=gen), dtype)
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sra_problem(), st.sampled_from([torch.bfloat16, torch.float16]))
 def test_hypothesis_brgemm_products(problem, dtype):

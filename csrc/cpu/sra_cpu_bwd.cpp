@@ -335,13 +335,13 @@ class BwdWorker {
   }
 
   const Plan& p_;
-  std::vector<acc_t> ktbuf_, vtbuf_;
+  AVec<acc_t> ktbuf_, vtbuf_;
   int64_t kt_cached_ = -1, vt_cached_ = -1;
-  std::vector<uint16_t> kpack_, vpack_, q16buf_, go16buf_, kpan_, vpan_, pantmp_;
-  std::vector<acc_t> s16_;
+  AVec<uint16_t> kpack_, vpack_, q16buf_, go16buf_, kpan_, vpan_, pantmp_;
+  AVec<acc_t> s16_;
   int64_t pack_cached_ = -1;
-  std::vector<acc_t> qbuf_, gobuf_, pbuf_, dsbuf_, dqbuf_, delta_, orow_;
-  std::vector<acc_t> kbuf_, vbuf_, dkbuf_, dvbuf_;
+  AVec<acc_t> qbuf_, gobuf_, pbuf_, dsbuf_, dqbuf_, delta_, orow_;
+  AVec<acc_t> kbuf_, vbuf_, dkbuf_, dvbuf_;
   int64_t k_cached_ = -1, v_cached_ = -1;
 };
 

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -65,6 +66,26 @@ std::string cpu_sra_path(at::ScalarType t);
 // DARE_KERNELS_CPU_ROWS=avx512f takes the second on a CPU that has both (to test it).
 enum class F32Rows { Vec, Avx512Bf16, Avx512F };
 F32Rows f32_rows_path();
+
+// Allocator of 64-byte aligned storage for the per-thread block buffers. glibc returns large blocks 16 bytes
+// past a page boundary, so rows of a plain std::vector<float> straddle cache lines on every other 32-byte
+// load; GEMM operands (converted Q / K / V rows, K^T, the brgemm panels) and score rows then start on
+// whole lines, as the tensors PyTorch allocates do.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const noexcept { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const noexcept { return false; }
+};
+template <typename T>
+using AVec = std::vector<T, Aligned64<T>>;
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
@@ -276,7 +297,7 @@ class OperandRows {
   }
   int64_t ld() const { return ld_ >= 0 ? ld_ : Dx_; }
   // pointer to row 0 of (b, h); `buf` and `cached` are the calling thread's buffer and its (b, h) key
-  const acc_t* rows(int64_t b, int64_t h, int64_t H, std::vector<acc_t>& buf, int64_t& cached) const {
+  const acc_t* rows(int64_t b, int64_t h, int64_t H, AVec<acc_t>& buf, int64_t& cached) const {
     if (ld_ >= 0) return direct_.at(b, h, 0);
     const int64_t key = b * H + h;
     if (cached != key) {
@@ -297,7 +318,7 @@ class OperandRows {
 // dst [cols x rows] row-major = a · src^T, src [rows x cols] with row stride ld: 8 x 8 tiles through
 // at::vec's register transpose, the edges element-wise, then one scaling pass (skipped for a == 1)
 template <typename acc_t>
-void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t a, std::vector<acc_t>& dst) {
+void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t a, AVec<acc_t>& dst) {
   dst.resize(rows * cols);
   constexpr int64_t T = 8;
   const int64_t Rt = rows / T * T, Ct = cols / T * T;
@@ -359,14 +380,14 @@ struct BlockGemms {
   int64_t D = 0, M = 0;
 
   // kt (brg only): scale·K^T of one (b, h), [D x M] row-major, rebuilt when the (b, h) key changes
-  void prepare(const acc_t* kp, int64_t ldk, int64_t key, std::vector<acc_t>& kt, int64_t& cached) const {
+  void prepare(const acc_t* kp, int64_t ldk, int64_t key, AVec<acc_t>& kt, int64_t& cached) const {
     if (!brg || cached == key) return;
     transpose_rows(kp, ldk, M, D, scale, kt);
     cached = key;
   }
   // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
   void scores(int64_t rows, int64_t cols, int64_t j0, const acc_t* qp, int64_t ldq, const acc_t* kp, int64_t ldk,
-              const std::vector<acc_t>& kt, acc_t* s, int64_t lds = 0) const {
+              const AVec<acc_t>& kt, acc_t* s, int64_t lds = 0) const {
     if (lds <= 0) lds = cols;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (brg) {

@@ -525,13 +525,13 @@ class FwdWorker {
   }
 
   const Plan& p_;
-  std::vector<acc_t> ktbuf_;
+  AVec<acc_t> ktbuf_;
   int64_t kt_cached_ = -1;
-  std::vector<uint16_t> qb16_, pb16_;
+  AVec<uint16_t> qb16_, pb16_;
   // O of a block is accumulated in a dense per-thread buffer (it stays in cache for the P·V GEMM and the
   // online rescaling) and written once, normalised and converted, to the [B,N,H,Dv] output.
-  std::vector<acc_t> sbuf_, mbuf_, qbuf_, obuf_;
-  std::vector<acc_t> row_m_, row_l_, row_scale_, kbuf_, vbuf_;
+  AVec<acc_t> sbuf_, mbuf_, qbuf_, obuf_;
+  AVec<acc_t> row_m_, row_l_, row_scale_, kbuf_, vbuf_;
   int64_t k_cached_ = -1, v_cached_ = -1;
 };
 

@@ -30,6 +30,11 @@
 // lacks it: rows512, sra_rows_avx512.h) with P normalised, P·V then writing the output rows
 // (DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2: the at::vec rows); fp16 inputs, and bf16
 // inputs without the bf16 products, use it with P unnormalised and O scaled on the store.
+//
+// bf16 / fp16 inputs with DARE_KERNELS_CPU_GEMM's brgemm products (default where cpublas::could_pack says the
+// CPU has AMX tiles for the dtype; sra_brgemm16.h) take S = Q·K^T and O += P·V through PyTorch's
+// cpublas::brgemm on 64-column panels of K^T and V packed once per call, P rounded to the input dtype, the
+// scale applied to the fp32 S; the rows, bias, map and LSE stay the paths above.
 #include "cpu/sra_attention.h"
 
 #include <ATen/Dispatch.h>

@@ -41,6 +41,15 @@ Switches parse() {
     s.bf16_dot_error = "DARE_KERNELS_CPU_BF16_DOT must be auto, 0, 1 or qk, got '" + dot + "'";
   }
 
+  const std::string gemm = env_or("DARE_KERNELS_CPU_GEMM", "auto");
+  if (gemm == "native") {
+    s.cpu_gemm = Switches::CpuGemm::kNative;
+  } else if (gemm == "brgemm") {
+    s.cpu_gemm = Switches::CpuGemm::kBrgemm;
+  } else if (gemm != "auto" && !gemm.empty()) {
+    s.cpu_gemm_error = "DARE_KERNELS_CPU_GEMM must be auto, native or brgemm, got '" + gemm + "'";
+  }
+
   const std::string rows = env_or("DARE_KERNELS_CPU_ROWS", "auto");
   s.rows_avx512f = rows == "avx512f";
   if (rows != "auto" && rows != "avx512f" && !rows.empty())
@@ -85,12 +94,14 @@ std::map<std::string, std::string> describe_switches() {
   const Switches& s = switches();
   static const char* const kIsa[] = {"auto", "avx2", "avx512"};
   static const char* const kDot[] = {"auto", "1", "qk", "0"};
+  static const char* const kGemm[] = {"auto", "native", "brgemm"};
   static const char* const kSraPath[] = {"auto", "exact", "online"};
   static const char* const kCfgPath[] = {"auto", "two_pass", "single_pass"};
   return {
       {"ATEN_CPU_CAPABILITY", s.aten_cpu_capability.empty() ? "auto" : s.aten_cpu_capability},
       {"DARE_KERNELS_CPU_ISA", or_error(s.cpu_isa_error, kIsa[static_cast<int>(s.cpu_isa)])},
       {"DARE_KERNELS_CPU_BF16_DOT", or_error(s.bf16_dot_error, kDot[static_cast<int>(s.bf16_dot)])},
+      {"DARE_KERNELS_CPU_GEMM", or_error(s.cpu_gemm_error, kGemm[static_cast<int>(s.cpu_gemm)])},
       {"DARE_KERNELS_CPU_ROWS", or_error(s.rows_error, s.rows_avx512f ? "avx512f" : "auto")},
       {"DARE_KERNELS_CPU_STREAM_OUT_BYTES", std::to_string(s.stream_out_bytes)},
       {"DARE_KERNELS_CPU_SCORE_BLOCK", std::to_string(s.score_budget)},

@@ -97,11 +97,26 @@ _load()
 
 
 @functools.lru_cache(maxsize=None)
+def _static_build_info() -> dict:
+    return dict(EXT.build_info())
+
+
+def cpu_paths() -> dict:
+    """The CPU SRA forward's path per input dtype as the switches stand now, {"cpu_path_float32": "<ISA of
+    the softmax rows> / <product kernel>", ... bfloat16, float16} (e.g. "avx2 / cpublas::brgemm (amx-bf16,
+    packed)"); empty when the extension is not loaded or predates cpu_paths()."""
+    if EXT is None or not hasattr(EXT, "cpu_paths"):
+        return {}
+    names = {"Float": "float32", "BFloat16": "bfloat16", "Half": "float16"}
+    return {f"cpu_path_{names.get(k, k)}": v for k, v in dict(EXT.cpu_paths()).items()}
+
+
 def build_info() -> dict:
-    """What the compiled extension was built with (empty when it is not loaded)."""
+    """What the compiled extension was built with, and the CPU path each dtype takes now (cpu_paths();
+    empty when the extension is not loaded)."""
     if EXT is None:
         return {}
-    return dict(EXT.build_info())
+    return {**_static_build_info(), **cpu_paths()}
 
 
 def has_cpu_kernels() -> bool:

@@ -59,6 +59,9 @@ TABLE: tuple[Switch, ...] = (
            "bf16 SRA block products with AVX512-BF16: auto = where the CPU has it, 0 = fp32 products, qk = S only"),
     Switch("DARE_KERNELS_CHECK_INPUTS", "0", _BOOL, "python", "user",
            "1 also checks GPU token weights for NaN / inf / negative values (a host sync per call; CPU: always)"),
+    Switch("DARE_KERNELS_CPU_GEMM", "auto", ("auto", "native", "brgemm"), "cpp", "user",
+           "bf16/fp16 SRA block products: auto = PyTorch's cpublas::brgemm (AMX tiles via oneDNN) where the CPU packs "
+           "for the dtype, else native (our own products); brgemm forces cpublas::brgemm"),
     Switch("DARE_KERNELS_BENCH_QUICK", "1", _BOOL, "bench", "user",
            "dare-kernels bench / make bench run the quick, time-budgeted suite; 0 runs the full one (make bench-full)"),
     # --- measurement-only --------------------------------------------------------------------------------

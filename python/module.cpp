@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_blas.h"
+#include "cpu/sra_attention.h"
 #include "switches.h"
 
 #ifndef DARE_KERNELS_CPU_VEC
@@ -45,6 +46,14 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "The C++ kernels' run-time switches {environment name: value in effect} (parsed once, cached).");
+  m.def(
+      "cpu_paths",
+      []() {
+        pybind11::dict d;
+        for (const auto t : {at::kFloat, at::kBFloat16, at::kHalf}) d[c10::toString(t)] = dare::cpu::sra_cpu_path(t);
+        return d;
+      },
+      "The CPU SRA forward's path per dtype {Float, BFloat16, Half: \"<rows ISA> / <product kernel>\"} now.");
   m.def("reload_cpu_switches", &dare::reload_switches,
         "Parses the switches' environment variables again (call after changing os.environ).");
 }

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(EXT is None or not hasattr(EXT, "cpu_switches"),
                                 reason="extension not built (or built before the switch table)")
 
 NAMES = {
-    "ATEN_CPU_CAPABILITY", "DARE_KERNELS_CPU_ISA", "DARE_KERNELS_CPU_BF16_DOT", "DARE_KERNELS_CPU_ROWS",
+    "ATEN_CPU_CAPABILITY", "DARE_KERNELS_CPU_ISA", "DARE_KERNELS_CPU_BF16_DOT", "DARE_KERNELS_CPU_GEMM",
+    "DARE_KERNELS_CPU_ROWS",
     "DARE_KERNELS_CPU_STREAM_OUT_BYTES", "DARE_KERNELS_CPU_SCORE_BLOCK", "DARE_KERNELS_CPU_HUGE_PAGES",
     "DARE_KERNELS_CPU_BLAS", "DARE_KERNELS_CPU_BRGEMM", "DARE_KERNELS_CUDA_SRA_PATH", "DARE_KERNELS_CUDA_CFG_PATH",
 }
@@ -31,6 +32,7 @@ def test_lists_every_switch_with_defaults(monkeypatch):
     assert table["DARE_KERNELS_CPU_SCORE_BLOCK"] == "262144"
     assert table["DARE_KERNELS_CPU_STREAM_OUT_BYTES"] == str(48 << 20)
     assert table["DARE_KERNELS_CPU_BF16_DOT"] == "auto" and table["DARE_KERNELS_CUDA_SRA_PATH"] == "auto"
+    assert table["DARE_KERNELS_CPU_GEMM"] == "auto"
 
 
 def test_parsed_once_until_reload():
@@ -71,3 +73,27 @@ def test_build_info_names_the_required_isa():
         assert info["cpu_isa_required"] == "avx2+fma+f16c"
     else:
         assert info["cpu_isa_required"] == ""
+
+
+def test_info_names_the_cpu_path_of_each_dtype(monkeypatch):
+    """build_info() (and so `dare-kernels info`) says which CPU path the SRA forward takes per dtype: the
+    ISA and the product kernel, following the switches as they stand."""
+    if not hasattr(EXT, "cpu_paths"):
+        pytest.skip("extension built before cpu_paths()")
+    for name in NAMES:
+        monkeypatch.delenv(name, raising=False)
+    info = _ext.build_info()
+    keys = ("cpu_path_float32", "cpu_path_bfloat16", "cpu_path_float16")
+    for key in keys:
+        isa, _, kernel = info[key].partition(" / ")
+        assert isa in ("avx2", "avx512f", "avx512-bf16", "amx-bf16", "amx-fp16") and kernel, info[key]
+    monkeypatch.setenv("DARE_KERNELS_CPU_GEMM", "native")
+    native = _ext.build_info()
+    assert all("cpublas::brgemm (" not in native[key] for key in keys)
+    monkeypatch.setenv("DARE_KERNELS_CPU_GEMM", "brgemm")
+    forced = _ext.build_info()
+    assert forced["cpu_path_float32"] == native["cpu_path_float32"]  # fp32 does not read the switch
+    assert all("cpublas::brgemm (" in forced[key] for key in keys[1:])
+    monkeypatch.setenv("DARE_KERNELS_CPU_ISA", "avx2")
+    monkeypatch.setenv("DARE_KERNELS_CPU_GEMM", "native")
+    assert _ext.build_info()["cpu_path_float32"].startswith("avx2 / ")

@@ -26,12 +26,20 @@ from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both, sra_
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
 
 ENV = "DARE_KERNELS_CPU_BF16_DOT"
+GEMM_ENV = "DARE_KERNELS_CPU_GEMM"
+
+
+@pytest.fixture(autouse=True)
+def _own_products(monkeypatch):
+    """These tests are about our own products: on a CPU with AMX tiles "auto" takes cpublas::brgemm instead
+    (test_sra_cpu_brgemm.py), so they pin DARE_KERNELS_CPU_GEMM=native."""
+    monkeypatch.setenv(GEMM_ENV, "native")
 
 
 def _bf16_dot_available() -> bool:
     """Ask the kernel itself: mode "1" fails with a clear error on a CPU without AVX512-BF16."""
     q = torch.randn(1, 1, 2, 4).bfloat16()
-    with switch_env(ENV, "1"):
+    with switch_env(GEMM_ENV, "native"), switch_env(ENV, "1"):
         try:
             sra_attention(q, q, q, backend="cpu")
             return True

@@ -27,6 +27,14 @@ from test_sra_cpu_bf16_dot import ENV as DOT_ENV, HAVE_BF16_DOT, needs_avx512_de
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
 
 ISA_ENV = "DARE_KERNELS_CPU_ISA"
+
+
+@pytest.fixture(autouse=True)
+def _own_products(monkeypatch):
+    """The rows under test sit around our own products: on a CPU with AMX tiles "auto" takes cpublas::brgemm
+    for bf16 / fp16 instead (test_sra_cpu_brgemm.py), so these tests pin DARE_KERNELS_CPU_GEMM=native."""
+    monkeypatch.setenv("DARE_KERNELS_CPU_GEMM", "native")
+
 ROWS_ENV = "DARE_KERNELS_CPU_ROWS"
 needs_avx512_rows = pytest.mark.skipif(not HAVE_BF16_DOT, reason="this CPU (or OS / compiler) lacks AVX512-BF16")
 

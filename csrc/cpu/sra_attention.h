@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <string>
 
 namespace dare::cpu {
 
@@ -28,5 +29,10 @@ struct SraBwdArgs {
   at::Tensor dq, dk, dv, dw;
 };
 void sra_attention_bwd_launch(const SraBwdArgs& args);
+
+// Which CPU path the SRA forward takes for inputs of dtype t as the switches stand now: "<ISA of the
+// softmax rows> / <product kernel>", e.g. "avx2 / cpublas::brgemm (amx-bf16, packed)", or "error: ..."
+// when a switch it reads holds a rejected value.
+std::string sra_cpu_path(at::ScalarType t);
 
 }  // namespace dare::cpu

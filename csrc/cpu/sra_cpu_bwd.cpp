@@ -7,7 +7,10 @@
 // fp32: the three row-major NN-able products (S = scale·Q K^T, dP = dO V^T, dQ = scale·dS K) go through
 // the brgemm micro-kernel with scale·K^T and V^T built per task; dV and dK (transposed A) stay on
 // cpu_blas. The bf16 backward with the forward's bf16 products takes S = Q·K^T and dP = dO·V^T by
-// vdpbf16ps as well (K and V packed per task).
+// vdpbf16ps as well (K and V packed per task). bf16 / fp16 inputs with the brgemm products
+// (DARE_KERNELS_CPU_GEMM, sra_brgemm16.h) take all five products through cpublas::brgemm: S and dP on K^T /
+// V^T panels built per task, dV, dK and dQ with P and dS rounded to the input dtype (as PyTorch's CPU flash
+// attention backward does) on dO / Q panels built per query block and K panels per key block.
 #include "cpu/sra_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -59,6 +62,14 @@ struct BwdPlan {
   // unit-stride with an even length, else copied per block (zero-padded to even). dV, dK, dQ stay fp32.
   bool bdot = false;
   int64_t kpairs, vpairs, ldkp;
+  // The products through cpublas::brgemm (b16 != kNone): K^T and V^T of the task's (b, h) as panels(M)
+  // panels of [dkp x 64] / [dvp x 64], K per key block as panels(D) panels of [even(cols) x 64] (block kb
+  // at kb·panels(D)·bkp·64), Q and dO of a query block as panels of [even(rows) x 64]; Q and dO rows as
+  // pairs like bdot for S and dP.
+  brg16::Mode b16 = brg16::Mode::kNone;
+  bool b16_packed = false;
+  int64_t dkp, dvp, bkp, nkb;
+  at::ScalarType dtype;
 
   BwdPlan(const BwdTensors& t, double scale_d, int64_t map_start_, int64_t map_stop_, int64_t nsplit_,
           const Blocks& blk)
@@ -80,7 +91,16 @@ struct BwdPlan {
     gemms.D = D;
     gemms.M = M;
     if constexpr (std::is_same_v<acc_t, float>) gemms.brg = blas::brgemm_f32_available();
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) bdot = bf16_dot_mode().qk;
+    dtype = t.query.scalar_type();
+    b16 = reduced_gemm_mode(dtype);
+    b16_packed = b16 == brg16::Mode::kPacked;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (b16 == brg16::Mode::kNone) bdot = bf16_dot_mode().qk;
+    }
+    dkp = brg16::even(D);
+    dvp = brg16::even(Dv);
+    bkp = brg16::even(bk);
+    nkb = (M + bk - 1) / bk;
     kpairs = (D + 1) / 2;
     vpairs = (Dv + 1) / 2;
     ldkp = bf16dot::round_up(M, bf16dot::kTileN) + bf16dot::kTileN;
@@ -98,8 +118,19 @@ class BwdWorker {
       : p_(p),
         kpack_(p.bdot ? p.kpairs * p.ldkp * 2 : 0),
         vpack_(p.bdot ? p.vpairs * p.ldkp * 2 : 0),
-        q16buf_(p.bdot ? p.bq * 2 * p.kpairs : 0),
-        go16buf_(p.bdot ? p.bq * 2 * p.vpairs : 0),
+        q16buf_(p.bdot || p.b16 != brg16::Mode::kNone ? p.bq * 2 * p.kpairs : 0),
+        go16buf_(p.bdot || p.b16 != brg16::Mode::kNone ? p.bq * 2 * p.vpairs : 0),
+        kpan_(p.b16 != brg16::Mode::kNone ? brg16::panels(p.M) * p.dkp * brg16::kPanel : 0),
+        vpan_(p.b16 != brg16::Mode::kNone ? brg16::panels(p.M) * p.dvp * brg16::kPanel : 0),
+        pantmp_(p.b16 != brg16::Mode::kNone
+                    ? std::max({p.dkp, p.dvp, brg16::even(p.bq), p.bkp}) * brg16::kPanel : 0),
+        kblk_(p.b16 != brg16::Mode::kNone ? p.nkb * brg16::panels(p.D) * p.bkp * brg16::kPanel : 0),
+        qpan_(p.b16 != brg16::Mode::kNone ? brg16::panels(p.D) * brg16::even(p.bq) * brg16::kPanel : 0),
+        gopan_(p.b16 != brg16::Mode::kNone ? brg16::panels(p.Dv) * brg16::even(p.bq) * brg16::kPanel : 0),
+        a16_(p.b16 != brg16::Mode::kNone ? std::max(p.bk * brg16::even(p.bq), p.bq * p.bkp) : 0),
+        s16_(p.b16 != brg16::Mode::kNone ? p.bq * (brg16::panels(p.bk) + 1) * brg16::kPanel : 0),
+        c16_(p.b16 != brg16::Mode::kNone
+                 ? std::max(p.bk, p.bq) * std::max(brg16::panels(p.D), brg16::panels(p.Dv)) * brg16::kPanel : 0),
         qbuf_(p.ldq_direct < 0 ? p.bq * p.D : 0),
         gobuf_(p.ldgo_direct < 0 ? p.bq * p.Dv : 0),
         pbuf_(p.bq * p.bk),
@@ -149,8 +180,23 @@ class BwdWorker {
   Head load_head(int64_t split, int64_t bh) {
     const int64_t b = bh / p_.H, h = bh % p_.H, M = p_.M;
     Head hd{b, h, bh, p_.kops.rows(b, h, p_.H, kbuf_, k_cached_), nullptr, nullptr, nullptr, nullptr, nullptr};
-    hd.vp = p_.bdot ? nullptr : p_.vops.rows(b, h, p_.H, vbuf_, v_cached_);
-    if (p_.bdot) {
+    const bool b16 = p_.b16 != brg16::Mode::kNone;
+    hd.vp = p_.bdot || b16 ? nullptr : p_.vops.rows(b, h, p_.H, vbuf_, v_cached_);
+    if (b16) {
+      if (pack_cached_ != bh) {  // K^T [D x M] and V^T [Dv x M]: element (d, j) is K[j][d] / V[j][d]
+        brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.kv.at(b, h, 0)), p_.kv.sd, p_.kv.sl, p_.D, M, p_.dtype,
+                           p_.b16_packed, kpan_.data(), pantmp_.data());
+        brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.vv.at(b, h, 0)), p_.vv.sd, p_.vv.sl, p_.Dv, M,
+                           p_.dtype, p_.b16_packed, vpan_.data(), pantmp_.data());
+        for (int64_t kb = 0; kb < p_.nkb; ++kb) {  // K rows of each key block: the B operand of dQ = dS K
+          const int64_t j0 = kb * p_.bk;
+          brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.kv.at(b, h, j0)), p_.kv.sl, p_.kv.sd,
+                             std::min(p_.bk, M - j0), p_.D, p_.dtype, p_.b16_packed,
+                             kblk_.data() + kb * brg16::panels(p_.D) * p_.bkp * brg16::kPanel, pantmp_.data());
+        }
+        pack_cached_ = bh;
+      }
+    } else if (p_.bdot) {
       if (pack_cached_ != bh) {
         bf16dot::pack_pairs(reinterpret_cast<const uint16_t*>(p_.kv.at(b, h, 0)), p_.kv.sd, p_.kv.sl, p_.D, M,
                             kpack_.data(), p_.ldkp);
@@ -183,17 +229,40 @@ class BwdWorker {
            p_.gmap_p != nullptr ? p_.gmap_p + (b * p_.N + i0) * p_.Mm : nullptr};
     std::tie(r.qp, r.ldq) = acc_rows(p_.qv, p_.ldq_direct, b, h, i0, rows, D, qbuf_.data());
     std::tie(r.gop, r.ldgo) = acc_rows(p_.gov, p_.ldgo_direct, b, h, i0, rows, Dv, gobuf_.data());
-    if (p_.bdot) {  // bf16 pairs of the block's Q and dO rows
+    if (p_.bdot || p_.b16 != brg16::Mode::kNone) {  // 16-bit pairs of the block's Q and dO rows
       std::tie(r.q16, r.ldq16) = bf16_pair_rows(p_.qv, b, h, i0, rows, D, q16buf_.data());
       std::tie(r.go16, r.ldgo16) = bf16_pair_rows(p_.gov, b, h, i0, rows, Dv, go16buf_.data());
     }
+    if (p_.b16 != brg16::Mode::kNone) {  // Q and dO rows of the block: the B operands of dK and dV
+      brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.qv.at(b, h, i0)), p_.qv.sl, p_.qv.sd, rows, D,
+                         p_.dtype, p_.b16_packed, qpan_.data(), pantmp_.data());
+      brg16::pack_panels(reinterpret_cast<const uint16_t*>(p_.gov.at(b, h, i0)), p_.gov.sl, p_.gov.sd, rows, Dv,
+                         p_.dtype, p_.b16_packed, gopan_.data(), pantmp_.data());
+    }
     return r;
+  }
+
+  // c[rows x cols] (ld = cols) = alpha · A · X[:, j0 : j0 + cols] through brgemm, X the panels `pan` of
+  // kdp-row pairs: the product over the whole 64-column panels that hold the range into s16_, then copied
+  void b16_product(int64_t rows, int64_t j0, int64_t cols, const uint16_t* a, int64_t lda, int64_t kdp,
+                   const uint16_t* pan, acc_t alpha, acc_t* c) {
+    const int64_t a0 = j0 / brg16::kPanel * brg16::kPanel, off = j0 - a0, np = brg16::panels(off + cols);
+    const int64_t w = np * brg16::kPanel;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      brg16::gemm(rows, np, kdp, a, lda, pan + a0 * kdp, s16_.data(), w, false, p_.dtype, p_.b16_packed);
+      for (int64_t i = 0; i < rows; ++i) {
+        std::copy_n(s16_.data() + i * w + off, cols, c + i * cols);
+        if (alpha != acc_t(1)) scale_row(c + i * cols, cols, alpha);
+      }
+    }
   }
 
   // P of the keys [j0, j0 + cols) into p (ld = cols); rows without a valid key give P = 0
   void probs(const Head& hd, const Rows& r, int64_t j0, int64_t cols, acc_t* p) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (p_.bdot) {
+      if (p_.b16 != brg16::Mode::kNone) {
+        b16_product(r.rows, j0, cols, r.q16, r.ldq16, p_.dkp, kpan_.data(), p_.scale, p);
+      } else if (p_.bdot) {
         bf16dot::gemm(r.rows, cols, p_.kpairs, r.q16, r.ldq16, kpack_.data() + j0 * 2, p_.ldkp, p_.scale, false, p,
                       cols);
       } else {
@@ -231,7 +300,9 @@ class BwdWorker {
 
   // ds[rows x cols] = dP = dO V[j0 : j0 + cols]^T (+ dA / H on the map columns)
   void grad_probs(const Head& hd, const Rows& r, int64_t j0, int64_t cols, acc_t* ds) {
-    if (p_.bdot) {
+    if (p_.b16 != brg16::Mode::kNone) {
+      b16_product(r.rows, j0, cols, r.go16, r.ldgo16, p_.dvp, vpan_.data(), acc_t(1), ds);
+    } else if (p_.bdot) {
       if constexpr (std::is_same_v<acc_t, float>)
         bf16dot::gemm(r.rows, cols, p_.vpairs, r.go16, r.ldgo16, vpack_.data() + j0 * 2, p_.ldkp, 1.0f, false, ds,
                       cols);
@@ -268,6 +339,10 @@ class BwdWorker {
       for (; j < cols; ++j) dr[j] = pr[j] * (dr[j] - delta_[i]);
       if (hd.cs != nullptr) add_row(hd.cs + j0, dr, cols);
     }
+    if (p_.b16 != brg16::Mode::kNone) {
+      b16_grads(hd, r, j0, cols, p, ds);
+      return;
+    }
     blas::gemm(true, false, cols, Dv, r.rows, acc_t(1), p, cols, r.gop, r.ldgo, acc_t(1), hd.dv + j0 * Dv, Dv);
     blas::gemm(true, false, cols, D, r.rows, p_.scale, ds, cols, r.qp, r.ldq, acc_t(1), hd.dk + j0 * D, D);
     if (p_.gemms.brg) {  // dS K unscaled; the scale is applied once on the store (query_block)
@@ -279,21 +354,62 @@ class BwdWorker {
     }
   }
 
+  // a[j·lda + i] = x[i·cols + j] rounded to the input dtype (x [rows x cols] -> a [cols x lda]), zero at
+  // i == rows when lda > rows
+  void to_reduced_t(const acc_t* x, int64_t rows, int64_t cols, int64_t lda) {
+    auto* a = reinterpret_cast<scalar_t*>(a16_.data());
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = 0; i < rows; ++i) a[j * lda + i] = static_cast<scalar_t>(x[i * cols + j]);
+    if (lda > rows)
+      for (int64_t j = 0; j < cols; ++j) a[j * lda + rows] = scalar_t(0);
+  }
+
+  // dV += P^T dO, dK += scale·dS^T Q, dQ (+)= dS K (unscaled; scaled on the store) through brgemm, P and dS
+  // rounded to the input dtype; each product into c16_ at whole panels, then added to the accumulators
+  void b16_grads(const Head& hd, const Rows& r, int64_t j0, int64_t cols, const acc_t* p, const acc_t* ds) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const int64_t rows = r.rows, er = brg16::even(rows), ec = brg16::even(cols), D = p_.D, Dv = p_.Dv;
+      const int64_t pd = brg16::panels(D), pv = brg16::panels(Dv), wd = pd * brg16::kPanel, wv = pv * brg16::kPanel;
+      acc_t* c = c16_.data();
+      to_reduced_t(p, rows, cols, er);
+      brg16::gemm(cols, pv, er, a16_.data(), er, gopan_.data(), c, wv, false, p_.dtype, p_.b16_packed);
+      for (int64_t j = 0; j < cols; ++j) add_row(hd.dv + (j0 + j) * Dv, c + j * wv, Dv);
+      to_reduced_t(ds, rows, cols, er);
+      brg16::gemm(cols, pd, er, a16_.data(), er, qpan_.data(), c, wd, false, p_.dtype, p_.b16_packed);
+      for (int64_t j = 0; j < cols; ++j) axpy_row(hd.dk + (j0 + j) * D, c + j * wd, D, p_.scale);
+      auto* a = reinterpret_cast<scalar_t*>(a16_.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        at::vec::convert(ds + i * cols, a + i * ec, cols);
+        if (ec > cols) a[i * ec + cols] = scalar_t(0);
+      }
+      brg16::gemm(rows, pd, ec, a16_.data(), ec,
+                  kblk_.data() + (j0 / p_.bk) * pd * p_.bkp * brg16::kPanel, c, wd, false, p_.dtype, p_.b16_packed);
+      for (int64_t i = 0; i < rows; ++i) {
+        if (j0 == 0) {
+          std::copy_n(c + i * wd, D, dqbuf_.data() + i * D);
+        } else {
+          add_row(dqbuf_.data() + i * D, c + i * wd, D);
+        }
+      }
+    }
+  }
+
   void query_block(const Head& hd, int64_t i0, int64_t rows) {
     const Rows r = load_rows(hd, i0, rows);
     if (!p_.exact) online_delta(hd, r);
     for (int64_t j0 = 0; j0 < p_.M; j0 += p_.bk) key_block(hd, r, j0, std::min(p_.bk, p_.M - j0));
-    if (p_.gemms.brg) scale_row(dqbuf_.data(), rows * p_.D, p_.scale);
+    if (p_.gemms.brg || p_.b16 != brg16::Mode::kNone) scale_row(dqbuf_.data(), rows * p_.D, p_.scale);
     store_block(dqbuf_.data(), p_.D, rows, p_.D, p_.dqv.at(hd.b, hd.h, i0), p_.dqv.sl, p_.dqv.sd);
   }
 
   const Plan& p_;
-  std::vector<acc_t> ktbuf_, vtbuf_;
+  AVec<acc_t> ktbuf_, vtbuf_;
   int64_t kt_cached_ = -1, vt_cached_ = -1;
-  std::vector<uint16_t> kpack_, vpack_, q16buf_, go16buf_;
+  AVec<uint16_t> kpack_, vpack_, q16buf_, go16buf_, kpan_, vpan_, pantmp_, kblk_, qpan_, gopan_, a16_;
+  AVec<acc_t> s16_, c16_;
   int64_t pack_cached_ = -1;
-  std::vector<acc_t> qbuf_, gobuf_, pbuf_, dsbuf_, dqbuf_, delta_, orow_;
-  std::vector<acc_t> kbuf_, vbuf_, dkbuf_, dvbuf_;
+  AVec<acc_t> qbuf_, gobuf_, pbuf_, dsbuf_, dqbuf_, delta_, orow_;
+  AVec<acc_t> kbuf_, vbuf_, dkbuf_, dvbuf_;
   int64_t k_cached_ = -1, v_cached_ = -1;
 };
 
@@ -306,6 +422,7 @@ void backward_kernel(const BwdTensors& t, double scale, int64_t map_start, int64
     BwdWorker<scalar_t, acc_t> worker(plan);
     for (int64_t task = next(); task < plan.ntasks; task = next()) worker.run_task(task);
     if (plan.gemms.brg) blas::brgemm_f32_release();
+    brg16::release(plan.b16_packed);
   });
 }
 

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/sra_attention.h"
 #include "cpu/sra_rows_avx512.h"
 #include "switches.h"
 
@@ -25,6 +26,36 @@ Bf16DotMode bf16_dot_mode() {
   // auto / qk: also kept off where PyTorch itself is kept below AVX-512
   if (sw.bf16_dot != Dot::kOn && aten_capability_below_avx512()) return {};
   return {true, sw.bf16_dot != Dot::kQk};
+}
+
+brg16::Mode reduced_gemm_mode(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return brg16::Mode::kNone;
+  const Switches& sw = switches();
+  TORCH_CHECK(sw.cpu_gemm_error.empty(), sw.cpu_gemm_error);
+  using Gemm = Switches::CpuGemm;
+  if (sw.cpu_gemm == Gemm::kNative) return brg16::Mode::kNone;
+  const bool pack = brg16::could_pack(t);
+  if (sw.cpu_gemm == Gemm::kBrgemm) return pack ? brg16::Mode::kPacked : brg16::Mode::kPlain;
+  if (!pack || dare_isa_is_avx2() || aten_capability_below_avx512() || sw.blas_fallback) return brg16::Mode::kNone;
+  return brg16::Mode::kPacked;
+}
+
+std::string cpu_sra_path(at::ScalarType t) {
+  const F32Rows rows = f32_rows_path();
+  const brg16::Mode mode = reduced_gemm_mode(t);
+  const bool reduced = t == at::kBFloat16 || t == at::kHalf;
+  const char* isa = rows == F32Rows::Vec ? "avx2" : rows == F32Rows::Avx512Bf16 ? "avx512-bf16" : "avx512f";
+  if (mode == brg16::Mode::kPacked)  // (the softmax rows of an exact block; online blocks take the avx2 rows)
+    return std::string(t == at::kHalf ? "amx-fp16" : "amx-bf16") + " / cpublas::brgemm (packed tiles), " + isa +
+           " softmax rows";
+  if (mode == brg16::Mode::kPlain)
+    return std::string(isa) + " / cpublas::brgemm (plain panels: PyTorch's reference fallback)";
+  const std::string f32 = blas::brgemm_f32_available() ? "oneDNN fp32 brgemm" : std::string(blas::backend_name());
+  if (t == at::kBFloat16) {
+    const Bf16DotMode dot = bf16_dot_mode();
+    if (dot.qk) return std::string("avx512-bf16 / vdpbf16ps ") + (dot.pv ? "(S and P·V)" : "(S; P·V: " + f32 + ")");
+  }
+  return std::string(isa) + " / " + f32 + (reduced ? " (blocks converted to fp32)" : "");
 }
 
 F32Rows f32_rows_path() {
@@ -88,3 +119,15 @@ Blocks pick_blocks(int64_t B_tasks, int64_t N, int64_t M, int64_t min_tasks, int
 }
 
 }  // namespace dare::cpu::sra
+
+namespace dare::cpu {
+
+std::string sra_cpu_path(at::ScalarType t) {
+  try {
+    return sra::cpu_sra_path(t);
+  } catch (const c10::Error& e) {
+    return std::string("error: ") + e.what_without_backtrace();
+  }
+}
+
+}  // namespace dare::cpu

@@ -14,13 +14,16 @@
 #include <climits>
 #include <cstdint>
 #include <limits>
+#include <new>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cpu/cpu_blas.h"
 #include "cpu/sra_bf16_dot.h"
+#include "cpu/sra_brgemm16.h"
 
 namespace dare::cpu::sra {
 
@@ -46,6 +49,16 @@ struct Bf16DotMode {
 };
 Bf16DotMode bf16_dot_mode();
 
+// bf16 / fp16 inputs: the block products through cpublas::brgemm (sra_brgemm16.h), or kNone for our own
+// products (bf16_dot_mode / fp32). DARE_KERNELS_CPU_GEMM: auto = kPacked where brg16::could_pack(t), unless
+// DARE_KERNELS_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=default|avx2 or DARE_KERNELS_CPU_BLAS=fallback; brgemm =
+// kPacked where the CPU packs, else kPlain; native = kNone. Other dtypes: kNone.
+brg16::Mode reduced_gemm_mode(at::ScalarType t);
+
+// "<rows ISA> / <product kernel>" of the SRA forward for inputs of dtype t as the switches stand now,
+// e.g. "avx2 / cpublas::brgemm (amx, packed)" (what `dare-kernels info` prints).
+std::string cpu_sra_path(at::ScalarType t);
+
 // fp32 inputs: the exact softmax rows in one AVX-512 pass where the CPU has AVX-512 F/BW/VL, unless
 // DARE_KERNELS_CPU_ISA=avx2 or ATEN_CPU_CAPABILITY=default|avx2 (those give the at::vec row helpers of the
 // build, AVX2). The pass is built twice from one source: bf16dot::softmax_rows (with AVX512-BF16) and
@@ -53,6 +66,26 @@ Bf16DotMode bf16_dot_mode();
 // DARE_KERNELS_CPU_ROWS=avx512f takes the second on a CPU that has both (to test it).
 enum class F32Rows { Vec, Avx512Bf16, Avx512F };
 F32Rows f32_rows_path();
+
+// Allocator of 64-byte aligned storage for the per-thread block buffers. glibc returns large blocks 16 bytes
+// past a page boundary, so rows of a plain std::vector<float> straddle cache lines on every other 32-byte
+// load; GEMM operands (converted Q / K / V rows, K^T, the brgemm panels) and score rows then start on
+// whole lines, as the tensors PyTorch allocates do.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const noexcept { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const noexcept { return false; }
+};
+template <typename T>
+using AVec = std::vector<T, Aligned64<T>>;
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
@@ -264,7 +297,7 @@ class OperandRows {
   }
   int64_t ld() const { return ld_ >= 0 ? ld_ : Dx_; }
   // pointer to row 0 of (b, h); `buf` and `cached` are the calling thread's buffer and its (b, h) key
-  const acc_t* rows(int64_t b, int64_t h, int64_t H, std::vector<acc_t>& buf, int64_t& cached) const {
+  const acc_t* rows(int64_t b, int64_t h, int64_t H, AVec<acc_t>& buf, int64_t& cached) const {
     if (ld_ >= 0) return direct_.at(b, h, 0);
     const int64_t key = b * H + h;
     if (cached != key) {
@@ -285,7 +318,7 @@ class OperandRows {
 // dst [cols x rows] row-major = a · src^T, src [rows x cols] with row stride ld: 8 x 8 tiles through
 // at::vec's register transpose, the edges element-wise, then one scaling pass (skipped for a == 1)
 template <typename acc_t>
-void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t a, std::vector<acc_t>& dst) {
+void transpose_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t a, AVec<acc_t>& dst) {
   dst.resize(rows * cols);
   constexpr int64_t T = 8;
   const int64_t Rt = rows / T * T, Ct = cols / T * T;
@@ -347,14 +380,14 @@ struct BlockGemms {
   int64_t D = 0, M = 0;
 
   // kt (brg only): scale·K^T of one (b, h), [D x M] row-major, rebuilt when the (b, h) key changes
-  void prepare(const acc_t* kp, int64_t ldk, int64_t key, std::vector<acc_t>& kt, int64_t& cached) const {
+  void prepare(const acc_t* kp, int64_t ldk, int64_t key, AVec<acc_t>& kt, int64_t& cached) const {
     if (!brg || cached == key) return;
     transpose_rows(kp, ldk, M, D, scale, kt);
     cached = key;
   }
   // s[rows x cols] (ld = cols) = scale · Q K[j0 : j0 + cols]^T
   void scores(int64_t rows, int64_t cols, int64_t j0, const acc_t* qp, int64_t ldq, const acc_t* kp, int64_t ldk,
-              const std::vector<acc_t>& kt, acc_t* s, int64_t lds = 0) const {
+              const AVec<acc_t>& kt, acc_t* s, int64_t lds = 0) const {
     if (lds <= 0) lds = cols;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (brg) {

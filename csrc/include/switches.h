@@ -31,6 +31,15 @@ struct Switches {
   Bf16Dot bf16_dot = Bf16Dot::kAuto;
   std::string bf16_dot_error;
 
+  // DARE_KERNELS_CPU_GEMM = auto | native | brgemm: the block products of the bf16 / fp16 SRA kernels.
+  // auto: PyTorch's cpublas::brgemm on packed blocks where cpublas::could_pack says the CPU has the tiles
+  // for the dtype (AMX-BF16 / AMX-FP16 through oneDNN), else native; native: our own products
+  // (AVX512-BF16 dot products or fp32 products, DARE_KERNELS_CPU_BF16_DOT); brgemm: cpublas::brgemm always
+  // (packed where the CPU packs, else on plain row-major blocks: PyTorch's reference fallback, for tests).
+  enum class CpuGemm { kAuto, kNative, kBrgemm };
+  CpuGemm cpu_gemm = CpuGemm::kAuto;
+  std::string cpu_gemm_error;
+
   // DARE_KERNELS_CPU_ROWS = auto | avx512f: avx512f takes the AVX-512 softmax rows built without BF16.
   bool rows_avx512f = false;
   std::string rows_error;

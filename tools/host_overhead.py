@@ -166,7 +166,8 @@ def sra_layers(device: str, calls: int, repeats: int) -> list[dict]:
         return query
 
     add("python_call", "a no-op Python function with sra_attention's signature", lambda: noop(q, k, v, w, key_padding_mask=mask))
-    add("check_inputs", "sra._check_inputs", lambda: sra._check_inputs(q, k, v, w, mask, 1.0, None, None))
+    add("check_inputs", "sra._check_inputs",
+        lambda: sra._check_inputs(q, k, v, w, mask, 1.0, None, return_attn_map=False, attn_map_keys=None))
     add("choose_auto", "backends.choose(backend='auto')",
         lambda: backends.choose("sra_attention", "auto", q.device, q.dtype, head_dim=s["D"], head_dim_v=s["D"]))
     add(f"choose_{compiled}", f"backends.choose(backend='{compiled}')",

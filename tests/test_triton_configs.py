@@ -255,3 +255,84 @@ def test_row_offsets_past_int32():
         v.copy_(v0)
     assert tsra._tile_safe(q, rows, D) is q  # the kernels see the huge strides
     _check(q, k, v, w, msk, want_map=False, grads=True, clone=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one binary per op variant: N, M and B do not change what the GPU launcher compiles
+# ---------------------------------------------------------------------------------------------
+
+class _Recorder:
+    """Stands for a kernel in ``tsra._kernel``: records the Triton specialization of each launch (and
+    the autotuning class key) instead of running it."""
+
+    def __init__(self, log, name, raw=False):
+        self.log, self.name, self.raw = log, name, raw
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            import inspect
+
+            fn = getattr(tsra.K, self.name).fn
+            spec = aot_check.launch_specialization(self.name, args, kwargs, kernel_fn=fn if self.raw else None)
+            named = dict(zip(inspect.signature(fn).parameters, args))
+            tune = tsra._C.tune_key(self.name, named, kwargs) if self.name in tsra._C.TUNED else None
+            self.log.add((spec, tune))
+        return launch
+
+
+def _gpu_launch_keys(monkeypatch, B, N, M, D, layout, with_map, raw=False):
+    """The (specialization, tune key) set of one forward + backward as the GPU path launches them."""
+    log = set()
+    monkeypatch.setattr(tsra, "_interpret", lambda: False)
+    monkeypatch.setattr(tsra, "_arch", lambda: 90)
+    monkeypatch.setattr(tsra, "_check_device", lambda q: None)
+    monkeypatch.setattr(tsra, "_sm_count", lambda: 132)
+    monkeypatch.setattr(tsra, "_kernel", lambda name: _Recorder(log, name, raw))
+    H = 2
+    g = torch.Generator().manual_seed(0)
+
+    def make(rows, d):
+        shape = (B, rows, H, d) if layout == "bnhd" else (B, H, rows, d)
+        t = torch.randn(shape, generator=g).to(torch.bfloat16)
+        return t.transpose(1, 2) if layout == "bnhd" else t
+
+    q, k, v = make(N, D), make(M, D), make(M, D)
+    w = torch.rand(B, H, M, generator=g) + 0.5
+    mask = torch.ones(B, M, dtype=torch.bool)
+    map_start, map_stop = (0, M) if with_map else (0, 0)
+    out, lse, amap = tsra.sra_attention_fwd_triton(q, k, v, w, mask, 0.5, D ** -0.5, map_start, map_stop)
+    gmap = torch.randn_like(amap) if with_map else None
+    tsra.sra_attention_bwd_triton(torch.randn_like(out), gmap, None, q, k, v, w, mask, out, lse, 0.5, D ** -0.5,
+                                  map_start, map_stop)
+    return log
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("D", [64, 40])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_no_new_binary_when_n_m_or_b_change(monkeypatch, layout, D, with_map):
+    """Triton's own binder (aot_check.launch_specialization) gives every launch of a forward + backward the
+    same specialization and autotuning key for N in {1000, 32760, 32769}, M in {77, 226, 512} (one class;
+    the map through the map-from-LSE kernel, whose key block does not depend on M) and B in {1, 2}."""
+    tsra.FORCE_MAP_PATH = "two-kernel" if with_map else None
+    base = _gpu_launch_keys(monkeypatch, 1, 1000, 77, D, layout, with_map)
+    assert len(base) == (5 if with_map else 4)
+    for B, N, M in [(1, 32760, 77), (1, 32769, 77), (1, 1000, 226), (1, 1000, 512), (2, 32769, 512)]:
+        assert _gpu_launch_keys(monkeypatch, B, N, M, D, layout, with_map) == base, (B, N, M)
+
+
+def test_fused_map_binary_depends_on_the_key_class_only(monkeypatch):
+    """The head-looped map kernel holds all keys in one block (BLOCK_M = next_pow2(M)): one binary per
+    power of two of M, none per N or B."""
+    base = _gpu_launch_keys(monkeypatch, 1, 1000, 77, 64, "bnhd", True)
+    assert any("sra_fwd_map_kernel" == spec[0] for spec, _ in base)
+    assert _gpu_launch_keys(monkeypatch, 2, 32769, 100, 64, "bnhd", True) == base
+    assert _gpu_launch_keys(monkeypatch, 1, 1000, 200, 64, "bnhd", True) != base
+
+
+def test_undeclared_kernels_would_specialise_on_n(monkeypatch):
+    """The check above can fail: without ``do_not_specialize`` Triton's binder tells N = 32768 (divisible
+    by 16) from N = 32769 and M = 512 from M = 77."""
+    a = _gpu_launch_keys(monkeypatch, 1, 32768, 512, 64, "bnhd", False, raw=True)
+    assert a != _gpu_launch_keys(monkeypatch, 1, 32769, 512, 64, "bnhd", False, raw=True)
+    assert a != _gpu_launch_keys(monkeypatch, 1, 32768, 77, 64, "bnhd", False, raw=True)

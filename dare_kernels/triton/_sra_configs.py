@@ -12,8 +12,6 @@ of its architecture; ``bench/results/triton_resources.md`` has the table.
 
 from __future__ import annotations
 
-import functools
-
 import triton
 
 # opt-in shared memory per block (bytes): H100/H200 227 KB, A100 163 KB, other Ampere / Ada 99 KB
@@ -231,16 +229,32 @@ def prune_dq(configs, named_args, arch: int = 90, **kwargs):
     return _keep(configs, _bwd_tiles(_DQ, kwargs, named_args["M"]))
 
 
-TUNE_KEY = ["N", "M", "D", "DV", "HAS_W", "HAS_MASK"]
+def m_class(m: int) -> int:
+    """The key-count class of the autotuning key: the width ``_clip_m`` prunes with (the tile lists hold
+    BLOCK_M <= MAX_TILE_M), so M = 77, 226 and 512 share a class and reuse one tuning."""
+    return min(max(32, pow2(m)), MAX_TILE_M)
 
-# kernel -> (config list, pruning, autotune key); the Δ kernel has one fixed config (delta_config)
+
+MAX_TILE_M = 128
+
+# kernel -> (config list, pruning); the Δ kernel has one fixed config (delta_config)
 TUNED = {
-    "sra_fwd_kernel": (fwd_configs, prune_fwd, TUNE_KEY),
-    "sra_fwd_map_kernel": (fused_map_configs, prune_fused_map, TUNE_KEY + ["map_start", "map_stop"]),
-    "sra_map_kernel": (map_configs, prune_map, ["N", "M", "D", "map_start", "map_stop"]),
-    "sra_bwd_dkdv_kernel": (dkdv_configs, prune_dkdv, TUNE_KEY + ["HAS_GMAP"]),
-    "sra_bwd_dq_kernel": (dq_configs, prune_dq, TUNE_KEY + ["HAS_GMAP"]),
+    "sra_fwd_kernel": (fwd_configs, prune_fwd),
+    "sra_fwd_map_kernel": (fused_map_configs, prune_fused_map),
+    "sra_map_kernel": (map_configs, prune_map),
+    "sra_bwd_dkdv_kernel": (dkdv_configs, prune_dkdv),
+    "sra_bwd_dq_kernel": (dq_configs, prune_dq),
 }
+_KEY_FLAGS = ("D", "DV", "BLOCK_D", "BLOCK_DV", "IEEE", "ALIGN", "HAS_W", "HAS_MASK", "HAS_GMAP", "BLOCK_M")
+
+
+def tune_key(name: str, named_args: dict, kwargs: dict) -> tuple:
+    """The autotuning key of a launch: head dims, dtype, flags and the key-count class (never N or the
+    raw M: a new sequence length reuses the tuning of its class)."""
+    m = (named_args["map_stop"] - named_args["map_start"]) if name == "sra_map_kernel" else named_args["M"]
+    dims = {**named_args, **kwargs}
+    return (name, str(getattr(named_args.get("Q"), "dtype", "")), m_class(m),
+            *(dims.get(k) for k in _KEY_FLAGS))
 
 
 def delta_config(block_d: int, elem_bytes: int) -> dict:
@@ -250,13 +264,6 @@ def delta_config(block_d: int, elem_bytes: int) -> dict:
     if block_d <= 128 and elem_bytes == 2:  # (64, 64, 4, 2) spills 8 B at D=128 with the map gradient
         return dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2)
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=2)
-
-
-def autotuned(fn, name: str, arch: int):
-    """``fn`` wrapped in Triton's autotuner with the configs and pruning of ``arch``."""
-    configs, prune, key = TUNED[name]
-    return triton.autotune(configs=configs(arch), key=key,
-                           prune_configs_by={"early_config_prune": functools.partial(prune, arch=arch)})(fn)
 
 
 def heuristic(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import hashlib
 import inspect
 import io
@@ -48,8 +49,9 @@ M_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 _FLOAT_ARGS = ("qk_scale", "strength", "inv_heads", "sm_scale")
 _UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "sam", "swm", "smm", "sgm")
-_TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")
-_FP32_PTRS = ("W", "LSE", "AMAP", "DELTA", "GLSE", "GMAP", "DW")
+_TENSORS = ("Q", "K", "V", "O", "DO", "DQ")
+# (dk / dv are written as float32 partials, one slot per query split: sra_attention_bwd_triton)
+_FP32_PTRS = ("W", "LSE", "AMAP", "DELTA", "GLSE", "GMAP", "DW", "DK", "DV_")
 
 # (kernel, constexprs, num_warps, num_stages): one small config per kernel
 QUICK_PLANS = [
@@ -108,7 +110,7 @@ def pickable(arch: int, D: int, dtype: str) -> list[tuple[str, dict, int, int]]:
             add("sra_fwd_map_kernel", C.heuristic("sra_fwd_map_kernel", M, bd, elem, arch), fixed_m=block_m)
         for gmap in (False, True):
             for name in ("sra_bwd_dkdv_kernel", "sra_bwd_dq_kernel"):
-                configs, prune, _key = C.TUNED[name]
+                configs, prune = C.TUNED[name]
                 for c in prune(configs(arch), nargs, arch=arch, HAS_GMAP=gmap, **kw):
                     add(name, c, {"HAS_GMAP": gmap})
                 add(name, C.heuristic(name, M, bd, elem, arch), {"HAS_GMAP": gmap})
@@ -132,6 +134,29 @@ def all_cases(archs=ARCHS, dims=HEAD_DIMS, dtypes=DTYPES) -> list[dict]:
 # compiling one case
 # ---------------------------------------------------------------------------------------------
 
+def launch_specialization(name: str, args: tuple, kwargs: dict, arch: int = 90, kernel_fn=None) -> tuple:
+    """What decides which binary Triton's JIT runs for ``kernel[grid](*args, **kwargs)``: the
+    specialization its own binder computes (argument types, divisibility by 16 / equal to 1 of the
+    specialised integers and pointers, constexpr values) plus the launch options, for sm_``arch``,
+    without a GPU. ``kernel_fn``: the python function to bind (default: kernel ``name``, with its
+    ``do_not_specialize``); pass a raw function to see what an undeclared kernel would specialise."""
+    _bound, specialization, options = _binder(name, arch, kernel_fn)(*args, **kwargs)
+    return (name, repr(specialization), tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(name: str, arch: int, kernel_fn):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from . import _sra_kernels as K
+
+    raw = getattr(K, name).fn if kernel_fn is None else kernel_fn
+    jf = JITFunction(raw, do_not_specialize=K.no_specialize(raw) if kernel_fn is None else None)
+    return create_function_from_signature(jf.signature, jf.params, make_backend(GPUTarget("cuda", arch, 32)))
+
+
 def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_stages: int,
                    dtype: str = "bf16", ieee: int = 0) -> dict:
     """Compile kernel ``name`` for sm_``arch``; returns {shared, regs, spill_bytes, ptxas} (raises on errors).
@@ -152,7 +177,7 @@ def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_s
     if not hasattr(fn, "fn"):
         raise RuntimeError("the kernels were built for TRITON_INTERPRET=1; run without it")
     names = list(inspect.signature(fn.fn).parameters)
-    cx = dict(HAS_W=True, HAS_MASK=True, IEEE=ieee, **constexprs)
+    cx = dict(HAS_W=True, HAS_MASK=True, IEEE=ieee, ALIGN=1, **constexprs)
     cx.setdefault("D", constexprs.get("BLOCK_D"))
     cx.setdefault("DV", constexprs.get("BLOCK_DV", constexprs.get("BLOCK_D")))
     cx.update({n: 1 for n in names if n in _UNIT_STRIDES})
@@ -171,8 +196,10 @@ def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_s
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-    # what the JIT sees for aligned tensors: pointers and strides divisible by 16 (sizes left general)
-    aligned = [n for n in names if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s"))]
+    # what the JIT sees for aligned tensors: pointers and the specialised strides divisible by 16; the
+    # sizes and the strides in NO_SPECIALIZE stay general, as the kernels declare them
+    aligned = [n for n in names if sig[n].startswith("*")
+               or (sig[n] == "i32" and n.startswith("s") and n not in K.NO_SPECIALIZE)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in cx.items()}, attrs=attrs)
     log = io.StringIO()

@@ -11,6 +11,12 @@ config of the current arch compiles and runs as launched, at its own head dim an
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -270,8 +276,6 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            import inspect
-
             fn = getattr(tsra.K, self.name).fn
             spec = aot_check.launch_specialization(self.name, args, kwargs, kernel_fn=fn if self.raw else None)
             named = dict(zip(inspect.signature(fn).parameters, args))
@@ -336,3 +340,49 @@ def test_undeclared_kernels_would_specialise_on_n(monkeypatch):
     a = _gpu_launch_keys(monkeypatch, 1, 32768, 512, 64, "bnhd", False, raw=True)
     assert a != _gpu_launch_keys(monkeypatch, 1, 32769, 512, 64, "bnhd", False, raw=True)
     assert a != _gpu_launch_keys(monkeypatch, 1, 32768, 77, 64, "bnhd", False, raw=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep: its CPU rehearsal runs the GPU code path; the dispatcher reads what it writes
+# ---------------------------------------------------------------------------------------------
+
+def test_sweep_rehearsal_writes_a_table_of_proven_tiles(tmp_path):
+    import triton
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool finds the tree itself
+    r = subprocess.run([sys.executable, "tools/triton_sweep.py", "--rehearse", "--out", str(tmp_path),
+                        "--budget-s", "400"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = json.loads((tmp_path / "triton_sweep-sm_90.json").read_text())
+    assert table["rehearsal"] is True and table["complete"] is True
+    assert table["triton"] == triton.__version__ and table["commit"] and table["device"] and table["date"]
+    assert sorted(table["choices"]) == sorted(f"{k}/D64/half" for k in
+                                              ("sra_fwd_kernel", "sra_map_kernel", "sra_bwd_dkdv_kernel",
+                                               "sra_bwd_dq_kernel"))
+    timed = {(t["kernel"], tuple(t["tile"])) for t in table["timings"] if t["ms"] is not None}
+    for key, tile in table["choices"].items():
+        kernel = key.split("/")[0]
+        assert tuple(tile) in tsra._C.candidate_tiles(kernel, 64, 64, 2, 90), key
+        assert (kernel, tuple(tile)) in timed
+    # more than one candidate was timed somewhere: the choice was a choice
+    assert len(timed) > len(table["choices"])
+
+
+def test_dispatcher_uses_a_sweep_choice_only_while_it_is_a_candidate(tmp_path, monkeypatch):
+    C = tsra._C
+    first, second = C.candidate_tiles("sra_fwd_kernel", 512, 128, 2, 90)[:2]
+    key = C.table_key("sra_fwd_kernel", 128, 2)
+
+    def heuristic_with(choice):
+        (tmp_path / "sm_90.json").write_text(json.dumps({"choices": {key: list(choice)}}))
+        monkeypatch.setattr(C, "TABLE_DIR", str(tmp_path))
+        C.sweep_table.cache_clear()
+        try:
+            cfg = C.heuristic("sra_fwd_kernel", 512, 128, 2, 90)
+        finally:
+            C.sweep_table.cache_clear()
+        return (cfg["BLOCK_N"], cfg["BLOCK_M"], cfg["num_warps"], cfg["num_stages"])
+
+    assert heuristic_with(second) == tuple(second)
+    assert heuristic_with((256, 256, 8, 5)) == tuple(first)  # not proven spill-free: ignored

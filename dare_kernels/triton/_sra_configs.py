@@ -12,6 +12,11 @@ of its architecture; ``bench/results/triton_resources.md`` has the table.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import warnings
+
 import triton
 
 # opt-in shared memory per block (bytes): H100/H200 227 KB, A100 163 KB, other Ampere / Ada 99 KB
@@ -266,20 +271,60 @@ def delta_config(block_d: int, elem_bytes: int) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=2)
 
 
-def heuristic(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> dict:
-    """The launch config used with autotuning off: the first tile the autotuner would try. ``M`` is the
-    key count (the map width for ``sra_map_kernel``; the padded key count for the fused-map kernel),
-    ``block_d`` the larger padded head dim."""
+def candidate_tiles(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> list[tuple]:
+    """The spill-free tiles (BLOCK_N, BLOCK_M or None, num_warps, num_stages) kernel ``name`` may launch
+    with for ``M`` keys (the map width for ``sra_map_kernel``), head dim ``block_d`` and operand width
+    ``elem_bytes``, in order of preference: what the autotuner tries, and what the sweep may choose from."""
     kw = dict(BLOCK_D=block_d, BLOCK_DV=block_d, IEEE=1 if elem_bytes == 4 else 0)
     if name == "sra_fwd_kernel":
-        t = _fwd_tiles(arch, kw, M)[0]
-    elif name == "sra_fwd_map_kernel":
-        t = _fused_tiles(arch, dict(kw, BLOCK_M=pow2(M)))[0]
-    elif name == "sra_map_kernel":
-        t = _map_tiles(arch, kw, M)[0]
-    elif name == "sra_bwd_dkdv_kernel":
-        t = _bwd_tiles(_DKDV, kw, M)[0]
-    else:
-        t = _bwd_tiles(_DQ, kw, M)[0]
+        return _fwd_tiles(arch, kw, M)
+    if name == "sra_fwd_map_kernel":
+        return _fused_tiles(arch, dict(kw, BLOCK_M=pow2(M)))
+    if name == "sra_map_kernel":
+        return _map_tiles(arch, kw, M)
+    return _bwd_tiles(_DKDV if name == "sra_bwd_dkdv_kernel" else _DQ, kw, M)
+
+
+def heuristic(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> dict:
+    """The launch config used with autotuning off: the arch's sweep-table choice for this kernel, head-dim
+    class and dtype when it has one and it is among ``candidate_tiles``, else the first candidate. ``M``
+    is the key count (the map width for ``sra_map_kernel``; the padded key count for the fused-map
+    kernel), ``block_d`` the larger padded head dim."""
+    tiles = candidate_tiles(name, M, block_d, elem_bytes, arch)
+    picked = sweep_table(arch).get(table_key(name, block_d, elem_bytes))
+    t = tuple(picked) if picked is not None and tuple(picked) in [tuple(x) for x in tiles] else tiles[0]
     n, m, w, s = t
     return dict(BLOCK_N=n, **({} if m is None else {"BLOCK_M": m}), num_warps=w, num_stages=s)
+
+
+# ---------------------------------------------------------------------------------------------
+# measured choices: tools/triton_sweep.py times the candidates on a GPU and writes
+# sweep_tables/sm_<arch>.json ({"device", "date", "commit", "triton", "choices": {table_key: tile}});
+# a choice is used only while it is still one of candidate_tiles (all of which aot_check proves)
+# ---------------------------------------------------------------------------------------------
+
+TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_tables")
+
+
+def table_key(name: str, block_d: int, elem_bytes: int) -> str:
+    """The sweep table's key: kernel, head-dim class (64, 128, 256) and operand width."""
+    d = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    return f"{name}/D{d}/{'fp32' if elem_bytes == 4 else 'half'}"
+
+
+def table_path(arch: int) -> str:
+    return os.path.join(TABLE_DIR, f"sm_{arch}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def sweep_table(arch: int) -> dict:
+    """The committed sweep choices of ``arch`` ({} when there is no table; a broken one warns once)."""
+    path = table_path(arch)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return dict(json.load(f)["choices"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"dare_kernels.triton: ignoring the sweep table {path}: {exc}", stacklevel=2)
+        return {}

@@ -13,10 +13,13 @@ the fused-map kernel at every ``BLOCK_M`` the dispatcher sends to it. Token weig
 (the most code); the backward runs with and without the map gradient. For every fused-map case the
 dispatcher's shared-memory formula is compared with the compiled size. Results are cached (keyed on the
 kernel source, Triton's version, ptxas and the case) under ``$DARE_KERNELS_AOT_CACHE`` or
-``~/.cache/dare_kernels``; ``-j`` compiles in parallel.
+``~/.cache/dare_kernels``; ``-j`` compiles in parallel; ``--only 'sm_80/sra_bwd_dq_kernel/*'`` limits a
+run to the matching cases. The committed seed of each Triton version (``bench/results/triton_resources-<version>.json``, written with
+``--write-seed``) fills the cache when its fingerprint matches; ``--verify N`` recompiles N of them.
 
 Must run without ``TRITON_INTERPRET=1``. Strides of the innermost dims are specialised to 1 and pointers /
-other strides marked divisible by 16, as Triton's JIT does for aligned contiguous inputs; sizes stay general.
+the other specialised strides marked divisible by 16, as Triton's JIT does for aligned contiguous inputs;
+the sizes and the strides in ``_sra_kernels.NO_SPECIALIZE`` stay general (``ALIGN=1``: the aligned case).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fnmatch
 import functools
 import hashlib
 import inspect
@@ -260,14 +264,24 @@ def _cache_path(fp: str) -> str:
     return os.path.join(root, f"aot_check-{fp}.json")
 
 
-# the committed results of the last full run (written with --write-md): a seed for the cache when the
-# fingerprint matches, so that CI compiles only what changed plus the --verify sample
-SEED = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results", "triton_resources.json")
+# the committed results of the last full run on each Triton version (written with --write-seed or
+# --write-md): a seed for the cache when the fingerprint matches, so that CI compiles only what changed
+# plus the --verify sample. One file per version: the resources differ between Triton releases.
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results")
+
+
+def seed_path(version: str | None = None) -> str:
+    """bench/results/triton_resources-<triton version>.json (default: the running Triton)."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    return os.path.join(RESULTS, f"triton_resources-{version.split('+')[0]}.json")
 
 
 def _load_seed(fp: str) -> dict:
     try:
-        with open(SEED) as f:
+        with open(seed_path()) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -278,11 +292,17 @@ def _write_seed(fp: str, results) -> None:
     import triton
 
     data = {"fingerprint": fp, "triton": triton.__version__,
+            "failing": sum(1 for _, _, p in results if p),
             "results": {_case_key(c): {k: info[k] for k in ("shared", "regs", "spill_bytes", "error")}
                         for c, info, _ in results}}
-    with open(SEED, "w") as f:
+    with open(seed_path(), "w") as f:
         json.dump(data, f, indent=0, sort_keys=True)
         f.write("\n")
+
+
+def case_label(case: dict) -> str:
+    """``sm_<arch>/<kernel>/D<head dim>/<dtype>``: what ``--only`` patterns match."""
+    return f"sm_{case['arch']}/{case['name']}/D{case['cx']['D']}/{case['dtype']}"
 
 
 def _load_cache(path: str) -> dict:
@@ -371,6 +391,11 @@ def write_markdown(path: str, results: list[tuple[dict, dict, list]], seconds: f
         f"{len(results)} cases, {n_fail} failing; the run that wrote this file compiled {n_compiled} of them in "
         f"{seconds:.0f} s wall with -j {jobs} (the others came from its cache).",
         "",
+        "Every Triton version the pins allow, from its committed seed (`aot_check --all --write-seed` under "
+        "that version; `make test` recompiles a sample of each):",
+        "",
+        *_seed_summaries(),
+        "",
         "| arch | kernel | config | D | dtype | shared B | regs | spill B | estimate B | status |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -383,9 +408,26 @@ def write_markdown(path: str, results: list[tuple[dict, dict, list]], seconds: f
         f.write("\n".join(lines) + "\n")
 
 
+def _seed_summaries() -> list[str]:
+    import glob
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "triton_resources-*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        out.append(f"- triton {data.get('triton')}: {len(data.get('results', {}))} cases, "
+                   f"{data.get('failing', '?')} failing (`bench/results/{os.path.basename(path)}`)")
+    return out
+
+
 def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True, progress: bool = False,
-            verify: int = 0) -> int:
+            verify: int = 0, only: list[str] | None = None, write_seed: bool = False) -> int:
     cases = all_cases(archs)
+    if only:
+        cases = [c for c in cases if any(fnmatch.fnmatch(case_label(c), pat) for pat in only)]
     fp = _fingerprint()
     cache_path = _cache_path(fp)
     cache = {**_load_seed(fp), **_load_cache(cache_path)} if use_cache else {}
@@ -439,8 +481,8 @@ def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True, progr
           f"{mismatched} of {len(sample)} cached results not reproduced", flush=True)
     if md_path:
         write_markdown(md_path, results, seconds, jobs, len(todo))
-        if set(archs) == set(ARCHS):
-            _write_seed(fp, results)
+    if (md_path or write_seed) and set(archs) == set(ARCHS) and not only:
+        _write_seed(fp, results)
     return 1 if n_fail or mismatched else 0
 
 
@@ -453,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-md", metavar="PATH", help="with --all: write the table as markdown")
     parser.add_argument("--no-cache", action="store_true", help="with --all: compile everything again")
     parser.add_argument("--progress", action="store_true", help="with --all: print each case as it compiles")
+    parser.add_argument("--only", action="append", metavar="PATTERN",
+                        help="with --all: only the cases whose sm_<arch>/<kernel>/D<d>/<dtype> matches this glob "
+                             "(repeatable), e.g. 'sm_80/sra_bwd_dq_kernel/D40/*'")
+    parser.add_argument("--write-seed", action="store_true",
+                        help="with --all: write bench/results/triton_resources-<triton version>.json")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
                         help="with --all: compile N random cached cases again; a different result fails")
     args = parser.parse_args(argv)
@@ -462,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = args.arch or list(ARCHS)
     if args.all:
         return run_all(archs, max(1, args.jobs), args.write_md, use_cache=not args.no_cache, progress=args.progress,
-                       verify=args.verify)
+                       verify=args.verify, only=args.only, write_seed=args.write_seed)
     failed = 0
     for arch in archs:
         for name, cx, warps, stages in QUICK_PLANS:

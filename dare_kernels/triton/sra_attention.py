@@ -22,9 +22,12 @@ Kernel choice (made inside the op from the shapes):
   need no atomics: deterministic throughout.
 
 float32 inputs use exact float32 dot products (no TF32); float16/bfloat16 use tensor cores with float32
-accumulation. On GPUs the block sizes are autotuned (configs for Hopper and Ampere in ``_sra_configs``, pruned
-with ``aot_check --all``, keyed on N, M, the head dims and the flags; ``DARE_KERNELS_TRITON_AUTOTUNE=0`` uses one
-heuristic config instead); under ``TRITON_INTERPRET=1`` one small fixed configuration runs, on CPU tensors.
+accumulation. On GPUs each kernel launches one config: the arch's sweep table (``tools/triton_sweep.py``,
+``_sra_configs.sweep_table``) or else the first of its spill-free list (``_sra_configs``, proven by
+``aot_check --all`` on every supported Triton); ``DARE_KERNELS_TRITON_AUTOTUNE=1`` autotunes over the list
+once per size class instead. Sizes and size-dependent strides are not specialised (``_sra_kernels``), so
+a new N, M or B reuses the compiled binaries. Under ``TRITON_INTERPRET=1`` one small fixed configuration
+runs, on CPU tensors.
 """
 
 from __future__ import annotations

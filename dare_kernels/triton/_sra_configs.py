@@ -6,8 +6,12 @@ Pure Python (no GPU query): everything takes the compute capability ``arch`` (ma
 compile it without one. A config is ``triton.Config({BLOCK_N, BLOCK_M}, num_warps, num_stages)``.
 
 Every list below is pruned by ``aot_check --all`` (Triton's bundled ptxas, sm_90 and sm_80, head dims
-40/64/80/128/160/256, fp16/bf16/fp32): no pickable config spills registers or exceeds the shared memory
-of its architecture; ``bench/results/triton_resources.md`` has the table.
+40/64/80/128/160/256, fp16/bf16/fp32) under each Triton the pins allow (3.6, 3.7, 3.8): no pickable config
+spills registers or exceeds the shared memory of its architecture on any of them, so one set of lists
+serves every version; ``bench/results/triton_resources.md`` has the table, the per-version seeds
+``bench/results/triton_resources-<version>.json`` the proof CI re-checks. The sm_90 tiles are chosen from
+the Triton fused-attention tutorial's and this proof; none was timed on a GPU when chosen (the sweep
+table, ``sweep_tables/``, holds measured choices once ``tools/triton_sweep.py`` has run on one).
 """
 
 from __future__ import annotations
@@ -94,19 +98,27 @@ def _wide(kwargs) -> bool:
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) by (arch >= 90, float32, head dim class). float32 is the
 # correctness dtype (exact dots, no tensor cores): one tile, no autotuning over it
+# sm_90 D<=128: the fused-attention tutorial's Hopper tile first (128 queries x 64 keys, 8 warps, 3
+# stages), chosen from the tutorial and the resource proof, not timed here (its 4-stage variant spills
+# 24-28 B at D=80/128 under Triton 3.7; 128 x 128 keys would double the score tile past the 243 registers
+# the 64-key tile already takes).
+# Every tile is spill-free under Triton 3.6, 3.7 and 3.8 (aot_check); replaced there: sm_80 (64, 64, 4, 3)
+# and (128, 64, 8, 3) at D=40 (52 B on 3.6, 8 B on 3.8), sm_80 (64, 64, 4, 2) at D=80/128 (8 B on 3.6),
+# sm_90 (64, 32, 4, 2) at D=160/256 (4 B on 3.8)
 _FWD = {
     (True, False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
     (True, False, 128): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (True, False, 256): [(64, 64, 8, 2), (64, 32, 4, 2)],
-    (False, False, 64): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (False, False, 128): [(64, 64, 4, 2), (128, 32, 8, 2)],
+    (True, False, 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
+    (False, False, 64): [(128, 64, 8, 2), (128, 32, 8, 3)],
+    (False, False, 128): [(64, 64, 8, 2), (128, 32, 8, 2)],
     (False, False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
 # float32 (FMA dots): (64, 32, 4, 2) at D<=64, (32, 32, 4/8, 2) at D>=128 spill hundreds of bytes;
 # (16, 32, 4, 2) at D>=80 spills 12-368 B, and at D>=160 on sm_90 ptxas reports 32 registers and 10 KB of
 # spill (it gives up allocating): 8 warps halve the FMA operands each thread holds; at D=80 on sm_80
 # (16, 32, 8, 2) still spills 8 B, one stage does not (78 registers)
-_FWD_FP32 = {64: [(16, 32, 4, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 2)]}
+# (16, 32, 4, 2) at D<=64 spilled 4 B on sm_90 under Triton 3.6: 8 warps (67 registers)
+_FWD_FP32 = {64: [(16, 32, 8, 2)], 128: [(16, 32, 8, 1)], 256: [(16, 32, 8, 2)]}
 _MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
         (False, 128): [(64, 64, 4, 2), (64, 32, 4, 2)],
         (False, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -121,15 +133,20 @@ _MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
 _DKDV = {(False, 64): [(64, 32, 8, 2)],  # (32, 64, 8, 2) spills 32-40 B on sm_80 at D<=64 with the map grad
          (False, 128): [(32, 64, 8, 2), (64, 32, 8, 2)],
          (False, 256): [(32, 32, 8, 2)],
-         (True, 64): [(32, 32, 4, 2)],
+         # Triton 3.6 spilled float32 (32, 32, 4, 2) at D<=64 (8 B to 7.6 KB on sm_90; (32, 32, 8, 2): 16 B)
+         # and (16, 32, 8, 2) at D>=160 (416-516 B; (16, 16, 8, 2): 20 B): one stage / narrower keys
+         (True, 64): [(16, 32, 8, 1)],
          (True, 128): [(16, 32, 8, 2)],
-         (True, 256): [(16, 32, 8, 2)]}
+         (True, 256): [(16, 16, 8, 1)]}
 _DQ = {(False, 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
        (False, 128): [(64, 32, 8, 2), (64, 64, 8, 2)],
        (False, 256): [(16, 32, 8, 1)],  # one stage: 126 registers on sm_90 where two spill 4-8 B
        (True, 64): [(16, 32, 4, 2)],
        (True, 128): [(16, 32, 4, 2)],
        (True, 256): [(16, 32, 4, 2)]}
+# before sm_90 (mma.sync layouts take more registers): dq tiles where the shared list spills there under
+# Triton 3.6: half (64, 64, 4, 2) 28-40 B, (64, 64, 8, 2) 48 B; float32 (16, 32, 4, 2) 8 B at D=64
+_DQ_AMPERE = {(False, 64): [(64, 32, 4, 2)], (True, 64): [(16, 32, 8, 2)]}
 # the fused-map kernel: (BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_M = next_pow2(M)
 # is fixed by the keys, and the first candidate within the register budget is the one config launched
 # (a head loop over tiles of at most 64 queries: little to tune). One stage: with two, Triton pipelines
@@ -214,12 +231,16 @@ def prune_map(configs, named_args, arch: int = 90, **kwargs):
     return _keep(configs, _map_tiles(arch, kwargs, named_args["map_stop"] - named_args["map_start"]))
 
 
+def _dq_table(arch: int) -> dict:
+    return {**_DQ, **_DQ_AMPERE} if arch < 90 else _DQ
+
+
 def dkdv_configs(arch: int):
     return [_cfg(*t) for t in sorted({t for v in _DKDV.values() for t in v})]
 
 
 def dq_configs(arch: int):
-    return [_cfg(*t) for t in sorted({t for v in _DQ.values() for t in v})]
+    return [_cfg(*t) for t in sorted({t for v in _dq_table(arch).values() for t in v})]
 
 
 def _bwd_tiles(table, kwargs, M):
@@ -231,7 +252,7 @@ def prune_dkdv(configs, named_args, arch: int = 90, **kwargs):
 
 
 def prune_dq(configs, named_args, arch: int = 90, **kwargs):
-    return _keep(configs, _bwd_tiles(_DQ, kwargs, named_args["M"]))
+    return _keep(configs, _bwd_tiles(_dq_table(arch), kwargs, named_args["M"]))
 
 
 def m_class(m: int) -> int:
@@ -268,7 +289,8 @@ def delta_config(block_d: int, elem_bytes: int) -> dict:
         return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)
     if block_d <= 128 and elem_bytes == 2:  # (64, 64, 4, 2) spills 8 B at D=128 with the map gradient
         return dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=2)
+    # float32 or D > 128: (32, 32, 4, 2) spilled 9.3 KB on sm_90 with the map gradient at D=160/256 (3.8)
+    return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=2)
 
 
 def candidate_tiles(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> list[tuple]:
@@ -282,7 +304,7 @@ def candidate_tiles(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: 
         return _fused_tiles(arch, dict(kw, BLOCK_M=pow2(M)))
     if name == "sra_map_kernel":
         return _map_tiles(arch, kw, M)
-    return _bwd_tiles(_DKDV if name == "sra_bwd_dkdv_kernel" else _DQ, kw, M)
+    return _bwd_tiles(_DKDV if name == "sra_bwd_dkdv_kernel" else _dq_table(arch), kw, M)
 
 
 def heuristic(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> dict:

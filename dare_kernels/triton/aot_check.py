@@ -14,8 +14,9 @@ the fused-map kernel at every ``BLOCK_M`` the dispatcher sends to it. Token weig
 dispatcher's shared-memory formula is compared with the compiled size. Results are cached (keyed on the
 kernel source, Triton's version, ptxas and the case) under ``$DARE_KERNELS_AOT_CACHE`` or
 ``~/.cache/dare_kernels``; ``-j`` compiles in parallel; ``--only 'sm_80/sra_bwd_dq_kernel/*'`` limits a
-run to the matching cases. The committed seed of each Triton version (``bench/results/triton_resources-<version>.json``, written with
-``--write-seed``) fills the cache when its fingerprint matches; ``--verify N`` recompiles N of them.
+run to the matching cases. The committed seed of each Triton version
+(``bench/results/triton_resources-<version>.json``, written with ``--write-seed``) fills the cache when
+its fingerprint matches; ``--verify N`` recompiles N of them.
 
 Must run without ``TRITON_INTERPRET=1``. Strides of the innermost dims are specialised to 1 and pointers /
 the other specialised strides marked divisible by 16, as Triton's JIT does for aligned contiguous inputs;

@@ -289,8 +289,9 @@ def delta_config(block_d: int, elem_bytes: int) -> dict:
         return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=2)
     if block_d <= 128 and elem_bytes == 2:  # (64, 64, 4, 2) spills 8 B at D=128 with the map gradient
         return dict(BLOCK_N=64, BLOCK_M=32, num_warps=4, num_stages=2)
-    # float32 or D > 128: (32, 32, 4, 2) spilled 9.3 KB on sm_90 with the map gradient at D=160/256 (3.8)
-    return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=2)
+    if block_d > 128 and elem_bytes == 4:  # (32, 32, 4, 2) spilled 9.3 KB on sm_90 with the map gradient
+        return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=2)  # (3.8); (16, ...) at D<=128 64 B (3.6)
+    return dict(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=2)
 
 
 def candidate_tiles(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> list[tuple]:

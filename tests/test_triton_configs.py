@@ -386,3 +386,17 @@ def test_dispatcher_uses_a_sweep_choice_only_while_it_is_a_candidate(tmp_path, m
 
     assert heuristic_with(second) == tuple(second)
     assert heuristic_with((256, 256, 8, 5)) == tuple(first)  # not proven spill-free: ignored
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.7.1", "3.8.0"])
+def test_committed_resource_proof_covers_every_pickable_case(version):
+    """Each Triton the pins allow has a committed aot_check seed that covers every case the current config
+    lists can launch, none failing (a config added without a proof on every version fails here; CI
+    recompiles a sample of each seed under its own version: tools/triton_compat.sh, make test)."""
+    with open(aot_check.seed_path(version)) as f:
+        seed = json.load(f)
+    assert seed["triton"].split("+")[0] == version
+    for case in aot_check.all_cases():
+        info = seed["results"].get(aot_check._case_key(case))
+        assert info is not None, f"triton {version}: no proof for {aot_check.case_label(case)} {case}"
+        assert not aot_check.judge(case, info), (version, aot_check.case_label(case), info)

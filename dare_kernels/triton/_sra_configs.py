@@ -100,7 +100,7 @@ def _wide(kwargs) -> bool:
 # correctness dtype (exact dots, no tensor cores): one tile, no autotuning over it
 # sm_90 D<=128: the fused-attention tutorial's Hopper tile first (128 queries x 64 keys, 8 warps, 3
 # stages), chosen from the tutorial and the resource proof, not timed here (its 4-stage variant spills
-# 24-28 B at D=80/128 under Triton 3.7; 128 x 128 keys would double the score tile past the 243 registers
+# 8-28 B at every D<=128 under Triton 3.7; 128 x 128 keys would double the score tile past the 243 registers
 # the 64-key tile already takes).
 # Every tile is spill-free under Triton 3.6, 3.7 and 3.8 (aot_check); replaced there: sm_80 (64, 64, 4, 3)
 # and (128, 64, 8, 3) at D=40 (52 B on 3.6, 8 B on 3.8), sm_80 (64, 64, 4, 2) at D=80/128 (8 B on 3.6),
@@ -133,20 +133,23 @@ _MAP = {(False, 64): [(64, 64, 4, 3), (128, 64, 8, 3)],
 _DKDV = {(False, 64): [(64, 32, 8, 2)],  # (32, 64, 8, 2) spills 32-40 B on sm_80 at D<=64 with the map grad
          (False, 128): [(32, 64, 8, 2), (64, 32, 8, 2)],
          (False, 256): [(32, 32, 8, 2)],
-         # Triton 3.6 spilled float32 (32, 32, 4, 2) at D<=64 (8 B to 7.6 KB on sm_90; (32, 32, 8, 2): 16 B)
-         # and (16, 32, 8, 2) at D>=160 (416-516 B; (16, 16, 8, 2): 20 B): one stage / narrower keys
-         (True, 64): [(16, 32, 8, 1)],
+         # Triton 3.6 spilled float32 (32, 32, 4, 2) at D<=64 (8 B to 7.6 KB on sm_90; (32, 32, 8, 2): 16 B;
+         # (16, 32, 8, 1): 8 B on 3.8) and (16, 32, 8, 2) at D>=160 (416-516 B; (16, 16, 8, 2): 20 B):
+         # 16 keys, one stage
+         (True, 64): [(16, 16, 8, 1)],
          (True, 128): [(16, 32, 8, 2)],
          (True, 256): [(16, 16, 8, 1)]}
 _DQ = {(False, 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
        (False, 128): [(64, 32, 8, 2), (64, 64, 8, 2)],
        (False, 256): [(16, 32, 8, 1)],  # one stage: 126 registers on sm_90 where two spill 4-8 B
-       (True, 64): [(16, 32, 4, 2)],
-       (True, 128): [(16, 32, 4, 2)],
+       # float32 (16, 32, 4, 2) at D<=128 spilled 4-12 B on sm_90 and sm_80 under Triton 3.8: 8 warps
+       (True, 64): [(16, 32, 8, 2)],
+       (True, 128): [(16, 32, 8, 2)],
        (True, 256): [(16, 32, 4, 2)]}
 # before sm_90 (mma.sync layouts take more registers): dq tiles where the shared list spills there under
-# Triton 3.6: half (64, 64, 4, 2) 28-40 B, (64, 64, 8, 2) 48 B; float32 (16, 32, 4, 2) 8 B at D=64
-_DQ_AMPERE = {(False, 64): [(64, 32, 4, 2)], (True, 64): [(16, 32, 8, 2)]}
+# Triton 3.6: (64, 64, 4, 2) 28-40 B, (64, 64, 8, 2) 48 B
+_DQ_AMPERE = {(False, 64): [(64, 32, 4, 2)]}
+_DKDV_AMPERE = {(False, 64): [(32, 32, 4, 2)]}  # (64, 32, 8, 2): 8 B at D=40 (Triton 3.8)
 # the fused-map kernel: (BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_M = next_pow2(M)
 # is fixed by the keys, and the first candidate within the register budget is the one config launched
 # (a head loop over tiles of at most 64 queries: little to tune). One stage: with two, Triton pipelines
@@ -235,8 +238,12 @@ def _dq_table(arch: int) -> dict:
     return {**_DQ, **_DQ_AMPERE} if arch < 90 else _DQ
 
 
+def _dkdv_table(arch: int) -> dict:
+    return {**_DKDV, **_DKDV_AMPERE} if arch < 90 else _DKDV
+
+
 def dkdv_configs(arch: int):
-    return [_cfg(*t) for t in sorted({t for v in _DKDV.values() for t in v})]
+    return [_cfg(*t) for t in sorted({t for v in _dkdv_table(arch).values() for t in v})]
 
 
 def dq_configs(arch: int):
@@ -248,7 +255,7 @@ def _bwd_tiles(table, kwargs, M):
 
 
 def prune_dkdv(configs, named_args, arch: int = 90, **kwargs):
-    return _keep(configs, _bwd_tiles(_DKDV, kwargs, named_args["M"]))
+    return _keep(configs, _bwd_tiles(_dkdv_table(arch), kwargs, named_args["M"]))
 
 
 def prune_dq(configs, named_args, arch: int = 90, **kwargs):
@@ -305,7 +312,7 @@ def candidate_tiles(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: 
         return _fused_tiles(arch, dict(kw, BLOCK_M=pow2(M)))
     if name == "sra_map_kernel":
         return _map_tiles(arch, kw, M)
-    return _bwd_tiles(_DKDV if name == "sra_bwd_dkdv_kernel" else _dq_table(arch), kw, M)
+    return _bwd_tiles(_dkdv_table(arch) if name == "sra_bwd_dkdv_kernel" else _dq_table(arch), kw, M)
 
 
 def heuristic(name: str, M: int, block_d: int, elem_bytes: int = 2, arch: int = 90) -> dict:

@@ -400,3 +400,34 @@ def test_committed_resource_proof_covers_every_pickable_case(version):
         info = seed["results"].get(aot_check._case_key(case))
         assert info is not None, f"triton {version}: no proof for {aot_check.case_label(case)} {case}"
         assert not aot_check.judge(case, info), (version, aot_check.case_label(case), info)
+
+
+def test_class_keyed_autotuner_tunes_once_per_class_and_stays_exact(monkeypatch):
+    """With autotuning on, the tuner benchmarks every candidate of a class once (here a stand-in timer that
+    prefers the last candidate), launches the winner, and reuses it for another N and M of the class;
+    outputs stay exact against float64."""
+    import triton.testing
+
+    tuner = tsra._ClassTuner(tsra.K.sra_fwd_kernel, "sra_fwd_kernel", 90)
+    timed = []
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        timed.append(1)
+        return 10.0 - len(timed)  # later candidates "faster"
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tsra, "_kernel", lambda name: tuner if name == "sra_fwd_kernel" else getattr(tsra.K, name))
+    launch_kwargs = tsra._launch_kwargs
+    monkeypatch.setattr(tsra, "_launch_kwargs",
+                        lambda name, *a: {} if name == "sra_fwd_kernel" else launch_kwargs(name, *a))
+    # the interpreter takes no num_warps / num_stages: drop them at launch
+    monkeypatch.setattr(tuner, "_launch", lambda grid, args, kw, cfg: tuner.fn[grid](*args, **kw, **cfg.kwargs))
+    tsra.set_autotune(True)
+    _check(*_inputs(1, 2, 40, 77, 40, torch.bfloat16), want_map=False)
+    candidates = tsra._C.candidate_tiles("sra_fwd_kernel", 77, 64, 2, 90)
+    assert len(candidates) >= 2 and len(tuner.cache) == 1 and len(timed) == len(candidates)
+    (key, cfg), = tuner.cache.items()
+    assert (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages) == candidates[-1]
+    _check(*_inputs(1, 2, 33, 100, 40, torch.bfloat16), want_map=False)
+    assert list(tuner.cache) == [key] and len(timed) == len(candidates)  # same class: no new tuning

@@ -39,6 +39,8 @@ bench-publish: $(SETUP)
 clean:
 	rm -rf build $(VENV) dare_kernels/_C*.so
 
-# every Triton kernel x pickable config x head dim x dtype compiled for sm_90 / sm_80 (no GPU needed)
+# every Triton kernel x pickable config x head dim x dtype compiled for sm_90 / sm_80 (no GPU needed), under
+# this venv's Triton and then 3.6.0 and 3.8.0 (tools/triton_compat.sh), each against its committed seed
 aot-check: setup
 	$(PY) -m dare_kernels.triton.aot_check --all --verify 8
+	TRITON_COMPAT_TESTS=0 bash tools/triton_compat.sh

@@ -65,8 +65,9 @@ TABLE: tuple[Switch, ...] = (
     Switch("DARE_KERNELS_BENCH_QUICK", "1", _BOOL, "bench", "user",
            "dare-kernels bench / make bench run the quick, time-budgeted suite; 0 runs the full one (make bench-full)"),
     # --- measurement-only --------------------------------------------------------------------------------
-    Switch("DARE_KERNELS_TRITON_AUTOTUNE", "1", _BOOL, "python", "measurement",
-           "0 launches one heuristic Triton configuration per kernel instead of autotuning (read at import)"),
+    Switch("DARE_KERNELS_TRITON_AUTOTUNE", "0", _BOOL, "python", "measurement",
+           "1 autotunes the Triton SRA kernels once per size class; 0 launches the sweep table's (else the first "
+           "spill-free) configuration: one compile per kernel (read at import)"),
     Switch("DARE_KERNELS_CPU_ROWS", "auto", ("auto", "avx512f"), "cpp", "measurement",
            "avx512f runs the fp32 softmax rows built without AVX512-BF16 on a CPU that has it"),
     Switch("DARE_KERNELS_CPU_BLAS", "auto", ("auto", "fallback"), "cpp", "measurement",

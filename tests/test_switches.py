@@ -122,9 +122,9 @@ def _check_cached_until_reload(monkeypatch):
     assert switches.get(name) is False  # cached
     switches.reload()
     assert switches.get(name) is True
-    monkeypatch.setenv(name, "")  # set but empty reads as the default
+    monkeypatch.setenv(name, "")  # set but empty reads as the default (0)
     switches.reload()
-    assert switches.get(name) is True
+    assert switches.get(name) is False
     monkeypatch.delenv(name)
     switches.reload()
 

@@ -11,6 +11,12 @@ config of the current arch compiles and runs as launched, at its own head dim an
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -256,3 +262,173 @@ def test_row_offsets_past_int32():
         v.copy_(v0)
     assert tsra._tile_safe(q, rows, D) is q  # the kernels see the huge strides
     _check(q, k, v, w, msk, want_map=False, grads=True, clone=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one binary per op variant: N, M and B do not change what the GPU launcher compiles
+# ---------------------------------------------------------------------------------------------
+
+class _Recorder:
+    """Stands for a kernel in ``tsra._kernel``: records the Triton specialization of each launch (and
+    the autotuning class key) instead of running it."""
+
+    def __init__(self, log, name, raw=False):
+        self.log, self.name, self.raw = log, name, raw
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            fn = getattr(tsra.K, self.name).fn
+            spec = aot_check.launch_specialization(self.name, args, kwargs, kernel_fn=fn if self.raw else None)
+            named = dict(zip(inspect.signature(fn).parameters, args))
+            tune = tsra._C.tune_key(self.name, named, kwargs) if self.name in tsra._C.TUNED else None
+            self.log.add((spec, tune))
+        return launch
+
+
+def _gpu_launch_keys(monkeypatch, B, N, M, D, layout, with_map, raw=False):
+    """The (specialization, tune key) set of one forward + backward as the GPU path launches them."""
+    log = set()
+    monkeypatch.setattr(tsra, "_interpret", lambda: False)
+    monkeypatch.setattr(tsra, "_arch", lambda: 90)
+    monkeypatch.setattr(tsra, "_check_device", lambda q: None)
+    monkeypatch.setattr(tsra, "_sm_count", lambda: 132)
+    monkeypatch.setattr(tsra, "_kernel", lambda name: _Recorder(log, name, raw))
+    H = 2
+    g = torch.Generator().manual_seed(0)
+
+    def make(rows, d):
+        shape = (B, rows, H, d) if layout == "bnhd" else (B, H, rows, d)
+        t = torch.randn(shape, generator=g).to(torch.bfloat16)
+        return t.transpose(1, 2) if layout == "bnhd" else t
+
+    q, k, v = make(N, D), make(M, D), make(M, D)
+    w = torch.rand(B, H, M, generator=g) + 0.5
+    mask = torch.ones(B, M, dtype=torch.bool)
+    map_start, map_stop = (0, M) if with_map else (0, 0)
+    out, lse, amap = tsra.sra_attention_fwd_triton(q, k, v, w, mask, 0.5, D ** -0.5, map_start, map_stop)
+    gmap = torch.randn_like(amap) if with_map else None
+    tsra.sra_attention_bwd_triton(torch.randn_like(out), gmap, None, q, k, v, w, mask, out, lse, 0.5, D ** -0.5,
+                                  map_start, map_stop)
+    return log
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+@pytest.mark.parametrize("D", [64, 40])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_no_new_binary_when_n_m_or_b_change(monkeypatch, layout, D, with_map):
+    """Triton's own binder (aot_check.launch_specialization) gives every launch of a forward + backward the
+    same specialization and autotuning key for N in {1000, 32760, 32769}, M in {77, 226, 512} (one class;
+    the map through the map-from-LSE kernel, whose key block does not depend on M) and B in {1, 2}."""
+    tsra.FORCE_MAP_PATH = "two-kernel" if with_map else None
+    base = _gpu_launch_keys(monkeypatch, 1, 1000, 77, D, layout, with_map)
+    assert len(base) == (5 if with_map else 4)
+    for B, N, M in [(1, 32760, 77), (1, 32769, 77), (1, 1000, 226), (1, 1000, 512), (2, 32769, 512)]:
+        assert _gpu_launch_keys(monkeypatch, B, N, M, D, layout, with_map) == base, (B, N, M)
+
+
+def test_fused_map_binary_depends_on_the_key_class_only(monkeypatch):
+    """The head-looped map kernel holds all keys in one block (BLOCK_M = next_pow2(M)): one binary per
+    power of two of M, none per N or B."""
+    base = _gpu_launch_keys(monkeypatch, 1, 1000, 77, 64, "bnhd", True)
+    assert any("sra_fwd_map_kernel" == spec[0] for spec, _ in base)
+    assert _gpu_launch_keys(monkeypatch, 2, 32769, 100, 64, "bnhd", True) == base
+    assert _gpu_launch_keys(monkeypatch, 1, 1000, 200, 64, "bnhd", True) != base
+
+
+def test_undeclared_kernels_would_specialise_on_n(monkeypatch):
+    """The check above can fail: without ``do_not_specialize`` Triton's binder tells N = 32768 (divisible
+    by 16) from N = 32769 and M = 512 from M = 77."""
+    a = _gpu_launch_keys(monkeypatch, 1, 32768, 512, 64, "bnhd", False, raw=True)
+    assert a != _gpu_launch_keys(monkeypatch, 1, 32769, 512, 64, "bnhd", False, raw=True)
+    assert a != _gpu_launch_keys(monkeypatch, 1, 32768, 77, 64, "bnhd", False, raw=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep: its CPU rehearsal runs the GPU code path; the dispatcher reads what it writes
+# ---------------------------------------------------------------------------------------------
+
+def test_sweep_rehearsal_writes_a_table_of_proven_tiles(tmp_path):
+    import triton
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool finds the tree itself
+    r = subprocess.run([sys.executable, "tools/triton_sweep.py", "--rehearse", "--out", str(tmp_path),
+                        "--budget-s", "400"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = json.loads((tmp_path / "triton_sweep-sm_90.json").read_text())
+    assert table["rehearsal"] is True and table["complete"] is True
+    assert table["triton"] == triton.__version__ and table["commit"] and table["device"] and table["date"]
+    assert sorted(table["choices"]) == sorted(f"{k}/D64/half" for k in
+                                              ("sra_fwd_kernel", "sra_map_kernel", "sra_bwd_dkdv_kernel",
+                                               "sra_bwd_dq_kernel"))
+    timed = {(t["kernel"], tuple(t["tile"])) for t in table["timings"] if t["ms"] is not None}
+    for key, tile in table["choices"].items():
+        kernel = key.split("/")[0]
+        assert tuple(tile) in tsra._C.candidate_tiles(kernel, 64, 64, 2, 90), key
+        assert (kernel, tuple(tile)) in timed
+    # more than one candidate was timed somewhere: the choice was a choice
+    assert len(timed) > len(table["choices"])
+
+
+def test_dispatcher_uses_a_sweep_choice_only_while_it_is_a_candidate(tmp_path, monkeypatch):
+    C = tsra._C
+    first, second = C.candidate_tiles("sra_fwd_kernel", 512, 128, 2, 90)[:2]
+    key = C.table_key("sra_fwd_kernel", 128, 2)
+
+    def heuristic_with(choice):
+        (tmp_path / "sm_90.json").write_text(json.dumps({"choices": {key: list(choice)}}))
+        monkeypatch.setattr(C, "TABLE_DIR", str(tmp_path))
+        C.sweep_table.cache_clear()
+        try:
+            cfg = C.heuristic("sra_fwd_kernel", 512, 128, 2, 90)
+        finally:
+            C.sweep_table.cache_clear()
+        return (cfg["BLOCK_N"], cfg["BLOCK_M"], cfg["num_warps"], cfg["num_stages"])
+
+    assert heuristic_with(second) == tuple(second)
+    assert heuristic_with((256, 256, 8, 5)) == tuple(first)  # not proven spill-free: ignored
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.7.1", "3.8.0"])
+def test_committed_resource_proof_covers_every_pickable_case(version):
+    """Each Triton the pins allow has a committed aot_check seed that covers every case the current config
+    lists can launch, none failing (a config added without a proof on every version fails here; CI
+    recompiles a sample of each seed under its own version: tools/triton_compat.sh, make test)."""
+    with open(aot_check.seed_path(version)) as f:
+        seed = json.load(f)
+    assert seed["triton"].split("+")[0] == version
+    for case in aot_check.all_cases():
+        info = seed["results"].get(aot_check._case_key(case))
+        assert info is not None, f"triton {version}: no proof for {aot_check.case_label(case)} {case}"
+        assert not aot_check.judge(case, info), (version, aot_check.case_label(case), info)
+
+
+def test_class_keyed_autotuner_tunes_once_per_class_and_stays_exact(monkeypatch):
+    """With autotuning on, the tuner benchmarks every candidate of a class once (here a stand-in timer that
+    prefers the last candidate), launches the winner, and reuses it for another N and M of the class;
+    outputs stay exact against float64."""
+    import triton.testing
+
+    tuner = tsra._ClassTuner(tsra.K.sra_fwd_kernel, "sra_fwd_kernel", 90)
+    timed = []
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        timed.append(1)
+        return 10.0 - len(timed)  # later candidates "faster"
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tsra, "_kernel", lambda name: tuner if name == "sra_fwd_kernel" else getattr(tsra.K, name))
+    launch_kwargs = tsra._launch_kwargs
+    monkeypatch.setattr(tsra, "_launch_kwargs",
+                        lambda name, *a: {} if name == "sra_fwd_kernel" else launch_kwargs(name, *a))
+    # the interpreter takes no num_warps / num_stages: drop them at launch
+    monkeypatch.setattr(tuner, "_launch", lambda grid, args, kw, cfg: tuner.fn[grid](*args, **kw, **cfg.kwargs))
+    tsra.set_autotune(True)
+    _check(*_inputs(1, 2, 40, 77, 40, torch.bfloat16), want_map=False)
+    candidates = tsra._C.candidate_tiles("sra_fwd_kernel", 77, 64, 2, 90)
+    assert len(candidates) >= 2 and len(tuner.cache) == 1 and len(timed) == len(candidates)
+    (key, cfg), = tuner.cache.items()
+    assert (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.num_warps, cfg.num_stages) == candidates[-1]
+    _check(*_inputs(1, 2, 33, 100, 40, torch.bfloat16), want_map=False)
+    assert list(tuner.cache) == [key] and len(timed) == len(candidates)  # same class: no new tuning

@@ -13,10 +13,14 @@ the fused-map kernel at every ``BLOCK_M`` the dispatcher sends to it. Token weig
 (the most code); the backward runs with and without the map gradient. For every fused-map case the
 dispatcher's shared-memory formula is compared with the compiled size. Results are cached (keyed on the
 kernel source, Triton's version, ptxas and the case) under ``$DARE_KERNELS_AOT_CACHE`` or
-``~/.cache/dare_kernels``; ``-j`` compiles in parallel.
+``~/.cache/dare_kernels``; ``-j`` compiles in parallel; ``--only 'sm_80/sra_bwd_dq_kernel/*'`` limits a
+run to the matching cases. The committed seed of each Triton version
+(``bench/results/triton_resources-<version>.json``, written with ``--write-seed``) fills the cache when
+its fingerprint matches; ``--verify N`` recompiles N of them.
 
 Must run without ``TRITON_INTERPRET=1``. Strides of the innermost dims are specialised to 1 and pointers /
-other strides marked divisible by 16, as Triton's JIT does for aligned contiguous inputs; sizes stay general.
+the other specialised strides marked divisible by 16, as Triton's JIT does for aligned contiguous inputs;
+the sizes and the strides in ``_sra_kernels.NO_SPECIALIZE`` stay general (``ALIGN=1``: the aligned case).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fnmatch
+import functools
 import hashlib
 import inspect
 import io
@@ -48,8 +54,9 @@ M_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
 
 _FLOAT_ARGS = ("qk_scale", "strength", "inv_heads", "sm_scale")
 _UNIT_STRIDES = ("sqd", "skd", "svd", "sod", "sdod", "sdqd", "sdkd", "sdvd", "sam", "swm", "smm", "sgm")
-_TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_")
-_FP32_PTRS = ("W", "LSE", "AMAP", "DELTA", "GLSE", "GMAP", "DW")
+_TENSORS = ("Q", "K", "V", "O", "DO", "DQ")
+# (dk / dv are written as float32 partials, one slot per query split: sra_attention_bwd_triton)
+_FP32_PTRS = ("W", "LSE", "AMAP", "DELTA", "GLSE", "GMAP", "DW", "DK", "DV_")
 
 # (kernel, constexprs, num_warps, num_stages): one small config per kernel
 QUICK_PLANS = [
@@ -108,7 +115,7 @@ def pickable(arch: int, D: int, dtype: str) -> list[tuple[str, dict, int, int]]:
             add("sra_fwd_map_kernel", C.heuristic("sra_fwd_map_kernel", M, bd, elem, arch), fixed_m=block_m)
         for gmap in (False, True):
             for name in ("sra_bwd_dkdv_kernel", "sra_bwd_dq_kernel"):
-                configs, prune, _key = C.TUNED[name]
+                configs, prune = C.TUNED[name]
                 for c in prune(configs(arch), nargs, arch=arch, HAS_GMAP=gmap, **kw):
                     add(name, c, {"HAS_GMAP": gmap})
                 add(name, C.heuristic(name, M, bd, elem, arch), {"HAS_GMAP": gmap})
@@ -132,6 +139,29 @@ def all_cases(archs=ARCHS, dims=HEAD_DIMS, dtypes=DTYPES) -> list[dict]:
 # compiling one case
 # ---------------------------------------------------------------------------------------------
 
+def launch_specialization(name: str, args: tuple, kwargs: dict, arch: int = 90, kernel_fn=None) -> tuple:
+    """What decides which binary Triton's JIT runs for ``kernel[grid](*args, **kwargs)``: the
+    specialization its own binder computes (argument types, divisibility by 16 / equal to 1 of the
+    specialised integers and pointers, constexpr values) plus the launch options, for sm_``arch``,
+    without a GPU. ``kernel_fn``: the python function to bind (default: kernel ``name``, with its
+    ``do_not_specialize``); pass a raw function to see what an undeclared kernel would specialise."""
+    _bound, specialization, options = _binder(name, arch, kernel_fn)(*args, **kwargs)
+    return (name, repr(specialization), tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(name: str, arch: int, kernel_fn):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from . import _sra_kernels as K
+
+    raw = getattr(K, name).fn if kernel_fn is None else kernel_fn
+    jf = JITFunction(raw, do_not_specialize=K.no_specialize(raw) if kernel_fn is None else None)
+    return create_function_from_signature(jf.signature, jf.params, make_backend(GPUTarget("cuda", arch, 32)))
+
+
 def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_stages: int,
                    dtype: str = "bf16", ieee: int = 0) -> dict:
     """Compile kernel ``name`` for sm_``arch``; returns {shared, regs, spill_bytes, ptxas} (raises on errors).
@@ -152,7 +182,7 @@ def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_s
     if not hasattr(fn, "fn"):
         raise RuntimeError("the kernels were built for TRITON_INTERPRET=1; run without it")
     names = list(inspect.signature(fn.fn).parameters)
-    cx = dict(HAS_W=True, HAS_MASK=True, IEEE=ieee, **constexprs)
+    cx = dict(HAS_W=True, HAS_MASK=True, IEEE=ieee, ALIGN=1, **constexprs)
     cx.setdefault("D", constexprs.get("BLOCK_D"))
     cx.setdefault("DV", constexprs.get("BLOCK_DV", constexprs.get("BLOCK_D")))
     cx.update({n: 1 for n in names if n in _UNIT_STRIDES})
@@ -171,8 +201,10 @@ def compile_kernel(name: str, constexprs: dict, arch: int, num_warps: int, num_s
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-    # what the JIT sees for aligned tensors: pointers and strides divisible by 16 (sizes left general)
-    aligned = [n for n in names if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("s"))]
+    # what the JIT sees for aligned tensors: pointers and the specialised strides divisible by 16; the
+    # sizes and the strides in NO_SPECIALIZE stay general, as the kernels declare them
+    aligned = [n for n in names if sig[n].startswith("*")
+               or (sig[n] == "i32" and n.startswith("s") and n not in K.NO_SPECIALIZE)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in cx.items()}, attrs=attrs)
     log = io.StringIO()
@@ -233,14 +265,24 @@ def _cache_path(fp: str) -> str:
     return os.path.join(root, f"aot_check-{fp}.json")
 
 
-# the committed results of the last full run (written with --write-md): a seed for the cache when the
-# fingerprint matches, so that CI compiles only what changed plus the --verify sample
-SEED = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results", "triton_resources.json")
+# the committed results of the last full run on each Triton version (written with --write-seed or
+# --write-md): a seed for the cache when the fingerprint matches, so that CI compiles only what changed
+# plus the --verify sample. One file per version: the resources differ between Triton releases.
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "results")
+
+
+def seed_path(version: str | None = None) -> str:
+    """bench/results/triton_resources-<triton version>.json (default: the running Triton)."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    return os.path.join(RESULTS, f"triton_resources-{version.split('+')[0]}.json")
 
 
 def _load_seed(fp: str) -> dict:
     try:
-        with open(SEED) as f:
+        with open(seed_path()) as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -251,11 +293,17 @@ def _write_seed(fp: str, results) -> None:
     import triton
 
     data = {"fingerprint": fp, "triton": triton.__version__,
+            "failing": sum(1 for _, _, p in results if p),
             "results": {_case_key(c): {k: info[k] for k in ("shared", "regs", "spill_bytes", "error")}
                         for c, info, _ in results}}
-    with open(SEED, "w") as f:
+    with open(seed_path(), "w") as f:
         json.dump(data, f, indent=0, sort_keys=True)
         f.write("\n")
+
+
+def case_label(case: dict) -> str:
+    """``sm_<arch>/<kernel>/D<head dim>/<dtype>``: what ``--only`` patterns match."""
+    return f"sm_{case['arch']}/{case['name']}/D{case['cx']['D']}/{case['dtype']}"
 
 
 def _load_cache(path: str) -> dict:
@@ -342,7 +390,13 @@ def write_markdown(path: str, results: list[tuple[dict, dict, list]], seconds: f
         "shared-memory formula (fused-map kernel), which must not be below the compiled size.",
         "",
         f"{len(results)} cases, {n_fail} failing; the run that wrote this file compiled {n_compiled} of them in "
-        f"{seconds:.0f} s wall with -j {jobs} (the others came from its cache).",
+        f"{seconds:.0f} s wall with -j {jobs} (the others came from its cache); the cases' own compile times "
+        f"sum to {sum(info.get('seconds') or 0 for _, info, _ in results):.0f} s.",
+        "",
+        "Every Triton version the pins allow, from its committed seed (`aot_check --all --write-seed` under "
+        "that version; `make test` recompiles a sample of each):",
+        "",
+        *_seed_summaries(),
         "",
         "| arch | kernel | config | D | dtype | shared B | regs | spill B | estimate B | status |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -356,9 +410,26 @@ def write_markdown(path: str, results: list[tuple[dict, dict, list]], seconds: f
         f.write("\n".join(lines) + "\n")
 
 
+def _seed_summaries() -> list[str]:
+    import glob
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "triton_resources-*.json"))):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        out.append(f"- triton {data.get('triton')}: {len(data.get('results', {}))} cases, "
+                   f"{data.get('failing', '?')} failing (`bench/results/{os.path.basename(path)}`)")
+    return out
+
+
 def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True, progress: bool = False,
-            verify: int = 0) -> int:
+            verify: int = 0, only: list[str] | None = None, write_seed: bool = False) -> int:
     cases = all_cases(archs)
+    if only:
+        cases = [c for c in cases if any(fnmatch.fnmatch(case_label(c), pat) for pat in only)]
     fp = _fingerprint()
     cache_path = _cache_path(fp)
     cache = {**_load_seed(fp), **_load_cache(cache_path)} if use_cache else {}
@@ -410,10 +481,10 @@ def run_all(archs, jobs: int, md_path: str | None, use_cache: bool = True, progr
     n_fail = sum(1 for _, _, p in results if p)
     print(f"aot_check --all: {len(cases)} cases, {len(todo)} compiled in {seconds:.0f} s, {n_fail} failing, "
           f"{mismatched} of {len(sample)} cached results not reproduced", flush=True)
+    if (md_path or write_seed) and set(archs) == set(ARCHS) and not only:
+        _write_seed(fp, results)  # (first: the markdown lists every version's seed)
     if md_path:
         write_markdown(md_path, results, seconds, jobs, len(todo))
-        if set(archs) == set(ARCHS):
-            _write_seed(fp, results)
     return 1 if n_fail or mismatched else 0
 
 
@@ -426,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-md", metavar="PATH", help="with --all: write the table as markdown")
     parser.add_argument("--no-cache", action="store_true", help="with --all: compile everything again")
     parser.add_argument("--progress", action="store_true", help="with --all: print each case as it compiles")
+    parser.add_argument("--only", action="append", metavar="PATTERN",
+                        help="with --all: only the cases whose sm_<arch>/<kernel>/D<d>/<dtype> matches this glob "
+                             "(repeatable), e.g. 'sm_80/sra_bwd_dq_kernel/D40/*'")
+    parser.add_argument("--write-seed", action="store_true",
+                        help="with --all: write bench/results/triton_resources-<triton version>.json")
     parser.add_argument("--verify", type=int, default=0, metavar="N",
                         help="with --all: compile N random cached cases again; a different result fails")
     args = parser.parse_args(argv)
@@ -435,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = args.arch or list(ARCHS)
     if args.all:
         return run_all(archs, max(1, args.jobs), args.write_md, use_cache=not args.no_cache, progress=args.progress,
-                       verify=args.verify)
+                       verify=args.verify, only=args.only, write_seed=args.write_seed)
     failed = 0
     for arch in archs:
         for name, cx, warps, stages in QUICK_PLANS:

@@ -22,14 +22,18 @@ Kernel choice (made inside the op from the shapes):
   need no atomics: deterministic throughout.
 
 float32 inputs use exact float32 dot products (no TF32); float16/bfloat16 use tensor cores with float32
-accumulation. On GPUs the block sizes are autotuned (configs for Hopper and Ampere in ``_sra_configs``, pruned
-with ``aot_check --all``, keyed on N, M, the head dims and the flags; ``DARE_KERNELS_TRITON_AUTOTUNE=0`` uses one
-heuristic config instead); under ``TRITON_INTERPRET=1`` one small fixed configuration runs, on CPU tensors.
+accumulation. On GPUs each kernel launches one config: the arch's sweep table (``tools/triton_sweep.py``,
+``_sra_configs.sweep_table``) or else the first of its spill-free list (``_sra_configs``, proven by
+``aot_check --all`` on every supported Triton); ``DARE_KERNELS_TRITON_AUTOTUNE=1`` autotunes over the list
+once per size class instead. Sizes and size-dependent strides are not specialised (``_sra_kernels``), so
+a new N, M or B reuses the compiled binaries. Under ``TRITON_INTERPRET=1`` one small fixed configuration
+runs, on CPU tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Optional
 
@@ -98,8 +102,11 @@ _pow2 = _C.pow2
 # autotuning (GPU only): config lists, pruning and heuristics live in _sra_configs.py
 # ---------------------------------------------------------------------------------------------
 
-# DARE_KERNELS_TRITON_AUTOTUNE=0 launches one heuristic configuration per kernel instead of autotuning
-# (fast start-up: correctness runs over many small shapes compile once instead of once per config)
+# Autotuning is off by default (DARE_KERNELS_TRITON_AUTOTUNE=1 turns it on): each kernel launches one
+# config, the arch's sweep table entry (measured by tools/triton_sweep.py) or else the first of its
+# spill-free list, so a new op variant compiles each kernel once (~1-4 s) instead of once per candidate
+# plus a benchmark of each. With autotuning on, the candidates are benchmarked once per size CLASS
+# (_C.tune_key: head dims, dtype, flags, key-count class), never per raw N or M.
 AUTOTUNE = switches.get("DARE_KERNELS_TRITON_AUTOTUNE")
 
 
@@ -116,14 +123,16 @@ def _launch_kwargs(name: str, M: int, block_d: int, elem_bytes: int) -> dict:
     if _interpret():
         return {"BLOCK_N": INTERPRET_BLOCK} if name == "sra_fwd_map_kernel" else \
             {"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK}
-    if AUTOTUNE:
+    if AUTOTUNE and name in _C.TUNED:
         return {}
+    if name == "sra_bwd_delta_kernel":
+        return _C.delta_config(block_d, elem_bytes)
     return _C.heuristic(name, M, block_d, elem_bytes, _arch())
 
 
 def _kernel(name: str):
-    """The kernel ``name``: autotuned on GPUs (unless turned off), the raw jit function otherwise."""
-    if _interpret() or not AUTOTUNE or name in FORCE_CONFIG:
+    """The kernel ``name``: class-keyed autotuned on GPUs when autotuning is on, the jit function otherwise."""
+    if _interpret() or not AUTOTUNE or name in FORCE_CONFIG or name not in _C.TUNED:
         return getattr(K, name)
     return _tuned_kernel(name)
 
@@ -138,7 +147,42 @@ def _tuned_kernel_for(name: str, arch: int):
     fn = getattr(K, name)
     if name not in _C.TUNED:
         return fn
-    return _C.autotuned(fn, name, arch)
+    return _ClassTuner(fn, name, arch)
+
+
+class _ClassTuner:
+    """Triton's autotuning, keyed on size classes: ``kernel[grid](*args, **kwargs)`` benchmarks the pruned
+    candidates (``_C.TUNED``) once per ``_C.tune_key`` and launches the fastest; ``cache`` maps each key
+    to its config. (Triton's own autotuner keys on argument values, so every new N or M re-benchmarked.)"""
+
+    def __init__(self, fn, name: str, arch: int):
+        self.fn, self.name, self.arch = fn, name, arch
+        self.arg_names = list(inspect.signature(fn.fn).parameters)
+        self.cache: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs, cfg):
+        return self.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def run(self, grid, args, kwargs):
+        named = dict(zip(self.arg_names, args))
+        key = _C.tune_key(self.name, named, kwargs)
+        cfg = self.cache.get(key)
+        if cfg is None:
+            configs, prune = _C.TUNED[self.name]
+            candidates = prune(configs(self.arch), named, arch=self.arch, **kwargs)
+            if len(candidates) == 1:
+                cfg = candidates[0]
+            else:
+                from triton.testing import do_bench
+
+                times = [do_bench(lambda c=c: self._launch(grid, args, kwargs, c), warmup=5, rep=20)
+                         for c in candidates]
+                cfg = candidates[times.index(min(times))]
+            self.cache[key] = cfg
+        return self._launch(grid, args, kwargs, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +230,18 @@ def _tile_safe(t: Optional[torch.Tensor], rows: int, cols: int) -> Optional[torc
     return t if extent < 2**31 else t.contiguous()
 
 
+def _align(*tensors: torch.Tensor) -> bool:
+    """``ALIGN`` of the kernels: every stride of every tensor (dims of size 1 aside, their offset is 0) is a
+    multiple of 16 elements, so the batch / head offsets that are not specialised (``NO_SPECIALIZE``) may
+    be declared 16-aligned. For the [B,H,N,D] and [B,N,H,D] layouts this holds exactly when the head dims
+    (and row strides) are multiples of 16, whatever N, M and B: the choice never changes with the sizes."""
+    return all(st % 16 == 0 for t in tensors for st, n in zip(t.stride(), t.shape) if n > 1)
+
+
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 # the dk/dv kernel splits the queries when there are too few key blocks to fill the GPU
 DKDV_SPLIT_ALIGN = 128  # a split's rows: multiple of every BLOCK_N candidate
 MAX_DKDV_SPLITS = 64
@@ -202,7 +258,7 @@ def _dkdv_split(BH: int, N: int, M: int) -> tuple[int, int]:
         rows = triton.cdiv(triton.cdiv(N, 2), align) * align
         return triton.cdiv(N, rows), rows
     align = DKDV_SPLIT_ALIGN
-    target = 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    target = 4 * _sm_count()
     key_blocks = triton.cdiv(M, 64)
     want = min(MAX_DKDV_SPLITS, triton.cdiv(target, max(1, BH * key_blocks)), triton.cdiv(N, 4 * align))
     if want <= 1:
@@ -252,6 +308,7 @@ def sra_attention_fwd_triton(
     query = _tile_safe(query, rows, common["BLOCK_D"])
     key = _tile_safe(key, key_rows, common["BLOCK_D"])
     value = _tile_safe(value, key_rows, common["BLOCK_DV"])
+    common["ALIGN"] = _align(query, key, value, out)
 
     if fused:
         kern = _kernel("sra_fwd_map_kernel")
@@ -278,7 +335,8 @@ def sra_attention_fwd_triton(
             query, key, w, mask, lse, amap,
             *query.stride(), *key.stride(), *w_strides, *m_strides, *amap.stride(),
             H, N, M, D, map_start, map_stop, qk_scale, strength, 1.0 / H,
-            HAS_W=common["HAS_W"], HAS_MASK=common["HAS_MASK"], IEEE=common["IEEE"], BLOCK_D=common["BLOCK_D"],
+            HAS_W=common["HAS_W"], HAS_MASK=common["HAS_MASK"], IEEE=common["IEEE"], ALIGN=common["ALIGN"],
+            BLOCK_D=common["BLOCK_D"],
             **_launch_kwargs("sra_map_kernel", n_map, common["BLOCK_D"], elem),
         )
     return out, lse, amap
@@ -328,10 +386,16 @@ def sra_attention_bwd_triton(
     lse = lse.contiguous()
 
     delta = torch.empty((B, H, N), device=query.device, dtype=torch.float32)
-    delta_cfg = FORCE_CONFIG.get("sra_bwd_delta_kernel") or (
-        {"BLOCK_N": INTERPRET_BLOCK, "BLOCK_M": INTERPRET_BLOCK} if _interpret() else _C.delta_config(bd_max, elem))
-    bn_delta = delta_cfg["BLOCK_N"]
-    K.sra_bwd_delta_kernel[(triton.cdiv(N, bn_delta), B * H)](
+    n_split, rows_per_split = _dkdv_split(B * H, N, M)
+    # dk/dv/dw always go through float32 partials (one slot when unsplit), summed in a fixed order below:
+    # the dk/dv kernel's output type then never changes with N or M (one binary; the same rounding)
+    dk_t = torch.empty((n_split, B, H, M, D), device=query.device, dtype=torch.float32)
+    dv_t = torch.empty((n_split, B, H, M, DV), device=query.device, dtype=torch.float32)
+    dw_t = torch.empty((n_split, B, H, M) if has_w else (1,), device=query.device, dtype=torch.float32)
+    dk_s, dv_s, dw_s = dk_t.stride(), dv_t.stride(), dw_t.stride(0)
+    flags["ALIGN"] = _align(query, key, value, out, grad_out, dq, dk_t, dv_t)
+    delta_cfg = _launch_kwargs("sra_bwd_delta_kernel", M, bd_max, elem)
+    _kernel("sra_bwd_delta_kernel")[(triton.cdiv(N, delta_cfg["BLOCK_N"]), B * H)](
         query, key, w, mask, out, grad_out, lse, glse, gmap, delta,
         *query.stride(), *key.stride(), *w_strides, *m_strides, *out.stride(), *grad_out.stride(),
         *gl_strides, *g_strides,
@@ -339,15 +403,6 @@ def sra_attention_bwd_triton(
         HAS_GLSE=grad_lse is not None, HAS_GMAP=grad_map is not None, **flags, **delta_cfg,
     )
     common = (H, N, M, D, DV, map_start, map_stop, qk_scale, float(scale), strength, 1.0 / H)
-    n_split, rows_per_split = _dkdv_split(B * H, N, M)
-    if n_split == 1:
-        dk_t, dv_t, dw_t = dk, dv, dw
-        dk_s, dv_s, dw_s = (0, *dk.stride()), (0, *dv.stride()), 0
-    else:  # float32 partials per query split, summed below in a fixed order
-        dk_t = torch.empty((n_split, B, H, M, D), device=query.device, dtype=torch.float32)
-        dv_t = torch.empty((n_split, B, H, M, DV), device=query.device, dtype=torch.float32)
-        dw_t = torch.empty((n_split, B, H, M) if has_w else (1,), device=query.device, dtype=torch.float32)
-        dk_s, dv_s, dw_s = dk_t.stride(), dv_t.stride(), dw_t.stride(0)
     kern = _kernel("sra_bwd_dkdv_kernel")
     kern[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H, n_split)](
         query, key, value, w, mask, grad_out, lse, delta, gmap, dk_t, dv_t, dw_t,
@@ -356,11 +411,10 @@ def sra_attention_bwd_triton(
         H, N, M, D, DV, map_start, map_stop, rows_per_split, qk_scale, float(scale), strength, 1.0 / H,
         HAS_GMAP=grad_map is not None, **flags, **_launch_kwargs("sra_bwd_dkdv_kernel", M, bd_max, elem),
     )
-    if n_split > 1:
-        dk.copy_(dk_t.sum(0))
-        dv.copy_(dv_t.sum(0))
-        if has_w:
-            dw.copy_(dw_t.sum(0))
+    dk.copy_(dk_t.sum(0) if n_split > 1 else dk_t[0])
+    dv.copy_(dv_t.sum(0) if n_split > 1 else dv_t[0])
+    if has_w:
+        dw.copy_(dw_t.sum(0) if n_split > 1 else dw_t[0])
     kern = _kernel("sra_bwd_dq_kernel")
     kern[_grid_n("BLOCK_N", N, B * H)](
         query, key, value, w, mask, grad_out, lse, delta, gmap, dq,

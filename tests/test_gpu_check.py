@@ -36,7 +36,8 @@ pytestmark = pytest.mark.xdist_group("gpu_check")
 
 PART1 = ["env", "build", "warmup", "pack", "bench", "host_overhead", "smoke", "racecheck", "memcheck", "synccheck",
          "initcheck", "pytest_core", "selftest_core", "cache", "repack"]
-PART2_REUSED = ["env", "reuse", "build", "warmup", "wheels", "bench2", "pytest_gpu", "selftest_models", "cache"]
+PART2_REUSED = ["env", "reuse", "build", "warmup", "wheels", "bench2", "pytest_gpu", "selftest_models", "sweep",
+                "cache"]
 SANITIZERS = ("racecheck", "memcheck", "synccheck", "initcheck")
 IMPORT_OK = "sra_cuda_smoke: imports ok"  # tools/sra_cuda_smoke.py, also run first by each sanitizer
 OUT_FILES = {"gpu_check.md", "gpu_check.json", "stages.csv", "env.json", "bench.csv", "bench.json", "logs.tar.gz"}

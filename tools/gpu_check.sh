@@ -17,7 +17,7 @@
 #                    cores into one TRITON_CACHE_DIR that every later stage shares
 #   pack         40  the reuse archive: built extension + Triton and inductor caches   -> gpu_reuse.tar.gz
 #   bench       120  tools/gpu_check_bench.py --part 1: the headline shape's rows and the rectified_cfg rows
-#   host_overhead 45 tools/host_overhead.py (when the tree has it)
+#   host_overhead 45 tools/host_overhead.py: the host path of one call, eager vs CUDA-graph replay
 #   then at once (none of them is timed): smoke 40 (tools/sra_cuda_smoke.py), racecheck 150, memcheck 120,
 #   synccheck 90, initcheck 90 (compute-sanitizer over the smoke shapes), pytest_core 120
 #   (tests/test_sra_cuda.py, tests/test_cfg_triton.py), selftest_core 120 (small shapes, every dtype/head dim)
@@ -45,6 +45,8 @@
 #   GPU_CHECK_MODE        auto (default) | device | rehearse; device without a GPU is a dry run of the GPU path
 #                         whose stages fail fast (tests/test_gpu_check.py uses it)
 #   GPU_CHECK_BUDGET_S    seconds of the part (default: part 1 420, part 2 300, all 720; rehearsal 1200)
+#   GPU_CHECK_SWEEP       1 runs the Triton tile sweep at the end of part 2 (tools/triton_sweep.py, 240 s more
+#                         budget); otherwise it is skipped and says so (the rehearsal always runs it)
 #   GPU_CHECK_CAP_SCALE   every stage cap times this (default 1 on a GPU, 3 in the rehearsal)
 #   GPU_CHECK_ARCH_LIST   TORCH_CUDA_ARCH_LIST of the build (default: this GPU's arch only, "9.0a" on H100/H200)
 #   GPU_CHECK_PYTEST_FILES  the test files of the pytest stages (default per stage, above)
@@ -115,6 +117,8 @@ TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$REUSE_DIR/inductor-cache}
 mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
 case $PART in 1) BUDGET_DEFAULT=420 ;; 2) BUDGET_DEFAULT=300 ;; *) BUDGET_DEFAULT=720 ;; esac
 [ "$MODE" = rehearse ] && BUDGET_DEFAULT=1200
+SWEEP=${GPU_CHECK_SWEEP:-0}
+[ "$SWEEP" = 1 ] && [ "$PART" != 1 ] && BUDGET_DEFAULT=$(( BUDGET_DEFAULT + 240 ))
 BUDGET=${GPU_CHECK_BUDGET_S:-$BUDGET_DEFAULT}
 # the rehearsal's caps are loose: the interpreter is slow and CI machines are shared (a wall-clock squeeze
 # would make it flaky); its budget is long enough never to skip a stage
@@ -122,7 +126,6 @@ CAP_SCALE=${GPU_CHECK_CAP_SCALE:-$([ "$MODE" = rehearse ] && echo 3 || echo 1)}
 DEADLINE=$(( $(date +%s) + BUDGET ))
 NPROC=$(nproc 2>/dev/null || echo 4)
 JOBS=${MAX_JOBS:-$NPROC}
-if grep -q -- '--part' tools/gpu_check_bench.py 2>/dev/null; then BENCH_PARTS=1; else BENCH_PARTS=0; fi
 export PY MODE WORK OUT_DIR ROOT NPROC TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR JOBS
 
 json_str() {  # a JSON string literal of $1 (python, so any byte is escaped right)
@@ -236,19 +239,23 @@ sanitize() {  # sanitize TOOL (on a GPU a missing compute-sanitizer or CUDA buil
 }
 
 bench() {  # bench PART [budget]
-  local part_args=()
-  if [ "$BENCH_PARTS" = 1 ]; then part_args=(--part "$1")
-  elif [ "$1" = 2 ]; then echo "SKIP: tools/gpu_check_bench.py has no --part here: part 1 ran every row"; return 0; fi
   if [ "$MODE" = device ]; then
-    "$PY" tools/gpu_check_bench.py --out "$WORK" --device cuda --budget-s "$2" "${part_args[@]}"
+    "$PY" tools/gpu_check_bench.py --out "$WORK" --device cuda --budget-s "$2" --part "$1"
   else
-    "$PY" tools/gpu_check_bench.py --out "$WORK" --device cpu --tiny --rows-per-provider 1 --budget-s 20 "${part_args[@]}"
+    "$PY" tools/gpu_check_bench.py --out "$WORK" --device cpu --tiny --rows-per-provider 1 --budget-s 20 --part "$1"
   fi
 }
 
 host_overhead() {
-  if [ ! -f tools/host_overhead.py ]; then echo "SKIP: tools/host_overhead.py is not in this tree"; return 0; fi
   "$PY" tools/host_overhead.py --out "$WORK" --device "$([ "$MODE" = device ] && echo cuda || echo cpu)"
+}
+
+sweep() {  # sweep BUDGET: the Triton tile sweep on what the part's budget leaves (its table lands in logs.tar.gz)
+  if [ "$MODE" = device ]; then
+    "$PY" tools/triton_sweep.py --out "$WORK" --budget-s "$1"
+  else
+    "$PY" tools/triton_sweep.py --out "$WORK" --budget-s 20 --rehearse
+  fi
 }
 
 warmup() {
@@ -278,8 +285,8 @@ selftest() {  # selftest ARGS...
   [ "$MODE" = rehearse ] && dev=cpu
   "$PY" -m dare_kernels.cli selftest --device "$dev" --no-bench "$@"
 }
-export -f build_cuda run_pytest smoke sanitize bench host_overhead warmup pack cache_count selftest
-export ARCHIVE BENCH_PARTS REUSE
+export -f build_cuda run_pytest smoke sanitize bench host_overhead sweep warmup pack cache_count selftest
+export ARCHIVE REUSE
 
 build_and_warm() {
   if [ "$MODE" = device ]; then
@@ -322,6 +329,12 @@ part2() {
   stage bench2 200 110 'bench 2 {BUDGET}'
   at_once 10 "pytest_gpu 240 run_pytest gpu tests/test_sra_conformance.py tests/test_sra_cuda.py tests/test_cfg_triton.py tests/test_diffusers_offload.py" \
     "selftest_models 180 selftest --no-small --json \"\$WORK/selftest-models.json\""
+  # last and asked for: the sweep times tiles on what the budget leaves (GPU_CHECK_SWEEP=1 adds its 240 s)
+  if [ "$MODE" = rehearse ] || [ "$SWEEP" = 1 ]; then
+    stage sweep 240 0 'sweep {BUDGET}'
+  else
+    SEQ=$(( SEQ + 1 )); record sweep skipped 0 0 0 "not asked: GPU_CHECK_SWEEP=1 runs the Triton tile sweep (+240 s)" ""
+  fi
 }
 
 main() {

@@ -63,6 +63,21 @@ def per_call_us(fn, calls: int, repeats: int, sync=None) -> dict:
     return {"min_us": samples[0], "median_us": samples[len(samples) // 2]}
 
 
+def _recorder(rows: list, op: str, calls: int, repeats: int, sync):
+    """``add(layer, what, fn, skip=None)``: times ``fn`` into a row of ``rows`` (or records why not: a skip
+    reason, or the error it raised, so that one failing layer does not stop the others)."""
+    def add(layer, what, fn, skip=None):
+        row = dict(op=op, layer=layer, what=what)
+        if skip:
+            rows.append(dict(row, status="skipped", reason=skip))
+            return
+        try:
+            rows.append(dict(row, status="ok", **per_call_us(fn, calls, repeats, sync)))
+        except Exception as exc:  # noqa: BLE001 - recorded, the others go on
+            rows.append(dict(row, status="error", reason=f"{type(exc).__name__}: {str(exc)[:200]}"))
+    return add
+
+
 class _StubLaunch:
     """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` does nothing (the launch is not timed)."""
 
@@ -149,17 +164,7 @@ def sra_layers(device: str, calls: int, repeats: int) -> list[dict]:
     sync = torch.cuda.synchronize if device == "cuda" else None
     compiled = "cpu" if device == "cpu" else "cuda"
     rows = []
-
-    def add(layer, what, fn, skip=None):
-        if skip:
-            rows.append(dict(op="sra_attention", layer=layer, what=what, status="skipped", reason=skip))
-            return
-        try:
-            rows.append(dict(op="sra_attention", layer=layer, what=what, status="ok",
-                             **per_call_us(fn, calls, repeats, sync)))
-        except Exception as exc:  # noqa: BLE001 - recorded, the others go on
-            rows.append(dict(op="sra_attention", layer=layer, what=what, status="error",
-                             reason=f"{type(exc).__name__}: {str(exc)[:200]}"))
+    add = _recorder(rows, "sra_attention", calls, repeats, sync)
 
     def noop(query, key, value, token_weight=None, *, key_padding_mask=None, strength=1.0, scale=None,
              return_attn_map=False, attn_map_keys=None, return_lse=False, backend="auto"):
@@ -218,17 +223,7 @@ def cfg_layers(device: str, calls: int, repeats: int) -> list[dict]:
     sync = torch.cuda.synchronize if device == "cuda" else None
     compiled = "cpu" if device == "cpu" else "cuda"
     rows = []
-
-    def add(layer, what, fn, skip=None):
-        if skip:
-            rows.append(dict(op="rectified_cfg", layer=layer, what=what, status="skipped", reason=skip))
-            return
-        try:
-            rows.append(dict(op="rectified_cfg", layer=layer, what=what, status="ok",
-                             **per_call_us(fn, calls, repeats, sync)))
-        except Exception as exc:  # noqa: BLE001
-            rows.append(dict(op="rectified_cfg", layer=layer, what=what, status="error",
-                             reason=f"{type(exc).__name__}: {str(exc)[:200]}"))
+    add = _recorder(rows, "rectified_cfg", calls, repeats, sync)
 
     add("check_inputs", "cfg._check_inputs", lambda: cfg._check_inputs(preds, 5.0, None, "cfg", 0.0, 0.7, 1.0, 0.0,
                                                                      None, None, None, out, compiled))

@@ -453,3 +453,20 @@ def test_bench_marks_a_run_complete_only_at_its_end(tmp_path, monkeypatch, capsy
     md = capsys.readouterr().out
     assert f"- run(s): {runs[0]}" in md and "2.00×" in md
     assert f"partial runs not rendered (no end-of-run mark): {runs[1]} (2 rows)" in md
+
+
+def test_the_report_names_the_cpu_path_each_run_took(tmp_path):
+    """A CPU run records which SRA path (ISA / product kernel per dtype) ran, and the report says it."""
+    env = results.environment("cpu")
+    from dare_kernels import _ext
+    expected = results.cpu_path()
+    assert env["cpu_path"] == expected
+    if _ext.EXT is not None:  # with the extension: every dtype of the CPU kernels is named
+        assert all(f"{d}: " in expected for d in ("float32", "bfloat16", "float16")), expected
+    path = tmp_path / "r.csv"
+    rows = _synthetic(path)
+    results.append_rows(path, [dict(r, run_id="run-02", cpu_path="bfloat16: amx / test kernel") for r in rows])
+    md = report.render_markdown(report.select_run(results.read_rows(path), "latest"), title="T")
+    assert "- CPU SRA path (ISA / product kernel per dtype): bfloat16: amx / test kernel" in md
+    older = report.render_markdown(report.select_run(results.read_rows(path), "run-01"), title="T")
+    assert "CPU SRA path" not in older  # a run that did not record it claims nothing

@@ -214,6 +214,7 @@ def render_markdown(rows: list[dict], title: str | None = None,
               f"- torch {first.get('torch', '?')}, triton {first.get('triton') or 'n/a'}, commit {first.get('commit') or '?'}"
               + (f", {' to '.join(dict.fromkeys([dates[0], dates[-1]]))}" if dates else ""),
               f"- run(s): {', '.join(runs)}",
+              *([f"- CPU SRA path (ISA / product kernel per dtype): {first['cpu_path']}"] if first.get("cpu_path") else []),
               *_run_state(rows, partial),
               "- times are medians (p50) per call, p20–p80 in brackets; speed-up = peer time / fastest dare_* time "
               "(> 1: dare is faster); % peak = achieved FLOP/s over the measured matmul peak of the dtype; "

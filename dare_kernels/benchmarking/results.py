@@ -19,6 +19,7 @@ COLUMNS: tuple[str, ...] = (
     "run_id", "timestamp", "kernel", "provider", "mode", "metric", "unit", "shape", "dims", "dtype",
     "status", "reason", "p50", "p20", "p80", "mean", "rounds", "flops", "bytes", "peak_mem_bytes",
     "peak_mem_method", "scale", "timer", "group", "test", "device", "device_type", "threads", "torch", "triton", "commit",
+    "cpu_path",
 )
 
 NUMERIC = ("p50", "p20", "p80", "mean", "rounds", "flops", "bytes", "peak_mem_bytes", "scale", "threads")
@@ -104,7 +105,19 @@ def environment(device_type: str, cwd: str | os.PathLike | None = None) -> dict[
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": git_commit(cwd),
+        "cpu_path": cpu_path() if device_type == "cpu" else "",
     }
+
+
+def cpu_path() -> str:
+    """The CPU SRA path per dtype as this process runs it ("float32: avx2 / ...; bfloat16: ..."), from the
+    extension (ISA and product kernel after the switches); empty without the extension."""
+    try:
+        from .. import _ext
+    except Exception:  # noqa: BLE001 - a report row says "unknown" rather than failing the run
+        return ""
+    paths = _ext.cpu_paths()
+    return "; ".join(f"{k.removeprefix('cpu_path_')}: {v}" for k, v in paths.items())
 
 
 def new_run_id() -> str:

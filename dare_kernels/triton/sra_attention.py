@@ -68,12 +68,23 @@ def _arch() -> int:
     """Compute capability of the current GPU as major·10 + minor (90 in the interpreter)."""
     if _interpret():
         return 90
-    major, minor = torch.cuda.get_device_capability()
+    return _device_arch(torch.cuda.current_device())
+
+
+# per-device facts are read once: each call asks several times, and a query is host time on every call
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _elem_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize  # (no tensor allocated per call)
 
 
 def _use_fused_map(block_m: int, block_d: int, block_dv: int, elem_bytes: int = 2) -> bool:
@@ -239,7 +250,7 @@ def _align(*tensors: torch.Tensor) -> bool:
 
 
 def _sm_count() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return _device_sm_count(torch.cuda.current_device())
 
 
 # the dk/dv kernel splits the queries when there are too few key blocks to fill the GPU

@@ -185,3 +185,40 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("shared=") == 6, res.stdout
+
+
+def test_the_eager_forward_skips_the_custom_op_only_where_nothing_needs_it(monkeypatch):
+    """backends.ops_for hands sra_attention the forward's dispatcher-free twin: same outputs as the registered
+    op; the op itself (counted) whenever a gradient is to be recorded or a dispatch mode is active."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dare_kernels import backends
+
+    fwd = backends.ops_for("sra_attention", "triton")[0]
+    assert fwd is triton_sra.fwd_direct
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g, device="cpu").to(DEVICE) for n in (20, 9, 9))
+    w = (torch.rand(1, 2, 9, generator=g) + 0.1).to(DEVICE)
+    args = (q, k, v, w, None, 1.0, 0.25, 0, 9)
+    calls = []
+    real_op = triton_sra.sra_attention_fwd_triton
+    monkeypatch.setattr(triton_sra, "sra_attention_fwd_triton", lambda *a: calls.append(1) or real_op(*a))
+    direct = fwd(*args)
+    assert calls == []  # eager, no grad: the body ran without the op
+    for got, want in zip(direct, real_op(*args)):
+        assert torch.equal(got, want)
+    with FlopCounterMode(display=False):
+        fwd(*args)
+    assert calls == [1]
+    qg = q.detach().requires_grad_(True)
+    fwd(qg, k, v, w, None, 1.0, 0.25, 0, 9)
+    assert calls == [1, 1]
+    with torch.no_grad():
+        fwd(qg, k, v, w, None, 1.0, 0.25, 0, 9)
+    assert calls == [1, 1]
+    # through the public function: outputs and gradients as the float64 reference says
+    out = sra_attention(qg, k, v, w, backend="triton")
+    ref = sra_attention_ref(qg.double(), k.double(), v.double(), w.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all() and qg.grad.abs().max() > 0

@@ -59,8 +59,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
+from ._direct import direct_ok
 from ..ops.rectified_cfg import NUM_STATS, register_backend_ops
 from ..reference import CFG_MODE_ID as _MODES
 
@@ -390,16 +390,6 @@ rectified_cfg_fused_triton = torch.library.custom_op("dare_kernels::rectified_cf
                                                      mutates_args=("momentum_buffer", "out"))(_fused)
 
 
-def _direct_ok(tensors) -> bool:
-    """Whether nothing between the caller and the kernels needs the dispatcher: plain tensors, no torch function
-    or dispatch mode, no functorch transform (FakeTensor, vmap, a FlopCounterMode all go through the op)."""
-    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
-        return False
-    if _current_dispatch_mode() is not None:
-        return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
-
-
 def fused_direct(u, c, d, momentum_buffer, out, n_reduce, guidance_mode, guidance_scale, rectify_scale,
                  guidance_rescale, eta, norm_threshold, momentum) -> None:
     """The fused op for eager inference calls, without the custom-op round trip.
@@ -412,7 +402,7 @@ def fused_direct(u, c, d, momentum_buffer, out, n_reduce, guidance_mode, guidanc
     function mode, or a functorch transform, it goes through the registered op."""
     args = (u, c, d, momentum_buffer, out, n_reduce, guidance_mode, guidance_scale, rectify_scale, guidance_rescale,
             eta, norm_threshold, momentum)
-    if torch.compiler.is_compiling() or not _direct_ok((u, c, d, momentum_buffer, out)):
+    if not direct_ok((u, c, d, momentum_buffer, out)):
         return rectified_cfg_fused_triton(*args)
     _fused(*args)
     torch.autograd.graph.increment_version(out)

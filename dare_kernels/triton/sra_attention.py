@@ -42,6 +42,7 @@ import triton
 
 from . import _sra_configs as _C
 from . import _sra_kernels as K
+from ._direct import direct_ok
 from ..ops import sra_attention as _op
 from .. import switches
 
@@ -286,8 +287,7 @@ def _grid_n(block_key: str, N: int, second: int):
 # the custom ops
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("dare_kernels::sra_attention_fwd_triton", mutates_args=())
-def sra_attention_fwd_triton(
+def _fwd(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token_weight: Optional[torch.Tensor],
     key_padding_mask: Optional[torch.Tensor], strength: float, scale: float, map_start: int, map_stop: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -351,6 +351,21 @@ def sra_attention_fwd_triton(
             **_launch_kwargs("sra_map_kernel", n_map, common["BLOCK_D"], elem),
         )
     return out, lse, amap
+
+
+sra_attention_fwd_triton = torch.library.custom_op("dare_kernels::sra_attention_fwd_triton", mutates_args=())(_fwd)
+
+
+def fwd_direct(query, key, value, token_weight, key_padding_mask, strength, scale, map_start, map_stop):
+    """The forward op for eager calls without a gradient to record: its body, without the custom-op round trip
+    (see _direct.py); under torch.compile, with inputs that require grad (grad mode on), fake or subclass
+    tensors, a mode or a functorch transform, the registered op (same outputs: the body is the op's)."""
+    args = (query, key, value, token_weight, key_padding_mask, strength, scale, map_start, map_stop)
+    tensors = (query, key, value, token_weight, key_padding_mask)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not direct_ok(tensors, needs_grad=grads):
+        return sra_attention_fwd_triton(*args)
+    return _fwd(*args)
 
 
 @torch.library.custom_op("dare_kernels::sra_attention_bwd_triton", mutates_args=())
@@ -435,5 +450,8 @@ def sra_attention_bwd_triton(
     )
     return dq, dk, dv, dw
 
+
+# what dare_kernels/backends.py hands the public function instead of the registered forward (same signature)
+DIRECT_OPS = {"dare_kernels::sra_attention_fwd_triton": fwd_direct}
 
 _op.register_backend_ops("dare_kernels::sra_attention_fwd_triton", "dare_kernels::sra_attention_bwd_triton")

@@ -54,6 +54,19 @@ def make_weight(kind, B, H, M, dtype, gen=None, zero_some=True):
 _KIND = {"o": "out", "map": "map", "lse": "lse"}  # anything else is a gradient
 
 
+def case_inputs(case, dtype, seed):
+    """q, k, v, weights, mask (key 0 always valid) and the generator of one case row
+    (B, H, N, M, D, Dv, weight kind, masked, map keys, layout)."""
+    B, H, N, M, D, Dv, wkind, use_mask, _keys, layout = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout=layout, gen=gen)
+    w = make_weight(wkind, B, H, M, dtype, gen=gen)
+    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    return q, k, v, w, mask, gen
+
+
 def close(actual, expected, dtype, what, factor=1.0):
     """The catalog's per-dtype check against the float64 reference (maps by relative error, outputs and
     gradients relative to their size, -inf entries exact)."""

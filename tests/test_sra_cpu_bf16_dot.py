@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import switch_env
-from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both, sra_problem
+from test_sra_cpu import case_inputs, check_all, close, make_qkv, make_weight, run_both, sra_problem
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
 
@@ -84,15 +84,9 @@ def test_bf16_forward_matches_reference(monkeypatch, case, mode):
 
 def _check_case(monkeypatch, case, mode, seed, with_grad):
     """One CASES / BWD_CASES row in DARE_KERNELS_CPU_BF16_DOT=mode against the float64 reference."""
-    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = make_qkv(B, H, N, M, D, Dv, torch.bfloat16, layout=layout, gen=gen)
-    w = make_weight(wkind, B, H, M, torch.bfloat16, gen=gen)
-    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
-    if mask is not None:
-        mask[:, 0] = True
+    q, k, v, w, mask, gen = case_inputs(case, torch.bfloat16, seed)
     monkeypatch.setenv(ENV, mode)
-    res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=with_grad, gen=gen)
+    res = run_both(q, k, v, w, mask, 0.8, case[8], with_grad=with_grad, gen=gen)
     check_all(res, torch.bfloat16)
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import switch_env
-from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both, sra_problem
+from test_sra_cpu import case_inputs, check_all, close, make_qkv, make_weight, run_both, sra_problem
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels() or not hasattr(_ext.EXT, "cpu_paths"),
                                 reason="CPU kernels not built (or built before DARE_KERNELS_CPU_GEMM)")
@@ -51,18 +51,14 @@ CASES = [
 ]
 
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[3]}-D{c[4]}-Dv{c[5]}-{c[9]}")
 def test_brgemm_forward_matches_reference(monkeypatch, case, dtype):
     """Forward (output, map, LSE) with the products through cpublas::brgemm; gradients where M is small
     (the backward reuses the forward's output and LSE)."""
-    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
-    gen = torch.Generator().manual_seed(23)
-    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout=layout, gen=gen)
-    w = make_weight(wkind, B, H, M, dtype, gen=gen)
-    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
-    if mask is not None:
-        mask[:, 0] = True
+    q, k, v, w, mask, gen = case_inputs(case, dtype, seed=23)
+    M, keys = case[3], case[8]
     monkeypatch.setenv(ENV, "brgemm")
     assert "cpublas::brgemm (" in _ext.cpu_paths()[PATH_KEY[dtype]]
     res = run_both(q, k, v, w, mask, 0.8, keys, with_grad=M <= 226, gen=gen)
@@ -83,13 +79,8 @@ BWD_CASES = [
 def test_brgemm_backward_matches_reference(monkeypatch, case, dtype):
     """Gradients of q, k, v and the weights (through the output, the map and the LSE) with S and dP through
     brgemm (dV, dK, dQ in fp32) against float64."""
-    B, H, N, M, D, Dv, wkind, use_mask, keys, layout = case
-    gen = torch.Generator().manual_seed(29)
-    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout=layout, gen=gen)
-    w = make_weight(wkind, B, H, M, dtype, gen=gen)
-    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
-    if mask is not None:
-        mask[:, 0] = True
+    q, k, v, w, mask, gen = case_inputs(case, dtype, seed=29)
+    keys = case[8]
     monkeypatch.setenv(ENV, "brgemm")
     check_all(run_both(q, k, v, w, mask, 0.8, keys, with_grad=True, gen=gen), dtype)
 

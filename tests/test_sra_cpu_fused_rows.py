@@ -21,7 +21,7 @@ import torch
 from dare_kernels import _ext, sra_attention
 from dare_kernels.reference import sra_attention_ref
 
-from test_sra_cpu import check_all, close, make_qkv, make_weight, run_both
+from test_sra_cpu import case_inputs, check_all, close, make_qkv, make_weight, run_both
 from test_sra_cpu_bf16_dot import ENV as DOT_ENV, HAVE_BF16_DOT, needs_avx512_default
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="CPU kernels not built")
@@ -79,15 +79,10 @@ def _set_path(monkeypatch, dtype, mode):
 
 def _case_inputs(case, dtype, seed):
     """q, k, v, weights and mask of one CASES row (a dead head: every key of it weighted 0)."""
-    B, H, N, M, D, Dv, wkind, use_mask, keys, layout, dead_head = case
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = make_qkv(B, H, N, M, D, Dv, dtype, layout=layout, gen=gen)
-    w = make_weight(wkind, B, H, M, dtype, gen=gen)
+    q, k, v, w, mask, gen = case_inputs(case[:10], dtype, seed)  # (zeroing a head draws nothing)
+    dead_head = case[10]
     if dead_head is not None:
         w[0, dead_head] = 0.0  # every key of that head weighted 0: zero output, no map share, LSE -inf
-    mask = (torch.rand(B, M, generator=gen) > 0.25) if use_mask else None
-    if mask is not None:
-        mask[:, 0] = True
     return q, k, v, w, mask, gen
 
 
